@@ -1,0 +1,82 @@
+"""The forward pass shared by the CIFAR and ImageNet ResNets: stem, residual stages, classifier,
+representation capture and block deletion."""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from cka_jax.models import capture as capture_lib
+from cka_jax.models.layers import (ModuleDef, Taps, block_names, classifier_head, conv_factory, layer_names,
+                                   norm_factory, residual_stages)
+
+
+def check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_width(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def scaled_channels(base: int, multiplier: float, what: str) -> int:
+    """round(base · multiplier), ValueError when that leaves no channel."""
+    channels = round(base * multiplier)
+    if channels < 1:
+        raise ValueError(f"{what}: width multiplier {multiplier!r} gives round({base}·{multiplier}) = {channels} "
+                         "channels; it must give at least 1")
+    return channels
+
+
+class ResNetTrunk(nn.Module):
+    """Base of the ResNets; subclasses define the fields used here (``residual``, ``num_classes``,
+    ``zero_init_last_bn``, ``dtype``) and the architecture hooks below.
+
+    ``__call__(x, *, train=False, capture=None, skip_blocks=())`` maps x (B, H, W, C) to float32
+    logits (B, num_classes); with `capture`, to ``(logits, reps)``, reps an OrderedDict name ->
+    activation (B, ...) in network order (see `cka_jax.models.capture` for the patterns).
+    `skip_blocks` deletes the named blocks' residual branches, keeping their shortcuts.
+    """
+
+    block_cls: ClassVar[type[nn.Module]]
+
+    def stages(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(blocks per stage, block filters per stage)."""
+        raise NotImplementedError
+
+    def stem(self, x: jax.Array, conv: ModuleDef, norm: ModuleDef) -> jax.Array:
+        raise NotImplementedError
+
+    def block_names(self) -> tuple[str, ...]:
+        """Names of the residual blocks (valid `skip_blocks` entries), network order."""
+        return block_names(self.stages()[0])
+
+    def layer_names(self, skip_blocks: str | Iterable[str] = ()) -> tuple[str, ...]:
+        """Names of all layers `capture="all"` returns, network order."""
+        skip = capture_lib.check_skip_blocks(skip_blocks, self.block_names(), self.residual)
+        return layer_names(self.stages()[0], self.block_cls.TAPS, skip)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False, capture: capture_lib.CaptureSpec | None = None,
+                 skip_blocks: str | Iterable[str] = ()) -> jax.Array | tuple[jax.Array, Taps]:
+        if x.ndim != 4:
+            raise ValueError(f"input must be (batch, height, width, channels), got shape {x.shape}")
+        skip = capture_lib.check_skip_blocks(skip_blocks, self.block_names(), self.residual)
+        if capture is not None:
+            capture_lib.check_capture(capture, self.layer_names())
+        conv, norm = conv_factory(self.dtype), norm_factory(train, self.dtype)
+        acts: Taps = OrderedDict()
+        acts["stem"] = x = self.stem(jnp.asarray(x, self.dtype), conv, norm)
+        stage_sizes, stage_filters = self.stages()
+        x = residual_stages(x, acts, block_cls=self.block_cls, stage_sizes=stage_sizes,
+                            stage_filters=stage_filters, skip=skip, conv=conv, norm=norm,
+                            residual=self.residual, zero_init_last_bn=self.zero_init_last_bn)
+        logits = classifier_head(x, acts, self.num_classes, self.dtype)
+        return logits if capture is None else (logits, capture_lib.select(capture, acts))
