@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from cka_jax.hsic import HIGHEST, center_features, center_gram, gram_rbf
+from cka_jax.hsic import HIGHEST, center_gram, gram_rbf
 
 Activations = Union[Sequence[jax.Array], Mapping[str, jax.Array]]
 KERNELS = ("linear", "rbf")
@@ -66,6 +66,36 @@ def _check_layers(items: list[tuple[str, jax.Array]], num_models: int | None) ->
     return n
 
 
+CHUNK_ELEMENTS = 2**24  # largest feature slice (models x batch x features) copied at once: 64 MB in float32
+
+
+def _shifted_linear_gram(x: jax.Array) -> jax.Array:
+    """Grams of (x - x[:, :1]), x: (M, n, p) -> (M, n, n), over feature chunks of bounded size.
+
+    Subtracting the first example removes the features' common offset (so constant features are
+    exact zeros and large means don't cost float32 precision); U-centering removes the rest, as
+    it removes any a1ᵀ + 1aᵀ + c11ᵀ. Chunking keeps one shifted slice in memory at a time.
+    """
+    m, n, p = x.shape
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+
+    def gram(part):
+        part = part.astype(dtype)
+        part = part - part[:, :1]
+        return jnp.einsum("mnp,mkp->mnk", part, part, precision=HIGHEST)
+
+    chunk = max(128, CHUNK_ELEMENTS // (m * n) // 128 * 128)
+    if p <= chunk:
+        return gram(x)
+    full = p // chunk
+
+    def step(acc, i):
+        return acc + gram(jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=2)), None
+
+    acc, _ = jax.lax.scan(step, jnp.zeros((m, n, n), dtype), jnp.arange(full))
+    return acc if p == full * chunk else acc + gram(x[:, :, full * chunk:])
+
+
 def _ucentred_grams(items: list[tuple[str, jax.Array]], population: bool, kernel: str,
                     threshold: float) -> jax.Array:
     """Per-layer activations -> U-centred grams (M, L, n, n) (M = 1 outside population mode)."""
@@ -75,11 +105,10 @@ def _ucentred_grams(items: list[tuple[str, jax.Array]], population: bool, kernel
         if not population:
             a = a[None]
         x = a.reshape(a.shape[0], a.shape[1], -1)
-        x = center_features(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
         if kernel == "linear":
-            g = jnp.einsum("mnp,mkp->mnk", x, x, precision=HIGHEST)
+            g = _shifted_linear_gram(x)
         else:
-            g = jax.vmap(lambda xi: gram_rbf(xi, threshold))(x)
+            g = jax.vmap(lambda xi: gram_rbf(xi, threshold))(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
         grams.append(center_gram(g, unbiased=True))
     return jnp.stack(grams, axis=1)
 

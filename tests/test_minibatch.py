@@ -284,3 +284,14 @@ def test_float64_accumulators_with_x64():
         assert acc.xy.dtype == jnp.float64
         res = np.asarray(acc.result())
     np.testing.assert_allclose(res, ref.minibatch_cka(batches, batches), rtol=1e-10)
+
+
+def test_feature_chunked_grams_match_reference(monkeypatch):
+    """Wide layers are reduced over bounded feature chunks (with a remainder chunk): same result."""
+    import cka_jax.minibatch
+
+    monkeypatch.setattr(cka_jax.minibatch, "CHUNK_ELEMENTS", 16 * 256)  # 256 features per chunk at batch 16
+    batches = [[1e3 * (a + 1.0) for a in layers] for layers in _model_acts(3, 16, np.random.default_rng(21),
+                                                                             widths=(600, 256, 40))]
+    acc = _accumulate(MinibatchCKA.create(3), batches)
+    np.testing.assert_allclose(acc.result(), ref.minibatch_cka(batches, batches), atol=1e-5)
