@@ -1,0 +1,182 @@
+"""Data sets for population training: digits (bundled), CIFAR-10/100 and ImageNet via tfds.
+
+Small data sets (digits, CIFAR) are loaded once as uint8 arrays and held on device; each
+model's batches are gathered and augmented there with ``jax.random`` (see
+:func:`augment_images`). ImageNet is streamed from host (:mod:`cka_jax.imagenet_stream`).
+Images are ``(N, H, W, C)`` uint8, labels ``(N,)`` int32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")
+DIGITS_SPLIT_SEED = 0          # the digits train/test split is fixed, whatever data.seed is
+DIGITS_TEST_FRACTION = 0.2
+
+logger = logging.getLogger(__name__)
+
+
+class DataNotAvailableError(RuntimeError):
+    """A tensorflow-datasets data set is neither prepared nor preparable here."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageData:
+    """A labelled train/test pair of uint8 image arrays, with per-channel normalisation."""
+    train_images: np.ndarray   # (N, H, W, C) uint8
+    train_labels: np.ndarray   # (N,) int32
+    test_images: np.ndarray    # (N_test, H, W, C) uint8
+    test_labels: np.ndarray    # (N_test,) int32
+    num_classes: int
+    mean: np.ndarray           # (C,) float32, of train_images / 255
+    std: np.ndarray            # (C,) float32
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])
+
+
+def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of uint8 ``images`` (N, H, W, C) scaled to [0, 1]."""
+    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    return x.mean(0).astype(np.float32), np.maximum(x.std(0), 1e-3).astype(np.float32)
+
+
+def load_digits() -> ImageData:
+    """scikit-learn's 8x8 digits as (8, 8, 1) uint8 images, fixed stratified 80/20 split."""
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sk_load_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = bunch.target.astype(np.int32)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        images, labels, test_size=DIGITS_TEST_FRACTION, stratify=labels,
+        random_state=DIGITS_SPLIT_SEED)
+    mean, std = channel_stats(x_tr)
+    return ImageData(x_tr, y_tr, x_te, y_te, 10, mean, std)
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None):
+    """``tfds.data_source(name, split)``; prepares the data set once if it can (TensorFlow and
+    network), else raises :class:`DataNotAvailableError` saying how to get it."""
+    import importlib.util
+
+    import tensorflow_datasets as tfds
+
+    where = data_dir or "the default tfds data_dir (~/tensorflow_datasets)"
+    how = (f"Preparing it once needs network and TensorFlow: `pip install 'cka_jax[data]'` then "
+           f"`python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}')"
+           f".download_and_prepare(file_format='array_record')\"` (or copy a prepared copy into "
+           f"the data_dir given by config field data.data_dir).")
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    except Exception as error:  # not prepared (tfds raises assorted errors)
+        missing = error
+    if importlib.util.find_spec("tensorflow") is None:
+        raise DataNotAvailableError(
+            f"tensorflow-datasets '{name}' (split '{split}') is not prepared in {where}, and "
+            f"TensorFlow is not installed to prepare it. {how}") from missing
+    logger.info("preparing tensorflow-datasets '%s' in %s", name, where)
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir or None, download=True)
+    except Exception as error:
+        raise DataNotAvailableError(
+            f"tensorflow-datasets '{name}' (split '{split}') is not prepared in {where} and "
+            f"preparing it failed ({type(error).__name__}: {error}). {how}") from error
+
+
+def _source_to_arrays(source) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for i in range(len(source)):
+        example = source[i]
+        images.append(np.asarray(example["image"], np.uint8))
+        labels.append(int(example["label"]))
+    return np.stack(images), np.asarray(labels, np.int32)
+
+
+def load_tfds_arrays(name: str, data_dir: str | None = None) -> ImageData:
+    """CIFAR-10/100 train and test splits from ``tfds.data_source`` as in-memory arrays."""
+    num_classes = {"cifar10": 10, "cifar100": 100}[name]
+    train_images, train_labels = _source_to_arrays(tfds_source(name, "train", data_dir))
+    test_images, test_labels = _source_to_arrays(tfds_source(name, "test", data_dir))
+    mean, std = channel_stats(train_images)
+    return ImageData(train_images, train_labels, test_images, test_labels, num_classes, mean, std)
+
+
+def subset_indices(num_examples: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a reproducible random ``fraction`` of ``num_examples`` (at least 1).
+
+    Subsets from one seed are nested: the 1/64 subset lies inside the 1/8 subset.
+    """
+    order = np.random.default_rng([seed, 0x5EB5E7]).permutation(num_examples)
+    return np.sort(order[:max(1, int(round(fraction * num_examples)))])
+
+
+def random_labels(num_examples: int, num_classes: int, seed: int) -> np.ndarray:
+    """(num_examples,) int32 labels drawn uniformly from ``seed`` (memorisation studies)."""
+    return np.random.default_rng([seed, 0x1ABE1]).integers(
+        0, num_classes, num_examples).astype(np.int32)
+
+
+def training_subset(data: ImageData, fraction: float, seed: int,
+                    use_random_labels: bool) -> ImageData:
+    """``data`` with its training set cut to ``fraction`` and optionally relabelled at random.
+
+    Normalisation statistics stay those of the full training set; the test set is untouched.
+    """
+    idx = subset_indices(len(data.train_labels), fraction, seed)
+    labels = data.train_labels[idx]
+    if use_random_labels:
+        labels = random_labels(len(data.train_labels), data.num_classes, seed)[idx]
+    return dataclasses.replace(data, train_images=data.train_images[idx], train_labels=labels)
+
+
+def load_in_memory(name: str, fraction: float = 1.0, seed: int = 0,
+                   use_random_labels: bool = False, data_dir: str | None = None) -> ImageData:
+    """The named small data set, subset and relabelled per the arguments."""
+    if name == "digits":
+        data = load_digits()
+    elif name in ("cifar10", "cifar100"):
+        data = load_tfds_arrays(name, data_dir)
+    else:
+        raise ValueError(f"'{name}' is not an in-memory data set ({IN_MEMORY_DATASETS})")
+    data = training_subset(data, fraction, seed, use_random_labels)
+    logger.info("%s: %d train / %d test images of shape %s", name, len(data.train_labels),
+                len(data.test_labels), data.image_shape)
+    return data
+
+
+def normalize(images: jax.Array, mean: jax.Array, std: jax.Array,
+              dtype=jnp.float32) -> jax.Array:
+    """uint8 (..., C) → ``(x / 255 - mean) / std`` in ``dtype``."""
+    return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
+
+
+def augment_images(key: jax.Array, images: jax.Array, crop_padding: int,
+                   flip: bool) -> jax.Array:
+    """Reflect-pad + random crop and random horizontal flip, per example.
+
+    Args:
+      key: PRNG key; the same key gives the same augmentation.
+      images: (B, H, W, C) array of any dtype.
+    Returns:
+      (B, H, W, C) array like ``images``.
+    """
+    batch, height, width, channels = images.shape
+    crop_key, flip_key = jax.random.split(key)
+    if crop_padding:
+        p = crop_padding
+        padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
+        offsets = jax.random.randint(crop_key, (batch, 2), 0, 2 * p + 1)
+        images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(
+            im, (o[0], o[1], 0), (height, width, channels)))(padded, offsets)
+    if flip:
+        mirrored = jax.random.bernoulli(flip_key, 0.5, (batch,))
+        images = jnp.where(mirrored[:, None, None, None], images[:, :, ::-1], images)
+    return images

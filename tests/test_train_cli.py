@@ -1,0 +1,93 @@
+"""train.py end to end: errors before work, SIGTERM checkpoint + resume, outputs; configs load."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from cka_jax import trainer
+from cka_jax.run_config import validate_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config", os.path.join(ROOT, "configs", "digits.py") + ":depth=8,width=0.25,size=2",
+        "--config.data.fraction=0.1", "--config.train.batch_size=32",
+        "--config.train.eval_batch_size=360"]
+CACHE = "--compilation_cache=" + os.path.join(tempfile.gettempdir(), "cka_jax_test_xla")
+
+
+def run_cli(*args, **kwargs):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), CACHE, *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kwargs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.model.depht=8"], "unknown config field 'model.depht'"),
+    (["--config.model.depth=15"], "depth must be 6n"),
+    (["--config.data.name=mnist"], "unknown data set 'mnist'"),
+])
+def test_bad_runs_fail_with_one_clear_line(tmp_path, args, message):
+    proc = run_cli(*TINY, "--workdir", str(tmp_path / "run"), *args)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_checkpoints_and_rerun_resumes_to_the_outputs(tmp_path):
+    workdir = str(tmp_path / "run")
+    args = [*TINY, "--config.train.epochs=20", "--workdir", workdir]
+    proc = run_cli(*args)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 120
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)) and proc.poll() is None:
+        assert time.time() < deadline, "no epoch finished in time"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "run the same command to resume" in err
+    stopped_at = max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert 0 < stopped_at < 20 * 4
+
+    proc = run_cli(*args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    predictions = np.load(os.path.join(workdir, "predictions", "test.npz"))
+    assert predictions["logits"].shape == (2, 360, 10) and predictions["labels"].shape == (360,)
+    rows = [json.loads(line) for line in open(metrics)]
+    assert [(r["epoch"], r["model"]) for r in rows] == [(e, m) for e in range(1, 21) for m in (0, 1)]
+    assert np.mean([r["test_accuracy"] for r in rows[-2:]]) > 0.3   # it learns (chance: 0.1)
+
+
+@pytest.mark.parametrize("config_file, arg", [
+    ("digits.py", None), ("digits.py", "depth=56,warmup=5"),
+    ("cifar10.py", None), ("cifar10.py", "depth=62,width=1,residual=false,fraction=0.125,size=8"),
+    ("cifar100.py", "depth=26,width=2"), ("paper_pairs.py", "deep"), ("paper_pairs.py", "wide,size=4"),
+    ("imagenet_resnet50.py", "base"), ("imagenet_resnet50.py", "deeper"),
+    ("imagenet_resnet50.py", "wider,size=2"),
+])
+def test_shipped_configs_are_valid(config_file, arg):
+    spec = importlib.util.spec_from_file_location(
+        config_file[:-3], os.path.join(ROOT, "configs", config_file))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    validate_config(config)
+    trainer.check_run(config)
+
+
+def test_paper_pairs_are_the_papers_architectures():
+    spec = importlib.util.spec_from_file_location(
+        "paper_pairs", os.path.join(ROOT, "configs", "paper_pairs.py"))
+    paper_pairs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper_pairs)
+    deep, wide = paper_pairs.get_config("deep"), paper_pairs.get_config("wide")
+    assert (deep.model.depth, deep.model.width, deep.population.size) == (62, 1.0, 100)
+    assert (wide.model.depth, wide.model.width, wide.data.name) == (14, 2.0, "cifar10")
