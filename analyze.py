@@ -1,0 +1,87 @@
+r"""Turn trained populations into the paper's figures, numbers and one HTML report.
+
+  python analyze.py                                      # the default run, workdir/default → analysis/
+  python analyze.py --workdir workdir/c10_r62 --compare workdir/c10_r14_w2
+  python analyze.py --workdir workdir/c10_r14 --analyses=within,blocks --passes=10
+
+Outputs go to <workdir>/analysis/ (analysis/ for the default run; or --outdir): one .npz/.json of numbers and one PNG+PDF
+figure per analysis, and report.html to read top to bottom. `cka_within.npz` holds `cka`
+(M, L, L) over the stem and block outputs and `layer_names` (L,). Analyses that compare
+populations (architectures, disagreement, convergence) run when --compare is given.
+Exit status: 0 on success, 1 if an analysis failed (the others' outputs are written),
+2 for bad input (nothing is written).
+"""
+import logging
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from cka_jax.analysis import runner
+from cka_jax.analysis.context import AnalysisOptions
+from cka_jax.analysis.workdir import AnalysisInputError
+
+DEFAULTS = AnalysisOptions()
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "Trained workdir to analyse (train.py output).")
+_COMPARE = flags.DEFINE_multi_string("compare", [], "Further workdirs to compare with (repeatable).")
+_OUTDIR = flags.DEFINE_string("outdir", None, "Output directory (default: <workdir>/analysis, or analysis/ "
+                              "when --workdir is not given).")
+_ANALYSES = flags.DEFINE_list("analyses", [], f"Analyses to run (default: all that apply): "
+                              f"{', '.join(runner.ANALYSES)}.")
+_BATCH = flags.DEFINE_integer("batch_size", DEFAULTS.batch_size, "CKA minibatch size (at most).")
+_PASSES = flags.DEFINE_integer("passes", DEFAULTS.passes, "Passes over the test set for CKA (paper: 10).")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", DEFAULTS.max_examples,
+                                     "Test examples for PCs, CCA, unit matching and sparse prediction.")
+_MAX_MODELS = flags.DEFINE_integer("max_models", DEFAULTS.max_models,
+                                   "Models per population for pairwise cross-seed analyses.")
+_THRESHOLD = flags.DEFINE_float("block_threshold", DEFAULTS.block_threshold,
+                                "Pairwise CKA every pair of layers in a block structure reaches.")
+_PROBE_STEPS = flags.DEFINE_integer("probe_steps", DEFAULTS.probe_steps, "Optimizer steps per linear probe.")
+_ALPHA = flags.DEFINE_float("alpha", DEFAULTS.alpha, "Significance level of the per-class tests.")
+_FDR = flags.DEFINE_bool("fdr", DEFAULTS.fdr, "Benjamini-Hochberg correct the per-class tests.")
+_BOOTSTRAP = flags.DEFINE_integer("num_bootstrap", DEFAULTS.num_bootstrap, "Bootstrap resamples.")
+_SEED = flags.DEFINE_integer("seed", DEFAULTS.seed, "Seed of shuffles and bootstrap resamples.")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(f"analyze.py: error: {error}\nPass --help for usage.")
+
+
+def fail(message: str) -> None:
+    print(f"analyze.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-restore INFO lines
+    logger = logging.getLogger("cka_jax")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(logging.StreamHandler(sys.stderr))
+    logger.propagate = False
+    options = AnalysisOptions(
+        batch_size=_BATCH.value, passes=_PASSES.value, max_examples=_MAX_EXAMPLES.value,
+        max_models=_MAX_MODELS.value, block_threshold=_THRESHOLD.value, probe_steps=_PROBE_STEPS.value,
+        alpha=_ALPHA.value, fdr=_FDR.value, num_bootstrap=_BOOTSTRAP.value, seed=_SEED.value)
+    try:
+        names = runner.choose_analyses(_ANALYSES.value, bool(_COMPARE.value))
+        with logging_redirect_tqdm([logger]):
+            outdir = _OUTDIR.value or (None if flags.FLAGS["workdir"].present else "analysis")
+            ctx = runner.load_context(_WORKDIR.value, _COMPARE.value, outdir, options, tqdm)
+            runner.run_analyses(ctx, names, tqdm)
+    except AnalysisInputError as error:
+        fail(str(error))
+    except runner.AnalysesFailed as error:
+        print(f"analyze.py: {error}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {ctx.outdir}/report.html")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

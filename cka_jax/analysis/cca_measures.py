@@ -1,0 +1,137 @@
+"""SVCCA (Raghu et al. 2017) and PWCCA (Morcos et al. 2018) between layers: heatmaps within a
+model, the same layer across seeds, and cross-seed convergence of whole populations.
+
+Representations are the spatially averaged channels of each layer, (n, C) per model: CCA needs
+many more examples than features, and averaging over positions is the usual reduction for
+convolutional layers. A pair that CCA cannot measure (a side with at least n - 1 features) is
+NaN and logged.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import matplotlib.pyplot as plt
+import numpy as np
+
+from cka_jax.analysis.plots import heatmap_grid, short_name
+from cka_jax.cca import pwcca, svcca
+from cka_jax.cka import linear_cka
+
+logger = logging.getLogger(__name__)
+
+Measure = Callable[[np.ndarray, np.ndarray], float]
+MEASURES: dict[str, Measure] = {
+    "svcca": lambda x, y: svcca(x, y, keep=0.99),
+    "pwcca": pwcca,
+    "cka": linear_cka,
+}
+
+
+_BATCHED = {name: jax.jit(jax.vmap(fn)) for name, fn in MEASURES.items()}
+
+
+def similarity(measure: str, xs: np.ndarray, ys: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """MEASURES[measure] of each pair xs[k] (n, ...), ys[k] (n, ...): (K,) floats; NaN (logged)
+    when CCA is degenerate for the shapes. Jitted and vmapped over chunks of `chunk` pairs (the
+    last chunk padded), so each shape compiles once."""
+    size = min(chunk, len(xs))
+    out = []
+    for start in range(0, len(xs), size):
+        xb, yb = xs[start:start + size], ys[start:start + size]
+        real = len(xb)
+        if real < size:
+            xb, yb = (np.concatenate([b, np.repeat(b[:1], size - real, 0)]) for b in (xb, yb))
+        try:
+            out.append(np.asarray(_BATCHED[measure](xb, yb), np.float64)[:real])
+        except ValueError as error:
+            logger.warning("%s of shapes %s and %s is undefined (%s); recorded as NaN", measure, xs.shape[1:],
+                           ys.shape[1:], error)
+            out.append(np.full(real, np.nan))
+    return np.concatenate(out)
+
+
+def padded_layers(reps: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Layers name -> (M, n, C_l) zero-padded to one width: (L, M, n, max C) and the widths (L,).
+
+    Zero features change none of SVCCA, PWCCA (given its side order) or CKA, and one shape
+    means one compilation per measure instead of one per pair of widths.
+    """
+    widths = np.array([r.shape[-1] for r in reps.values()])
+    out = np.zeros((len(widths),) + next(iter(reps.values())).shape[:2] + (widths.max(),), np.float32)
+    for i, r in enumerate(reps.values()):
+        out[i, ..., :r.shape[-1]] = r
+    return out, widths
+
+
+SYMMETRIC = frozenset({"svcca", "cka"})   # PWCCA weights one side, so (x, y) and (y, x) can differ
+
+
+def within_heatmaps(measure: str, reps: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(M, L, L) layer-by-layer similarity of each model; reps: name -> (M, n, C) (2-D features).
+
+    PWCCA weights the side with fewer channels (as `cka_jax.cca.pwcca` does without padding);
+    symmetric measures are computed once per unordered pair.
+    """
+    layers, widths = padded_layers(reps)
+    num_layers, num_models = layers.shape[:2]
+    i, j = (np.triu_indices(num_layers) if measure in SYMMETRIC
+            else (a.ravel() for a in np.indices((num_layers, num_layers))))
+    narrow_first = widths[i] <= widths[j]
+    first, second = np.where(narrow_first, i, j), np.where(narrow_first, j, i)
+    flat = lambda idx: layers[idx].reshape((-1,) + layers.shape[2:])   # (pairs·M, n, C), model fastest
+    values = similarity(measure, flat(first), flat(second)).reshape(len(i), num_models)
+    out = np.empty((num_models, num_layers, num_layers))
+    out[:, i, j] = values.T
+    if measure in SYMMETRIC:
+        out[:, j, i] = values.T
+    return out
+
+
+def seed_pairs(num_models: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (i, j) of all unordered pairs of distinct models, i < j."""
+    return np.triu_indices(num_models, 1)
+
+
+def same_layer(measure: str, reps_a: Mapping[str, np.ndarray], reps_b: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(K, L) similarity of layer l of reps_a[l][k] with reps_b[l][k], name -> (K, n, C) each."""
+    a, _ = padded_layers(reps_a)
+    b, _ = padded_layers(reps_b)
+    num_layers, k = a.shape[:2]
+    values = similarity(measure, a.reshape((-1,) + a.shape[2:]), b.reshape((-1,) + b.shape[2:]))
+    return values.reshape(num_layers, k).T
+
+
+def cross_seed_same_layer(measure: str, reps: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(pairs, L) similarity of each layer with the same layer of another seed, over `seed_pairs`."""
+    i, j = seed_pairs(next(iter(reps.values())).shape[0])
+    return same_layer(measure, {n: r[i] for n, r in reps.items()}, {n: r[j] for n, r in reps.items()})
+
+
+def plot_cca_heatmaps(svcca_maps: np.ndarray, pwcca_maps: np.ndarray, layer_names: Sequence[str], title: str):
+    """Seed-averaged SVCCA and PWCCA heatmaps (M, L, L) side by side."""
+    return heatmap_grid([np.nanmean(svcca_maps, 0), np.nanmean(pwcca_maps, 0)],
+                        ["SVCCA (mean over seeds)", "PWCCA (mean over seeds)"], layer_names, suptitle=title,
+                        ncols=2, panel=4.2)
+
+
+def plot_relative_depth(curves: Mapping[str, np.ndarray], ylabel: str, title: str,
+                        layer_names: Sequence[str] | None = None):
+    """Mean ± range over pairs of (pairs, L) curves per label, against relative depth (or the
+    layer names when all curves share `layer_names`)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, values in curves.items():
+        x = np.linspace(0, 1, values.shape[1]) if layer_names is None else np.arange(values.shape[1])
+        ax.fill_between(x, np.nanmin(values, 0), np.nanmax(values, 0), alpha=0.15)
+        ax.plot(x, np.nanmean(values, 0), marker="o", lw=2, label=label)
+    if layer_names is None:
+        ax.set_xlabel("relative depth (stem = 0, last block = 1)")
+    else:
+        ax.set_xticks(np.arange(len(layer_names)), [short_name(n) for n in layer_names], rotation=90, fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,46 @@
+"""Block deletion (paper Fig. 5): test accuracy when one residual block's branch is removed (its
+shortcut kept); inside the block structure this costs little, outside it costs a lot."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from cka_jax.analysis.plots import short_name
+from cka_jax.analysis.representations import Progress, no_progress, test_logits
+from cka_jax.analysis.workdir import Population, TestSet
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Top-1 accuracy (M,) of logits (M, N, C) against labels (N,)."""
+    return (np.argmax(logits, -1) == labels[None]).mean(-1)
+
+
+def deletion_accuracy(population: Population, test: TestSet, deletions: Sequence[tuple[str, ...]],
+                      progress: Progress = no_progress) -> np.ndarray:
+    """Test accuracy (M, len(deletions)) with each tuple of blocks deleted (() keeps the network)."""
+    columns = [accuracy(test_logits(population, test, tuple(skip)), test.labels)
+               for skip in progress(list(deletions), desc="block deletion", leave=False)]
+    return np.stack(columns, axis=1)
+
+
+def plot_deletion(full: np.ndarray, deleted: np.ndarray, block_names: Sequence[str], title: str,
+                  inside: Sequence[bool] = ()):
+    """Accuracy after deleting each block (seeds thin, mean thick) against the full network's mean
+    accuracy (dashed); blocks inside the block structure shaded. full (M,), deleted (M, B)."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(block_names)), 4))
+    x = np.arange(len(block_names))
+    for row in deleted:
+        ax.plot(x, row, color="tab:red", alpha=0.25, lw=1)
+    ax.plot(x, np.nanmean(deleted, 0), color="tab:red", lw=2, marker="o", label="block deleted")
+    ax.axhline(np.nanmean(full), color="k", ls="--", lw=1, label="no deletion")
+    for i, flag in enumerate(inside):
+        if flag:
+            ax.axvspan(i - 0.5, i + 0.5, color="0.85", zorder=0)
+    ax.set_xticks(x, [short_name(n) for n in block_names], rotation=90, fontsize=8)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,94 @@
+"""Atomic output files (temp file + rename), so a failed analysis never leaves a half-written or
+deleted output behind, and the report section each analysis hands to `cka_jax.report`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, Any
+
+import numpy as np
+
+
+def _atomic(path: str, write: Callable[[IO[bytes]], None]) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+                               suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def write_npz(path: str, **arrays: Any) -> str:
+    """Writes `arrays` to the .npz file `path` atomically; returns `path`."""
+    return _atomic(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
+
+
+def write_json(path: str, value: Any) -> str:
+    """Writes `value` (numpy scalars and arrays allowed) as indented JSON atomically."""
+    text = json.dumps(value, indent=2, default=_to_builtin, allow_nan=True)
+    return _atomic(path, lambda f: f.write(text.encode()))
+
+
+def write_text(path: str, text: str) -> str:
+    return _atomic(path, lambda f: f.write(text.encode()))
+
+
+def _to_builtin(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def save_figure(fig, path_stem: str) -> list[str]:
+    """Saves a matplotlib figure as `<path_stem>.png` and `.pdf` atomically, closes it and
+    returns the two paths."""
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for ext, dpi in (("png", 130), ("pdf", None)):
+        path = f"{path_stem}.{ext}"
+        paths.append(_atomic(path, lambda f, ext=ext, dpi=dpi: fig.savefig(
+            f, format=ext, dpi=dpi, bbox_inches="tight")))
+    plt.close(fig)
+    return paths
+
+
+@dataclasses.dataclass
+class Table:
+    """A small table for the report: `header` (K,) and `rows` of K cells each."""
+    header: Sequence[str]
+    rows: Sequence[Sequence[Any]]
+    caption: str = ""
+
+
+@dataclasses.dataclass
+class Section:
+    """One analysis's part of the report.
+
+    figures: PNG paths relative to the analysis directory. numbers: relative paths of the
+    .npz/.json files holding the analysis's numbers.
+    """
+    name: str
+    title: str
+    text: str
+    figures: list[str] = dataclasses.field(default_factory=list)
+    tables: list[Table] = dataclasses.field(default_factory=list)
+    numbers: list[str] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> "Section":
+        tables = [Table(**t) for t in value.get("tables", [])]
+        return cls(**{**value, "tables": tables})

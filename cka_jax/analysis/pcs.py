@@ -1,0 +1,81 @@
+"""First principal components (paper Fig. 3, D.5): inside the block structure one direction
+dominates each layer, the layers share it, and removing it removes the block from CKA."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import matplotlib.pyplot as plt
+import numpy as np
+
+from cka_jax.analysis.plots import heatmap, shared_colorbar, short_name
+from cka_jax.minibatch import MinibatchCKA
+from cka_jax.pca import first_pc_cosine_similarity, first_pc_variance_fraction, remove_first_pc
+
+
+@dataclasses.dataclass(frozen=True)
+class PrincipalComponents:
+    """variance_fraction (M, L): first-PC share of each layer's variance; cosine (M, L, L): |cos|
+    between first-PC scores of layer pairs; cka / cka_without_pc (M, L, L): CKA on the same
+    examples before and after removing each layer's first PC."""
+    variance_fraction: np.ndarray
+    cosine: np.ndarray
+    cka: np.ndarray
+    cka_without_pc: np.ndarray
+    layer_names: tuple[str, ...]
+
+
+def _full_batch_cka(layers: list[jax.Array]) -> jax.Array:
+    """Unbiased CKA between all layers (n, ...) computed on the n examples as one minibatch."""
+    return MinibatchCKA.create(len(layers)).update(layers).result()
+
+
+@jax.jit
+def _one_model(layers: list[jax.Array]):
+    fractions = jax.numpy.stack([first_pc_variance_fraction(x) for x in layers])
+    removed = [remove_first_pc(x) for x in layers]
+    return fractions, first_pc_cosine_similarity(layers), _full_batch_cka(layers), _full_batch_cka(removed)
+
+
+def principal_components(reps: dict[str, np.ndarray]) -> PrincipalComponents:
+    """PC statistics of representations name -> (M, n, ...) (the same n examples for all layers)."""
+    names = tuple(reps)
+    per_model = [_one_model([np.asarray(reps[name][m]) for name in names])
+                 for m in range(next(iter(reps.values())).shape[0])]
+    stacked = [np.stack([np.asarray(out[i]) for out in per_model]) for i in range(4)]
+    return PrincipalComponents(*stacked, names)
+
+
+def plot_principal_components(pcs: PrincipalComponents, title: str):
+    """Variance fraction per layer (seeds and mean), seed-averaged first-PC cosine, CKA before and
+    after removing the first PC. Returns the figure."""
+    names = pcs.layer_names
+    fig = plt.figure(figsize=(17, 4.4))
+    grid = fig.add_gridspec(1, 4, width_ratios=[1.3, 1, 1, 1])
+    ax = fig.add_subplot(grid[0])
+    x = np.arange(len(names))
+    for m, row in enumerate(pcs.variance_fraction):
+        ax.plot(x, row, color="tab:blue", alpha=0.3, lw=1, label="seeds" if m == 0 else None)
+    ax.plot(x, np.nanmean(pcs.variance_fraction, 0), color="tab:blue", lw=2.5, marker="o", label="mean")
+    ax.set_xticks(x, [short_name(n) for n in names], rotation=90, fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("variance explained by first PC")
+    ax.legend(fontsize=8)
+    heatmaps = (np.nanmean(pcs.cosine, 0), np.nanmean(pcs.cka, 0), np.nanmean(pcs.cka_without_pc, 0))
+    titles = ("|cos| of first PCs (mean)", "CKA (mean)", "CKA without first PC (mean)")
+    axes = [fig.add_subplot(grid[i + 1]) for i in range(3)]
+    for ax, matrix, t in zip(axes, heatmaps, titles):
+        heatmap(ax, matrix, names, t, cbar=False, max_labels=20)
+    fig.suptitle(title)
+    fig.tight_layout()
+    shared_colorbar(fig, axes, 0.0, 1.0, "magma")
+    return fig
+
+
+def summary(pcs: PrincipalComponents, inside: Sequence[bool]) -> dict[str, float]:
+    """Mean first-PC variance fraction inside vs outside a block structure (`inside`: (L,) mask)."""
+    inside = np.asarray(inside, bool)
+    mean = np.nanmean(pcs.variance_fraction, 0)
+    return {"inside": float(mean[inside].mean()) if inside.any() else float("nan"),
+            "outside": float(mean[~inside].mean()) if (~inside).any() else float("nan")}

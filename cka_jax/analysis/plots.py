@@ -1,0 +1,69 @@
+"""Shared figure pieces: readable layer labels and CKA-style heatmaps (seaborn)."""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+_TAPS = {"post_residual": "post", "pre_residual": "pre", "conv1": "c1", "conv2": "c2"}
+
+
+def short_name(name: str) -> str:
+    """'stage2/block3/post_residual' -> 's2b3 post'; other names unchanged."""
+    m = re.fullmatch(r"stage(\d+)/block(\d+)(?:/(\w+))?", name)
+    if not m:
+        return name
+    stage, block, tap = m.groups()
+    return f"s{stage}b{block}" + (f" {_TAPS.get(tap, tap)}" if tap else "")
+
+
+def heatmap(ax, matrix: np.ndarray, names: Sequence[str] | None = None, title: str = "",
+            vmin: float = 0.0, vmax: float = 1.0, cbar: bool = True, max_labels: int = 40,
+            col_names: Sequence[str] | None = None, cmap: str = "magma") -> None:
+    """Draws `matrix` (La, Lb) with layer 0 at the bottom left, like the paper's figures; labels
+    every k-th layer so at most `max_labels` show per axis."""
+    rows, cols = matrix.shape
+    col_names = names if col_names is None else col_names
+    sns.heatmap(matrix, ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, square=rows == cols, cbar=cbar,
+                xticklabels=False, yticklabels=False, cbar_kws={"shrink": 0.7} if cbar else None)
+    ax.invert_yaxis()
+    for axis, labels, count, rotation in ((ax.xaxis, col_names, cols, 90), (ax.yaxis, names, rows, 0)):
+        if labels is None:
+            continue
+        step = max(1, -(-count // max_labels))
+        ticks = np.arange(0, count, step)
+        axis.set_ticks(ticks + 0.5)
+        axis.set_ticklabels([short_name(labels[i]) for i in ticks], rotation=rotation,
+                            fontsize=7 if count > 20 else 8)
+    ax.set_title(title, fontsize=10)
+
+
+def heatmap_grid(matrices: Sequence[np.ndarray], titles: Sequence[str], names: Sequence[str] | None,
+                 suptitle: str = "", ncols: int = 4, panel: float = 3.6, **kwargs):
+    """A figure of heatmaps side by side (one shared colour scale); returns the figure."""
+    n = len(matrices)
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel * ncols + 0.6, panel * nrows + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i < n:
+            heatmap(ax, matrices[i], names, titles[i], cbar=False, **kwargs)
+        else:
+            ax.axis("off")
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    shared_colorbar(fig, axes, kwargs.get("vmin", 0.0), kwargs.get("vmax", 1.0), kwargs.get("cmap", "magma"))
+    return fig
+
+
+def shared_colorbar(fig, axes, vmin: float, vmax: float, cmap: str) -> None:
+    """One colour bar for all heatmaps of `axes`, to their right."""
+    mappable = plt.cm.ScalarMappable(norm=plt.Normalize(vmin, vmax), cmap=cmap)
+    fig.colorbar(mappable, ax=axes, shrink=0.6, pad=0.02)
