@@ -11,14 +11,6 @@ from cka_jax.cca import CCAResult, cca, mean_cca, pwcca, svcca
 N = 240
 
 
-@pytest.fixture
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def _inv_sqrt(cov):
     w, v = np.linalg.eigh(cov)
     return v @ np.diag(w**-0.5) @ v.T

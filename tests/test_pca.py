@@ -15,14 +15,6 @@ from cka_jax.pca import (
 N = 300
 
 
-@pytest.fixture
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def _ref(x):
     """Fraction, sign-fixed scores u₁ and direction v₁ from the SVD of the centred x."""
     xc = x.reshape(len(x), -1)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from cka_jax.analysis.plots import short_name
+from cka_jax.analysis.plots import finish_layer_axis
 from cka_jax.analysis.representations import Progress, no_progress, test_logits
 from cka_jax.analysis.workdir import Population, TestSet
 
@@ -35,12 +35,6 @@ def plot_deletion(full: np.ndarray, deleted: np.ndarray, block_names: Sequence[s
         ax.plot(x, row, color="tab:red", alpha=0.25, lw=1)
     ax.plot(x, np.nanmean(deleted, 0), color="tab:red", lw=2, marker="o", label="block deleted")
     ax.axhline(np.nanmean(full), color="k", ls="--", lw=1, label="no deletion")
-    for i, flag in enumerate(inside):
-        if flag:
-            ax.axvspan(i - 0.5, i + 0.5, color="0.85", zorder=0)
-    ax.set_xticks(x, [short_name(n) for n in block_names], rotation=90, fontsize=8)
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    finish_layer_axis(ax, block_names, inside, "test accuracy", title)
     fig.tight_layout()
     return fig

@@ -67,3 +67,15 @@ def shared_colorbar(fig, axes, vmin: float, vmax: float, cmap: str) -> None:
     """One colour bar for all heatmaps of `axes`, to their right."""
     mappable = plt.cm.ScalarMappable(norm=plt.Normalize(vmin, vmax), cmap=cmap)
     fig.colorbar(mappable, ax=axes, shrink=0.6, pad=0.02)
+
+
+def finish_layer_axis(ax, names: Sequence[str], inside: Sequence[bool], ylabel: str, title: str,
+                      fontsize: int = 8) -> None:
+    """Shades the layers inside the block structure, labels the layer axis, adds title and legend."""
+    for i, flag in enumerate(inside):
+        if flag:
+            ax.axvspan(i - 0.5, i + 0.5, color="0.85", zorder=0)
+    ax.set_xticks(np.arange(len(names)), [short_name(n) for n in names], rotation=90, fontsize=fontsize)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)

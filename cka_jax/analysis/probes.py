@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
-from cka_jax.analysis.plots import short_name
+from cka_jax.analysis.plots import finish_layer_axis
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
@@ -65,12 +65,6 @@ def plot_probes(accuracy: np.ndarray, layer_names: Sequence[str], title: str, in
     pre = np.array(["pre_residual" in n for n in layer_names])
     ax.scatter(x[~pre], mean[~pre], color="tab:green", zorder=3, label="post-residual / other")
     ax.scatter(x[pre], mean[pre], facecolor="white", edgecolor="tab:green", zorder=3, label="pre-residual")
-    for i, flag in enumerate(inside):
-        if flag:
-            ax.axvspan(i - 0.5, i + 0.5, color="0.85", zorder=0)
-    ax.set_xticks(x, [short_name(n) for n in layer_names], rotation=90, fontsize=7)
-    ax.set_ylabel("linear probe test accuracy")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    finish_layer_axis(ax, layer_names, inside, "linear probe test accuracy", title, fontsize=7)
     fig.tight_layout()
     return fig
