@@ -108,7 +108,7 @@ def _ucentred_grams(items: list[tuple[str, jax.Array]], population: bool, kernel
         if kernel == "linear":
             g = _shifted_linear_gram(x)
         else:
-            g = jax.vmap(lambda xi: gram_rbf(xi, threshold))(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
+            g = jax.vmap(lambda xi: gram_rbf(xi, threshold))(x)  # gram_rbf upcasts to >= float32
         grams.append(center_gram(g, unbiased=True))
     return jnp.stack(grams, axis=1)
 
