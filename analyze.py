@@ -3,11 +3,13 @@ r"""Turn trained populations into the paper's figures, numbers and one HTML repo
   python analyze.py                                      # the default run, workdir/default → analysis/
   python analyze.py --workdir workdir/c10_r62 --compare workdir/c10_r14_w2
   python analyze.py --workdir workdir/c10_r14 --analyses=within,blocks --passes=10
+  python analyze.py --workdir workdir/in_deeper --compare workdir/in_wider --fdr   # ImageNet
 
 Outputs go to <workdir>/analysis/ (analysis/ for the default run; or --outdir): one .npz/.json of numbers and one PNG+PDF
 figure per analysis, and report.html to read top to bottom. `cka_within.npz` holds `cka`
 (M, L, L) over the stem and block outputs and `layer_names` (L,). Analyses that compare
 populations (architectures, disagreement, convergence) run when --compare is given.
+Streamed data sets (ImageNet) are analysed from predictions/test.npz alone: disagreement.
 Exit status: 0 on success, 1 if an analysis failed (the others' outputs are written),
 2 for bad input (nothing is written).
 """
@@ -19,9 +21,10 @@ from absl import logging as absl_logging
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from cka_jax import trainer
 from cka_jax.analysis import runner
 from cka_jax.analysis.context import AnalysisOptions
-from cka_jax.analysis.workdir import AnalysisInputError
+from cka_jax.analysis.workdir import AnalysisInputError, check_workdir, has_test_images
 
 DEFAULTS = AnalysisOptions()
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "Trained workdir to analyse (train.py output).")
@@ -70,10 +73,13 @@ def main(argv: list[str]) -> None:
         max_models=_MAX_MODELS.value, block_threshold=_THRESHOLD.value, probe_steps=_PROBE_STEPS.value,
         alpha=_ALPHA.value, fdr=_FDR.value, num_bootstrap=_BOOTSTRAP.value, seed=_SEED.value)
     try:
-        names = runner.choose_analyses(_ANALYSES.value, bool(_COMPARE.value))
+        check_workdir(_WORKDIR.value)
+        has_images = has_test_images(trainer.load_config(_WORKDIR.value))
+        names = runner.choose_analyses(_ANALYSES.value, bool(_COMPARE.value), has_images)
         with logging_redirect_tqdm([logger]):
             outdir = _OUTDIR.value or (None if flags.FLAGS["workdir"].present else "analysis")
-            ctx = runner.load_context(_WORKDIR.value, _COMPARE.value, outdir, options, tqdm)
+            ctx = runner.load_context(_WORKDIR.value, _COMPARE.value, outdir, options, tqdm,
+                                      images=runner.needs_images(names))
             runner.run_analyses(ctx, names, tqdm)
     except AnalysisInputError as error:
         fail(str(error))

@@ -95,13 +95,29 @@ def test_per_class_tests_leave_constant_classes_undecided():
 def test_per_example_statistics():
     logits = np.zeros((4, 3, 2))
     logits[:, :, 1] = [[1, 1, -1], [1, -1, -1], [1, 1, 1], [1, -1, 1]]
-    correct = disagreement.correct(logits, np.array([1, 1, 0]))
+    correct = logits.argmax(-1) == np.array([1, 1, 0])
     np.testing.assert_allclose(disagreement.per_example_accuracy(correct), [1.0, 0.5, 0.5])
     acc = disagreement.per_class_accuracy(correct, np.array([1, 1, 0]), 3)
     np.testing.assert_allclose(acc[:, 0], [1, 1, 0, 0])
     assert np.isnan(acc[:, 2]).all()
-    h1, h2 = disagreement.disjoint_halves(5, seed=3)
+    h1, h2 = disagreement.disjoint_groups(5, 2, seed=3)
     assert len(h1) == len(h2) == 2 and not set(h1) & set(h2)
+    with pytest.raises(ValueError, match="1 <= size <= 2"):
+        disagreement.disjoint_groups(5, 3)
+
+
+def test_per_example_panels_use_equal_groups_and_find_the_planted_difference():
+    rng = np.random.default_rng(0)
+    difficulty = rng.uniform(0.05, 0.95, 400)
+    flipped = np.arange(400) < 200          # B finds the first half of the examples hard where A finds them easy
+    correct_a = rng.random((40, 400)) < difficulty
+    correct_b = rng.random((10, 400)) < np.where(flipped, 1 - difficulty, difficulty)
+    panels = disagreement.per_example_panels(correct_a, correct_b, seed=1)
+    assert [(gx, gy) for _, _, gx, gy in panels] == [("A1", "B1"), ("A1", "A2"), ("B1", "B2")]
+    assert all(len(x) == 400 and np.all(x * 5 == np.round(x * 5)) for x, _, _, _ in panels)  # groups of 5 models
+    r = [disagreement.correlation(x, y) for x, y, _, _ in panels]
+    assert r[0] < 0.3 and min(r[1], r[2]) > 0.5
+    assert np.isnan(disagreement.correlation(np.ones(3), np.arange(3.0)))
 
 
 def test_overall_test_matches_scipy():

@@ -11,9 +11,9 @@ import pytest
 
 from cka_jax import trainer
 from cka_jax.analysis import runner
-from cka_jax.analysis.deletion import accuracy, deletion_accuracy
+from cka_jax.analysis.deletion import deletion_accuracy
 from cka_jax.analysis.outputs import Section, write_npz
-from cka_jax.analysis.workdir import AnalysisInputError, load_predictions
+from cka_jax.analysis.workdir import AnalysisInputError, load_correct
 from cka_jax.run_config import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,15 +84,15 @@ def test_cka_within_holds_block_output_heatmaps(analysed):
 def test_disagreement_numbers(analysed, workdirs):
     record = json.load(open(os.path.join(analysed, "disagreement.json")))[0]
     assert record["population_b"] == "wide"
-    logits, labels = load_predictions(workdirs[0])
-    assert record["overall"]["mean_a"] == pytest.approx(accuracy(logits, labels).mean())
+    correct, _ = load_correct(workdirs[0])
+    assert record["overall"]["mean_a"] == pytest.approx(correct.mean())
 
 
 def test_deleting_nothing_equals_full_accuracy(workdirs):
     ctx = runner.load_context(workdirs[0])
-    logits, labels = load_predictions(workdirs[0])
+    correct, labels = load_correct(workdirs[0])
     acc = deletion_accuracy(ctx.main, ctx.test, [(), ("stage2/block1",)])
-    np.testing.assert_allclose(acc[:, 0], accuracy(logits, labels), atol=1 / len(labels))
+    np.testing.assert_allclose(acc[:, 0], correct.mean(1), atol=1 / len(labels))
     assert acc.shape == (3, 2)
 
 
@@ -160,7 +160,8 @@ def test_populations_on_different_data_sets_are_refused(workdirs, tmp_path):
 def test_populations_with_different_test_sets_are_refused(workdirs, tmp_path):
     other = tmp_path / "relabelled"
     shutil.copytree(workdirs[1], other)
-    logits, labels = load_predictions(str(other))
+    with np.load(other / "predictions" / "test.npz") as f:
+        logits, labels = f["logits"], f["labels"]
     np.savez(other / "predictions" / "test.npz", logits=logits[:, :-1], labels=labels[:-1])
     with pytest.raises(AnalysisInputError, match="is not the digits test set"):
         runner.load_context(workdirs[0], [str(other)])

@@ -20,12 +20,14 @@ from cka_jax.analysis.probes import probe_accuracy
 from cka_jax.analysis.runner import ANALYSES, choose_analyses, load_context, run_analyses
 from cka_jax.analysis.unit_matching import matching_curves, sparse_losses
 from cka_jax.analysis.within import LayerHeatmaps, within_cka
-from cka_jax.analysis.workdir import AnalysisInputError, Population, TestSet, load_population, load_test_set
+from cka_jax.analysis.workdir import (AnalysisInputError, Population, TestSet, load_correct, load_population,
+                                      load_test_set)
 
 __all__ = [
     "ANALYSES", "AnalysisContext", "AnalysisInputError", "AnalysisOptions", "BlockStructure", "LayerHeatmaps",
     "Population", "TestSet", "block_sizes", "choose_analyses", "cross_cka", "cross_seed_same_layer",
-    "deletion_accuracy", "detect_block", "load_context", "load_population", "load_test_set", "matching_curves",
-    "overall_test", "per_class_accuracy", "per_class_tests", "per_example_accuracy", "principal_components",
-    "probe_accuracy", "run_analyses", "similarity_to_final", "sparse_losses", "within_cka", "within_heatmaps",
+    "deletion_accuracy", "detect_block", "load_context", "load_correct", "load_population", "load_test_set",
+    "matching_curves", "overall_test", "per_class_accuracy", "per_class_tests", "per_example_accuracy",
+    "principal_components", "probe_accuracy", "run_analyses", "similarity_to_final", "sparse_losses", "within_cka",
+    "within_heatmaps",
 ]

@@ -1,10 +1,10 @@
 """Per-example and per-class disagreement between populations (paper Fig. 7, F.1-F.4).
 
-Per-example accuracy is the fraction of a population's models that classify an example
-correctly. Two populations are compared against a baseline of two disjoint halves of one
-population: systematic differences show as a wider scatter than the baseline's. Per-class
-accuracies are compared with Welch's t-test over models, optionally with the
-Benjamini-Hochberg false-discovery-rate correction.
+Per-example accuracy is the fraction of a group of models that classify an example correctly.
+Two populations are compared against a baseline of two disjoint groups of one population, all
+groups of equal size: systematic differences show as a wider scatter (a lower correlation) than
+the baseline's. Per-class accuracies are compared with Welch's t-test over models, optionally
+with the Benjamini-Hochberg false-discovery-rate correction.
 """
 from __future__ import annotations
 
@@ -17,34 +17,46 @@ import numpy as np
 from scipy import stats
 
 
-def correct(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(M, N) bool: model m classifies example n correctly. logits (M, N, C), labels (N,)."""
-    return np.argmax(logits, -1) == np.asarray(labels)[None]
-
-
 def per_example_accuracy(correct_: np.ndarray) -> np.ndarray:
     """(N,) fraction of models correct on each example, from (M, N) correctness."""
     return np.asarray(correct_, np.float64).mean(0)
 
 
-def disjoint_halves(num_models: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Two disjoint random halves of range(num_models) (the odd model out is left out)."""
-    if num_models < 2:
-        raise ValueError(f"splitting a population into halves needs at least 2 models, got {num_models}")
+def disjoint_groups(num_models: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint random groups of `size` models each from range(num_models), sorted."""
+    if not 1 <= size <= num_models // 2:
+        raise ValueError(f"two disjoint groups of {size} models need 1 <= size <= {num_models // 2} "
+                         f"(half of the {num_models} models)")
     order = np.random.default_rng(seed).permutation(num_models)
-    half = num_models // 2
-    return np.sort(order[:half]), np.sort(order[half:2 * half])
+    return np.sort(order[:size]), np.sort(order[size:2 * size])
+
+
+def per_example_panels(correct_a: np.ndarray, correct_b: np.ndarray, seed: int = 0
+                       ) -> list[tuple[np.ndarray, np.ndarray, str, str]]:
+    """Per-example accuracy of population A vs B, then of two disjoint groups of A and of B (the
+    baselines), every group of k = min(Ma, Mb) // 2 models so that all panels average as many
+    models: [(x (N,), y (N,), x label, y label)] with labels 'A1', 'B1', 'A2', ..."""
+    k = min(len(correct_a), len(correct_b)) // 2
+    a1, a2 = disjoint_groups(len(correct_a), k, seed)
+    b1, b2 = disjoint_groups(len(correct_b), k, seed + 1)
+    pe = per_example_accuracy
+    return [(pe(correct_a[a1]), pe(correct_b[b1]), "A1", "B1"),
+            (pe(correct_a[a1]), pe(correct_a[a2]), "A1", "A2"),
+            (pe(correct_b[b1]), pe(correct_b[b2]), "B1", "B2")]
+
+
+def correlation(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of per-example accuracies (N,) and (N,); NaN if either is constant."""
+    return float(np.corrcoef(x, y)[0, 1]) if np.std(x) > 0 and np.std(y) > 0 else float("nan")
 
 
 def per_class_accuracy(correct_: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """(M, C) accuracy of each model on each class (NaN for a class without test examples)."""
     labels = np.asarray(labels)
-    out = np.full((correct_.shape[0], num_classes), np.nan)
-    for c in range(num_classes):
-        mask = labels == c
-        if mask.any():
-            out[:, c] = correct_[:, mask].mean(1)
-    return out
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    hits = np.stack([np.bincount(labels, weights=c, minlength=num_classes) for c in np.asarray(correct_, np.float64)])
+    with np.errstate(invalid="ignore"):
+        return hits / counts
 
 
 class ClassTests(NamedTuple):
@@ -114,9 +126,8 @@ def plot_disagreement(pairs: Sequence[tuple[np.ndarray, np.ndarray, str, str]], 
         jitter = lambda v: v + rng.uniform(-0.01, 0.01, v.shape)
         ax.scatter(jitter(x), jitter(y), s=6, alpha=0.35, color="tab:blue", edgecolor="none")
         ax.plot([0, 1], [0, 1], color="0.5", lw=0.8)
-        r = np.corrcoef(x, y)[0, 1] if x.std() > 0 and y.std() > 0 else np.nan
         ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), xlabel=xl, ylabel=yl, aspect="equal",
-               title=f"per-example accuracy (r = {r:.2f})")
+               title=f"per-example accuracy (r = {correlation(x, y):.2f})")
     ax = axes[-1]
     order = np.argsort(tests.difference)
     colors = np.where(tests.significant[order], "tab:red", "0.6")

@@ -22,7 +22,7 @@ from cka_jax.analysis.plots import short_name
 from cka_jax.analysis.representations import collect
 from cka_jax.analysis.within import plot_within, summary_rows
 from cka_jax.analysis.workdir import (AnalysisInputError, Population, check_same_labels, checkpoint_steps,
-                                      load_population, load_predictions, load_train_set)
+                                      class_names, load_correct, load_population, load_train_set)
 from cka_jax.matching import MATCHING_METHODS
 from cka_jax.models import representation_names
 
@@ -248,36 +248,36 @@ def architectures(ctx: AnalysisContext) -> Section:
 def disagreement(ctx: AnalysisContext) -> Section:
     """Fig. 7 / F.1-F.4: per-example accuracy scatter and per-class Welch tests."""
     o, a = ctx.options, ctx.main
-    logits_a, labels = load_predictions(a.workdir)
-    correct_a = dis_lib.correct(logits_a, labels)
-    classes = [str(c) for c in range(ctx.test.num_classes)]
+    correct_a, labels = load_correct(a.workdir)
+    classes = class_names(a.config, ctx.test.num_classes)
     figures, tables, records = [], [], []
     for b in ctx.populations[1:]:
-        logits_b, labels_b = load_predictions(b.workdir)
+        correct_b, labels_b = load_correct(b.workdir)
         check_same_labels([a.workdir, b.workdir], [labels, labels_b])
-        correct_b = dis_lib.correct(logits_b, labels)
-        pairs = [(dis_lib.per_example_accuracy(correct_a), dis_lib.per_example_accuracy(correct_b),
-                  f"{a.name} ({a.size} models)", f"{b.name} ({b.size} models)")]
-        for pop, c in ((a, correct_a), (b, correct_b)):
-            if len(c) >= 2:
-                h1, h2 = dis_lib.disjoint_halves(len(c), o.seed)
-                pairs.append((dis_lib.per_example_accuracy(c[h1]), dis_lib.per_example_accuracy(c[h2]),
-                              f"{pop.name} half 1 ({len(h1)})", f"{pop.name} half 2 ({len(h2)})"))
+        panels = dis_lib.per_example_panels(correct_a, correct_b, o.seed)
+        k = min(len(correct_a), len(correct_b)) // 2
+        names = {"A": a.name, "B": b.name}
+        label = lambda group: f"{names[group[0]]} group {group[1]} ({k} models)"
+        pairs = [(x, y, label(gx), label(gy)) for x, y, gx, gy in panels]
+        correlations = {f"{gx} vs {gy}": dis_lib.correlation(x, y) for x, y, gx, gy in panels}
         acc_a = dis_lib.per_class_accuracy(correct_a, labels, ctx.test.num_classes)
         acc_b = dis_lib.per_class_accuracy(correct_b, labels, ctx.test.num_classes)
         tests = dis_lib.per_class_tests(acc_a, acc_b, o.alpha, o.fdr)
         overall = dis_lib.overall_test(correct_a.mean(1), correct_b.mean(1))
-        write_npz(ctx.path(f"disagreement__{b.name}.npz"), per_example_a=pairs[0][0], per_example_b=pairs[0][1],
+        write_npz(ctx.path(f"disagreement__{b.name}.npz"), per_example_a=dis_lib.per_example_accuracy(correct_a),
+                  per_example_b=dis_lib.per_example_accuracy(correct_b),
                   class_accuracy_a=acc_a, class_accuracy_b=acc_b, difference=tests.difference, t=tests.t,
                   p_value=tests.p_value, p_adjusted=tests.p_adjusted, significant=tests.significant)
         fig = dis_lib.plot_disagreement(pairs, tests, classes, f"{a.name} (A) vs {b.name} (B)")
         figures.append(_figure(ctx, fig, f"disagreement__{b.name}"))
         differing = [int(c) for c in np.flatnonzero(tests.significant)]
         records.append({"population_b": b.name, "classes_differing": differing,
+                        "class_names_differing": [classes[c] for c in differing],
                         "num_classes_differing": len(differing), "alpha": o.alpha, "fdr": o.fdr,
-                        "overall": overall._asdict()})
+                        "overall": overall._asdict(), "models_per_group": k,
+                        "per_example_correlation": correlations})
         rows = [[classes[c], f"{tests.difference[c]:+.4f}", f"{tests.p_value[c]:.3g}", f"{tests.p_adjusted[c]:.3g}"]
-                for c in differing]
+                for c in sorted(differing, key=lambda c: -tests.difference[c])]
         correction = "Benjamini-Hochberg adjusted " if o.fdr else ""
         tables.append(Table(["class", "accuracy A − B", "p", "adjusted p"], rows,
                             f"{a.name} vs {b.name}: {len(differing)} of {len(classes)} classes differ "
@@ -285,10 +285,12 @@ def disagreement(ctx: AnalysisContext) -> Section:
                             f"{overall.sem_a:.4f} vs {overall.mean_b:.4f} ± {overall.sem_b:.4f} (± SEM), "
                             f"t({overall.dof:.1f}) = {overall.t:.2f}, p = {overall.p_value:.3g}"))
     write_json(ctx.path("disagreement.json"), records)
-    text = ("Per-example accuracy = the fraction of a population's models that get an example right. The first "
-            "panel compares the two populations; the next ones compare disjoint halves of the same population, "
-            "the baseline: systematic differences between architectures show as more scatter than the baseline "
-            "(jitter added to show overlapping points). Per-class accuracies are compared over models with "
+    text = ("Per-example accuracy = the fraction of a group of models that get an example right. The first "
+            "panel compares a group of each population (A1, B1); the next ones compare two disjoint groups of the "
+            "same population, the baseline. Every group holds half the smaller population's models, so the "
+            "scatters are comparable: systematic differences between architectures show as more scatter (a "
+            "lower A1 vs B1 correlation, per_example_correlation in disagreement.json) than the baselines "
+            "(jitter added to show overlapping points). Per-class accuracies are compared over all models with "
             "Welch's t-test (--fdr adds the Benjamini-Hochberg correction).")
     return Section("disagreement", "Per-example and per-class disagreement", text, figures, tables,
                    ["disagreement.json"] + [f"disagreement__{b.name}.npz" for b in ctx.populations[1:]])

@@ -1,13 +1,15 @@
 """Trained workdirs as analysis inputs: the restored population, its test set and predictions.
 
 A workdir is what `train.py` writes (see `cka_jax.trainer`): config.json, checkpoints/,
-predictions/test.npz. Every problem with the inputs raises `AnalysisInputError` naming the
-workdir and what is wrong.
+predictions/test.npz. Populations of in-memory data sets are analysed on their test images;
+streamed ones (ImageNet) from their predictions alone, without restoring the models. Every
+problem with the inputs raises `AnalysisInputError` naming the workdir and what is wrong.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,30 +30,34 @@ class AnalysisInputError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TestSet:
-    """The held-out images a population is analysed on."""
-    images: np.ndarray   # (N, H, W, C) uint8
-    labels: np.ndarray   # (N,) int32
-    mean: np.ndarray     # (C,) float32 normalisation of the training set
-    std: np.ndarray      # (C,)
+    """The held-out examples a population is analysed on; images, mean and std are None when only
+    the predictions are analysed (streamed data sets)."""
+    images: np.ndarray | None   # (N, H, W, C) uint8
+    labels: np.ndarray          # (N,) int
+    mean: np.ndarray | None     # (C,) float32 normalisation of the training set
+    std: np.ndarray | None      # (C,)
     num_classes: int
     dataset: str
 
 
 @dataclasses.dataclass(frozen=True)
 class Population:
-    """A trained population restored from `workdir`.
+    """A trained population of `workdir`.
 
-    variables: {'params', 'batch_stats'} stacked on a leading model axis (M, ...).
+    variables: {'params', 'batch_stats'} stacked on a leading model axis (M, ...), or None when
+    the population was not restored (analyses of its predictions only).
     """
     name: str
     workdir: str
     config: ml_collections.ConfigDict
     model: ResNetTrunk
-    variables: PyTree
+    variables: PyTree | None
     step: int
 
     @property
     def size(self) -> int:
+        if self.variables is None:
+            return int(self.config.population.size)
         return int(jax.tree.leaves(self.variables)[0].shape[0])
 
     def subset(self, models: slice | np.ndarray) -> "Population":
@@ -106,19 +112,31 @@ def check_workdir(workdir: str, step: int | None = None) -> None:
         raise AnalysisInputError(f"workdir {workdir!r} has no checkpoint at step {step}; kept steps: {steps}")
 
 
-def load_population(workdir: str, step: int | None = None, name: str | None = None) -> Population:
-    """The population trained in `workdir`, at `step` (default: its latest checkpoint)."""
+def load_population(workdir: str, step: int | None = None, name: str | None = None,
+                    restore: bool = True) -> Population:
+    """The population trained in `workdir`, at `step` (default: its latest checkpoint); with
+    restore=False its variables are left on disk (for analyses of its predictions)."""
     check_workdir(workdir, step)
+    name = name or population_name(workdir)
+    if not restore:
+        config = trainer.load_config(workdir)
+        step = checkpoint_steps(workdir)[-1] if step is None else step
+        return Population(name, workdir, config, trainer.build_model(config), None, step)
     config, model, variables, step = trainer.load_trained_population(workdir, step)
-    return Population(name or population_name(workdir), workdir, config, model, variables, step)
+    return Population(name, workdir, config, model, variables, step)
+
+
+def has_test_images(config: ml_collections.ConfigDict) -> bool:
+    """Whether analyses can hold the test images of `config`'s data set in memory (not streamed)."""
+    return config.data.name in data_lib.IN_MEMORY_DATASETS
 
 
 def load_test_set(config: ml_collections.ConfigDict) -> TestSet:
     """The test split of the data set a population was trained on (never subset or relabelled)."""
-    if config.data.name not in data_lib.IN_MEMORY_DATASETS:
+    if not has_test_images(config):
         raise AnalysisInputError(
-            f"analysing {config.data.name!r} populations is not supported: analyses need an in-memory "
-            f"test set ({', '.join(data_lib.IN_MEMORY_DATASETS)})")
+            f"{config.data.name!r} is streamed: analyses of its representations need an in-memory test set "
+            f"({', '.join(data_lib.IN_MEMORY_DATASETS)}); its populations are analysed from their predictions")
     data = data_lib.load_in_memory(config.data.name, 1.0, config.data.seed, False,
                                    config.data.data_dir or None)
     return TestSet(data.test_images, data.test_labels, data.mean, data.std, data.num_classes,
@@ -132,14 +150,68 @@ def load_train_set(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.nd
     return data.train_images, data.train_labels
 
 
-def load_predictions(workdir: str) -> tuple[np.ndarray, np.ndarray]:
-    """predictions/test.npz of `workdir`: logits (M, N, C) float32 and labels (N,) int."""
+def _predictions_path(workdir: str) -> str:
     path = os.path.join(workdir, "predictions", "test.npz")
     if not os.path.exists(path):
         raise AnalysisInputError(f"workdir {workdir!r} has no predictions/test.npz: its training has not "
                                  f"finished; run `python train.py --workdir {workdir}` to finish it")
-    with np.load(path) as f:
-        return f["logits"].astype(np.float32), f["labels"]
+    return path
+
+
+def _unreadable(path: str, error: Exception) -> AnalysisInputError:
+    workdir = os.path.dirname(os.path.dirname(path))
+    return AnalysisInputError(f"{path} cannot be read ({type(error).__name__}: {error}); delete it and run "
+                              f"`python train.py --workdir {workdir}` to write it again from the final checkpoint")
+
+
+def load_labels(workdir: str) -> np.ndarray:
+    """The test labels (N,) of predictions/test.npz, without reading the logits."""
+    path = _predictions_path(workdir)
+    try:
+        with np.load(path) as f:
+            return f["labels"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise _unreadable(path, error) from error
+
+
+def load_correct(workdir: str) -> tuple[np.ndarray, np.ndarray]:
+    """Whether each model classifies each test example correctly, (M, N) bool, and the labels (N,),
+    from predictions/test.npz read one model's logits at a time (ImageNet: 50k x 1000 per model)."""
+    path = _predictions_path(workdir)
+    try:
+        with np.load(path) as f, f.zip.open("logits.npy") as member:
+            labels = f["labels"]
+            version = np.lib.format.read_magic(member)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = header(member)
+            if len(shape) != 3 or shape[1] != len(labels) or fortran_order:
+                raise AnalysisInputError(f"{path}: logits of shape {shape} (fortran order {fortran_order}) do "
+                                         f"not match {len(labels)} labels; expected C-ordered (M, N, C)")
+            correct = np.empty(shape[:2], bool)
+            for m in range(shape[0]):
+                logits = np.frombuffer(member.read(shape[1] * shape[2] * dtype.itemsize), dtype)
+                correct[m] = logits.reshape(shape[1:]).argmax(-1) == labels
+    except AnalysisInputError:
+        raise
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise _unreadable(path, error) from error
+    return correct, labels
+
+
+def load_test_labels(workdir: str, config: ml_collections.ConfigDict) -> TestSet:
+    """The test set of `workdir` as its predictions know it: labels and number of classes, no images."""
+    return TestSet(None, load_labels(workdir), None, None, trainer.NUM_CLASSES[config.data.name],
+                   config.data.name)
+
+
+def class_names(config: ml_collections.ConfigDict, num_classes: int) -> list[str]:
+    """Names of the classes of `config`'s data set: the tfds label names (ImageNet: WordNet ids),
+    or the class indices for digits and for data sets whose names need the prepared data."""
+    if config.data.name == "digits":
+        return [str(c) for c in range(num_classes)]
+    import tensorflow_datasets as tfds
+    names = tfds.builder(config.data.name, data_dir=config.data.data_dir or None).info.features["label"].names
+    return list(names) if len(names) == num_classes else [str(c) for c in range(num_classes)]
 
 
 def check_comparable(workdirs: Sequence[str], configs: Sequence[ml_collections.ConfigDict]) -> None:
