@@ -81,6 +81,14 @@ def test_cka_within_holds_block_output_heatmaps(analysed):
     np.testing.assert_allclose(full[:, index][:, :, index], cka)
 
 
+def test_block_sizes_shrink_as_the_threshold_rises(analysed):
+    for record in json.load(open(os.path.join(analysed, "blocks.json"))):
+        by_threshold = record["block_fraction_by_threshold"]
+        fractions = [by_threshold[t] for t in sorted(by_threshold, key=float)]
+        assert fractions == sorted(fractions, reverse=True) and len(fractions) == 5
+        assert by_threshold["0.85"] == pytest.approx(record["block_fraction_mean"])
+
+
 def test_disagreement_numbers(analysed, workdirs):
     record = json.load(open(os.path.join(analysed, "disagreement.json")))[0]
     assert record["population_b"] == "wide"

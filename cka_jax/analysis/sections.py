@@ -70,14 +70,21 @@ def _grid_positions(populations: list[Population]) -> tuple[list[str], list[str]
     return [f"data fraction {f:g}" for f in rows], cols, positions
 
 
+SENSITIVITY_THRESHOLDS = (0.7, 0.8, 0.85, 0.9, 0.95)   # block sizes are also reported at these
+
+
 def blocks(ctx: AnalysisContext) -> Section:
     """Fig. 2 / D.2: the block structure's size per model, and a grid over all populations."""
     o = ctx.options
-    records, grid_maps, grid_names, grid_blocks, table_rows = [], [], [], [], []
+    records, grid_maps, grid_names, grid_blocks, table_rows, sensitivity_rows = [], [], [], [], [], []
+    thresholds = sorted({*SENSITIVITY_THRESHOLDS, o.block_threshold})
     for i, p in enumerate(ctx.populations):
         h = ctx.within(p).select("blocks")
         sizes = blocks_lib.block_sizes(h.cka, o.block_threshold, o.block_min_layers)
         fraction = sizes[:, 2] / len(h.layer_names)
+        by_threshold = {t: float(np.mean(blocks_lib.block_sizes(h.cka, t, o.block_min_layers)[:, 2]))
+                        / len(h.layer_names) for t in thresholds}
+        sensitivity_rows.append([p.name] + [f"{by_threshold[t]:.2f}" for t in thresholds])
         mean, low, high = bootstrap_mean(fraction, o.num_bootstrap, o.level, o.seed)
         mean_block = blocks_lib.detect_block(h.mean(), o.block_threshold, o.block_min_layers)
         records.append({"population": p.name, "workdir": p.workdir, "architecture": p.architecture,
@@ -85,7 +92,8 @@ def blocks(ctx: AnalysisContext) -> Section:
                         "block_per_model": sizes.tolist(), "block_fraction_mean": mean,
                         "block_fraction_interval": [low, high], "level": o.level,
                         "block_of_mean_heatmap": [mean_block.start, mean_block.stop],
-                        "blocks_inside": blocks_lib.blocks_in_structure(h.layer_names, mean_block)})
+                        "blocks_inside": blocks_lib.blocks_in_structure(h.layer_names, mean_block),
+                        "block_fraction_by_threshold": {f"{t:g}": f for t, f in by_threshold.items()}})
         if i == 0:
             write_npz(ctx.path("blocks.npz"), block=sizes, layer_names=np.array(h.layer_names),
                       threshold=o.block_threshold)
@@ -101,11 +109,14 @@ def blocks(ctx: AnalysisContext) -> Section:
                                      "Block structure (seed-averaged block-output CKA; detected block outlined)")
     table = Table(["population", "architecture", "data fraction", "block size per seed (layers)", "layers",
                    f"block fraction, mean [{o.level:.0%} CI over seeds]"], table_rows)
+    sensitivity = Table(["population"] + [f"CKA ≥ {t:g}" for t in thresholds], sensitivity_rows,
+                        "Mean block fraction over seeds as the threshold (--block_threshold) varies: how much the "
+                        "sizes above depend on it")
     text = (f"The block structure is the longest run of consecutive block outputs whose pairwise CKA all reach "
             f"{o.block_threshold} (at least {o.block_min_layers} layers), found per seed on the block-output "
             "heatmap. Pass sweeps (width, depth, data fraction) with --compare to fill the grid: rows are "
             "training-data fractions, columns architectures. Intervals are percentile bootstraps over seeds.")
-    return Section("blocks", "Block structure", text, [_figure(ctx, fig, "blocks_grid")], [table],
+    return Section("blocks", "Block structure", text, [_figure(ctx, fig, "blocks_grid")], [table, sensitivity],
                    ["blocks.npz", "blocks.json"])
 
 
