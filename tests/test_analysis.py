@@ -112,7 +112,8 @@ def test_per_example_panels_use_equal_groups_and_find_the_planted_difference():
     flipped = np.arange(400) < 200          # B finds the first half of the examples hard where A finds them easy
     correct_a = rng.random((40, 400)) < difficulty
     correct_b = rng.random((10, 400)) < np.where(flipped, 1 - difficulty, difficulty)
-    panels = disagreement.per_example_panels(correct_a, correct_b, seed=1)
+    k, panels = disagreement.per_example_panels(correct_a, correct_b, seed=1)
+    assert k == 5
     assert [(gx, gy) for _, _, gx, gy in panels] == [("A1", "B1"), ("A1", "A2"), ("B1", "B2")]
     assert all(len(x) == 400 and np.all(x * 5 == np.round(x * 5)) for x, _, _, _ in panels)  # groups of 5 models
     r = [disagreement.correlation(x, y) for x, y, _, _ in panels]

@@ -32,17 +32,17 @@ def disjoint_groups(num_models: int, size: int, seed: int = 0) -> tuple[np.ndarr
 
 
 def per_example_panels(correct_a: np.ndarray, correct_b: np.ndarray, seed: int = 0
-                       ) -> list[tuple[np.ndarray, np.ndarray, str, str]]:
+                       ) -> tuple[int, list[tuple[np.ndarray, np.ndarray, str, str]]]:
     """Per-example accuracy of population A vs B, then of two disjoint groups of A and of B (the
     baselines), every group of k = min(Ma, Mb) // 2 models so that all panels average as many
-    models: [(x (N,), y (N,), x label, y label)] with labels 'A1', 'B1', 'A2', ..."""
+    models: (k, [(x (N,), y (N,), x label, y label)]) with labels 'A1', 'B1', 'A2', ..."""
     k = min(len(correct_a), len(correct_b)) // 2
     a1, a2 = disjoint_groups(len(correct_a), k, seed)
     b1, b2 = disjoint_groups(len(correct_b), k, seed + 1)
     pe = per_example_accuracy
-    return [(pe(correct_a[a1]), pe(correct_b[b1]), "A1", "B1"),
-            (pe(correct_a[a1]), pe(correct_a[a2]), "A1", "A2"),
-            (pe(correct_b[b1]), pe(correct_b[b2]), "B1", "B2")]
+    return k, [(pe(correct_a[a1]), pe(correct_b[b1]), "A1", "B1"),
+               (pe(correct_a[a1]), pe(correct_a[a2]), "A1", "A2"),
+               (pe(correct_b[b1]), pe(correct_b[b2]), "B1", "B2")]
 
 
 def correlation(x: np.ndarray, y: np.ndarray) -> float:

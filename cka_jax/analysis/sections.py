@@ -80,10 +80,10 @@ def blocks(ctx: AnalysisContext) -> Section:
     thresholds = sorted({*SENSITIVITY_THRESHOLDS, o.block_threshold})
     for i, p in enumerate(ctx.populations):
         h = ctx.within(p).select("blocks")
-        sizes = blocks_lib.block_sizes(h.cka, o.block_threshold, o.block_min_layers)
+        sizes_at = {t: blocks_lib.block_sizes(h.cka, t, o.block_min_layers) for t in thresholds}
+        sizes = sizes_at[o.block_threshold]
         fraction = sizes[:, 2] / len(h.layer_names)
-        by_threshold = {t: float(np.mean(blocks_lib.block_sizes(h.cka, t, o.block_min_layers)[:, 2]))
-                        / len(h.layer_names) for t in thresholds}
+        by_threshold = {t: float(np.mean(s[:, 2])) / len(h.layer_names) for t, s in sizes_at.items()}
         sensitivity_rows.append([p.name] + [f"{by_threshold[t]:.2f}" for t in thresholds])
         mean, low, high = bootstrap_mean(fraction, o.num_bootstrap, o.level, o.seed)
         mean_block = blocks_lib.detect_block(h.mean(), o.block_threshold, o.block_min_layers)
@@ -265,8 +265,7 @@ def disagreement(ctx: AnalysisContext) -> Section:
     for b in ctx.populations[1:]:
         correct_b, labels_b = load_correct(b.workdir)
         check_same_labels([a.workdir, b.workdir], [labels, labels_b])
-        panels = dis_lib.per_example_panels(correct_a, correct_b, o.seed)
-        k = min(len(correct_a), len(correct_b)) // 2
+        k, panels = dis_lib.per_example_panels(correct_a, correct_b, o.seed)
         names = {"A": a.name, "B": b.name}
         label = lambda group: f"{names[group[0]]} group {group[1]} ({k} models)"
         pairs = [(x, y, label(gx), label(gy)) for x, y, gx, gy in panels]
