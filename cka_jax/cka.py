@@ -1,31 +1,39 @@
 """Centered kernel alignment on whole representations (Kornblith et al. 2019).
 
 CKA is undefined for a constant (zero-variance) representation: its centred gram is zero and the
-result is NaN, never 0, 1 or inf. NaN or inf in the inputs gives NaN.
+result is NaN, never 0, 1 or inf. NaN or inf in the inputs gives NaN. CKA does not depend on the
+scale of either input, and neither does its computation: inputs are rescaled by exact powers of
+two before any product, so float32 gives the same value for activations of scale 1e-30 or 1e30.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from cka_jax.hsic import HIGHEST, as_matrix, center_features, center_gram, gram_rbf
+from cka_jax.hsic import HIGHEST, as_matrix, check_gram_pair, check_threshold, gram_rbf, normalise, \
+    scaled_centred, ucenter
 
 
 def cka(gram_x: jax.Array, gram_y: jax.Array, debiased: bool = False) -> jax.Array:
     """CKA between two symmetric grams, (n, n) each -> scalar.
 
-    debiased=True uses U-centering, i.e. the ratio of unbiased HSIC₁ estimates.
+    debiased=True uses U-centering, i.e. the ratio of unbiased HSIC₁ estimates (needs n >= 4).
     """
-    if gram_x.shape != gram_y.shape:
-        raise ValueError(f"grams must have the same shape, got {gram_x.shape} and {gram_y.shape}")
-    kc = _unit_scale(center_gram(gram_x, unbiased=debiased))
-    lc = _unit_scale(center_gram(gram_y, unbiased=debiased))
+    gram_x, gram_y = check_gram_pair(gram_x, gram_y)
+    if gram_x.ndim != 2:
+        raise ValueError(f"cka takes two (n, n) grams, got shape {gram_x.shape}")
+    if debiased and gram_x.shape[-1] < 4:
+        raise ValueError(f"debiased CKA needs n >= 4 examples, got grams of shape {gram_x.shape}")
+    kc = _centred_unit(gram_x, debiased)
+    lc = _centred_unit(gram_y, debiased)
     return jnp.vdot(kc, lc) / (jnp.linalg.norm(kc) * jnp.linalg.norm(lc))
 
 
-def _unit_scale(a: jax.Array) -> jax.Array:
-    """a / max|a|: CKA is scale invariant, and this keeps tiny or huge values from under/overflowing."""
-    return a / jnp.max(jnp.abs(a))
+def _centred_unit(gram: jax.Array, debiased: bool) -> jax.Array:
+    """Centred gram with its largest entry brought near 1: CKA is scale invariant, and the exact
+    power-of-two rescaling before and after centering keeps products from under/overflowing."""
+    gram, _ = normalise(gram)
+    return normalise(ucenter(gram, debiased))[0]
 
 
 def _pair(x: jax.Array, y: jax.Array, debiased: bool) -> tuple[jax.Array, jax.Array]:
@@ -44,17 +52,18 @@ def _debiased_dot(xty_sq, rows_x, rows_y, norm_x, norm_y, n):
 
 
 def _feature_space_linear_cka(x: jax.Array, y: jax.Array, debiased: bool) -> jax.Array:
+    """x, y centred with max |entry| in [2, 4): every product below stays far inside float32."""
     n = x.shape[0]
     xty = jnp.sum(jnp.square(jnp.matmul(x.T, y, precision=HIGHEST)))
     xtx = jnp.sum(jnp.square(jnp.matmul(x.T, x, precision=HIGHEST)))
     yty = jnp.sum(jnp.square(jnp.matmul(y.T, y, precision=HIGHEST)))
     if not debiased:
-        return xty / jnp.sqrt(xtx * yty)
+        return xty / (jnp.sqrt(xtx) * jnp.sqrt(yty))
     rows_x, rows_y = jnp.sum(x * x, axis=1), jnp.sum(y * y, axis=1)
     norm_x, norm_y = jnp.sum(rows_x), jnp.sum(rows_y)
-    return _debiased_dot(xty, rows_x, rows_y, norm_x, norm_y, n) / jnp.sqrt(
-        _debiased_dot(xtx, rows_x, rows_x, norm_x, norm_x, n)
-        * _debiased_dot(yty, rows_y, rows_y, norm_y, norm_y, n))
+    return _debiased_dot(xty, rows_x, rows_y, norm_x, norm_y, n) / (
+        jnp.sqrt(_debiased_dot(xtx, rows_x, rows_x, norm_x, norm_x, n))
+        * jnp.sqrt(_debiased_dot(yty, rows_y, rows_y, norm_y, norm_y, n)))
 
 
 def linear_cka(x: jax.Array, y: jax.Array, debiased: bool = False) -> jax.Array:
@@ -64,7 +73,7 @@ def linear_cka(x: jax.Array, y: jax.Array, debiased: bool = False) -> jax.Array:
     is below the gram cost n²·(p + q), and the gram form otherwise; both give the same value.
     """
     x, y = _pair(x, y, debiased)
-    x, y = _unit_scale(center_features(x)), _unit_scale(center_features(y))
+    (x, _), (y, _) = scaled_centred(x), scaled_centred(y)
     n, p = x.shape
     q = y.shape[1]
     if p * p + p * q + q * q < n * (p + q):
@@ -74,5 +83,6 @@ def linear_cka(x: jax.Array, y: jax.Array, debiased: bool = False) -> jax.Array:
 
 def rbf_cka(x: jax.Array, y: jax.Array, threshold: float = 1.0, debiased: bool = False) -> jax.Array:
     """CKA with RBF kernels (bandwidth from the median distance, see `gram_rbf`) -> scalar."""
+    check_threshold(threshold)
     x, y = _pair(x, y, debiased)
     return cka(gram_rbf(x, threshold), gram_rbf(y, threshold), debiased)

@@ -3,7 +3,11 @@
 Representations are `x: (n, ...)`, `y: (n, ...)` with the same `n` examples first; trailing
 dims are flattened to `p` and `q` units. A unit with zero variance (e.g. a dead ReLU) has an
 undefined (NaN) correlation with every unit; matchings never pair a unit with it when a real
-unit is available, and pairs whose correlation is NaN are left out of the result.
+unit is available, and pairs whose correlation is NaN are left out of the result. NaN or inf
+in the data is different: a damaged unit's correlations are NaN, and a matching or sparse
+prediction loss from damaged data is NaN as a whole (a matching keeps its pairs, each with a NaN
+correlation), never a shorter list of finite values. Each unit is rescaled by an exact power of
+two before its correlations, so they do not depend on any unit's scale.
 """
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -14,7 +18,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.linear_model import Lasso
 
-from cka_jax.hsic import HIGHEST, as_matrix, center_features
+from cka_jax.hsic import HIGHEST, as_matrix, host_matrix, scaled_centred
 
 MATCHING_METHODS = ("bipartite", "semi")
 
@@ -32,19 +36,22 @@ class UnitMatching(NamedTuple):
     correlations: np.ndarray
 
 
-def _check_pair(x: jax.Array, y: jax.Array) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of `x: (n, ...)` and `y: (n, ...)`; ValueError unless both are ≥ 2-D with the same n."""
-    shape_x, shape_y = jnp.shape(x), jnp.shape(y)
-    if len(shape_x) < 2 or len(shape_y) < 2 or shape_x[0] != shape_y[0]:
+def _check_pair(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`x: (n, ...)`, `y: (n, ...)` -> checked float `(n, p)`, `(n, q)`; ValueError unless both are
+    real arrays with at least one example and unit and the same n."""
+    xm, ym = as_matrix(x, "x"), as_matrix(y, "y")
+    if xm.shape[0] != ym.shape[0]:
         raise ValueError(
-            f"x and y must be (n, ...) arrays with the same number n of examples; got {shape_x} and {shape_y}"
+            f"x and y must be (n, ...) arrays with the same number n of examples; got {jnp.shape(x)} and "
+            f"{jnp.shape(y)}"
         )
-    return shape_x, shape_y
+    return xm, ym
 
 
 @jax.jit
 def _correlations(x: jax.Array, y: jax.Array) -> jax.Array:
-    xc, yc = center_features(as_matrix(x)), center_features(as_matrix(y))
+    """Pearson correlations of the columns of x: (n, p) and y: (n, q), each column rescaled exactly."""
+    (xc, _), (yc, _) = scaled_centred(x, axis=0), scaled_centred(y, axis=0)
     xs = xc / jnp.linalg.norm(xc, axis=0)
     ys = yc / jnp.linalg.norm(yc, axis=0)
     return jnp.clip(jnp.matmul(xs.T, ys, precision=HIGHEST), -1.0, 1.0)
@@ -53,10 +60,9 @@ def _correlations(x: jax.Array, y: jax.Array) -> jax.Array:
 def unit_correlations(x: jax.Array, y: jax.Array) -> jax.Array:
     """Pearson correlations between units of `x: (n, ...)` and `y: (n, ...)`: `(p, q)`.
 
-    Entries involving a zero-variance unit are NaN.
+    Entries involving a zero-variance unit, or a unit with NaN or inf, are NaN.
     """
-    _check_pair(x, y)
-    return _correlations(x, y)
+    return _correlations(*_check_pair(x, y))
 
 
 def match_units(x: jax.Array, y: jax.Array, method: str = "bipartite") -> UnitMatching:
@@ -65,11 +71,13 @@ def match_units(x: jax.Array, y: jax.Array, method: str = "bipartite") -> UnitMa
     "bipartite": one-to-one assignment of min(p, q) pairs maximising the total correlation
     (`scipy.optimize.linear_sum_assignment`), first maximising the number of pairs with a
     defined correlation. "semi": each unit of x to its best-correlated unit of y (several x
-    units may share a y unit). Pairs with NaN correlation are dropped (see module docstring).
+    units may share a y unit). Pairs with NaN correlation are dropped, unless x or y holds NaN
+    or inf: then every pair's correlation is NaN (see module docstring).
     """
     if method not in MATCHING_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {MATCHING_METHODS}")
-    corr = np.asarray(unit_correlations(x, y), dtype=np.float64)
+    xm, ym = _check_pair(x, y)
+    corr = np.asarray(_correlations(xm, ym), dtype=np.float64)
     defined = np.isfinite(corr)
     if method == "bipartite":
         # With m = min(p, q) pairs, any assignment using a NaN pair (scored -2m) totals at most
@@ -79,8 +87,16 @@ def match_units(x: jax.Array, y: jax.Array, method: str = "bipartite") -> UnitMa
     else:
         rows = np.arange(corr.shape[0])
         cols = np.argmax(np.where(defined, corr, -np.inf), axis=1)
+    if not (jnp.all(jnp.isfinite(xm)) & jnp.all(jnp.isfinite(ym))):
+        return UnitMatching(rows, cols, np.full(len(rows), np.nan))
     keep = defined[rows, cols]
     return UnitMatching(rows[keep], cols[keep], corr[rows, cols][keep])
+
+
+def _unit_scale(a: np.ndarray) -> np.ndarray:
+    """a·2^-e with its largest |entry| in [0.5, 1) (exact), so variances cannot under/overflow."""
+    largest = np.max(np.abs(a))
+    return np.ldexp(a, -np.frexp(largest)[1]) if largest > 0 else a
 
 
 def _standardise(a: np.ndarray, train: np.ndarray) -> np.ndarray:
@@ -104,23 +120,35 @@ def sparse_prediction_loss(
     (`sklearn.linear_model.Lasso`, objective `‖y − Xw‖²/(2n) + α‖w‖₁`) for every penalty
     `α > 0`. A random `holdout` fraction of the examples (fixed by `seed`) is held out and the
     loss is measured there (on the training examples when no example is held out). Units of y
-    constant on the training split are excluded (all constant: NaN). Returns
-    `(len(l1_penalties),)` losses in standardised units (predicting 0 scores about 1).
+    constant on the training split are excluded (all constant: NaN); NaN or inf in x or y gives
+    NaN. Returns `(len(l1_penalties),)` losses in standardised units (predicting 0 scores
+    about 1).
     """
-    shape_x, _ = _check_pair(x, y)
-    penalties = np.asarray(l1_penalties, dtype=np.float64)
-    if penalties.ndim != 1 or penalties.size == 0 or np.any(~(penalties > 0)):
-        raise ValueError(f"l1_penalties must be a non-empty sequence of positive floats; got {l1_penalties!r}")
-    if not 0.0 <= holdout < 1.0:
-        raise ValueError(f"holdout={holdout} must be in [0, 1)")
-    n = shape_x[0]
-    xa = np.asarray(x, dtype=np.float64).reshape(n, -1)
-    ya = np.asarray(y, dtype=np.float64).reshape(n, -1)
+    xa, ya = host_matrix(x, "x"), host_matrix(y, "y")
+    if xa.shape[0] != ya.shape[0]:
+        raise ValueError(
+            f"x and y must be (n, ...) arrays with the same number n of examples; got {np.shape(x)} and {np.shape(y)}"
+        )
+    try:
+        penalties = np.asarray(l1_penalties, dtype=np.float64)
+    except (TypeError, ValueError):
+        penalties = np.empty(0)
+    if penalties.ndim != 1 or penalties.size == 0 or not np.all((penalties > 0) & np.isfinite(penalties)):
+        raise ValueError(f"l1_penalties must be a non-empty sequence of positive finite floats; got {l1_penalties!r}")
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout={holdout!r} must be a number in [0, 1)")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    shape_x, n = np.shape(x), xa.shape[0]
     test = np.zeros(n, dtype=bool)
     test[np.random.default_rng(seed).permutation(n)[: round(holdout * n)]] = True
     train = ~test
     if train.sum() < 2:
         raise ValueError(f"holdout={holdout} leaves fewer than 2 training examples for x {shape_x}")
+    if not (np.all(np.isfinite(xa)) and np.all(np.isfinite(ya))):
+        return np.full_like(penalties, np.nan)
+    xa, ya = _unit_scale(xa), _unit_scale(ya)
     ya = ya[:, ya[train].std(axis=0) > 0]
     if ya.shape[1] == 0:
         return np.full_like(penalties, np.nan)

@@ -4,19 +4,16 @@ Representations are `x: (n, ...)`, examples first; trailing dims are flattened t
 features and features are centred over the examples. Each function eigendecomposes the
 cheaper of the `n×n` gram matrix and the `p×p` covariance (`jnp.linalg.eigh`), so shapes
 stay static and everything is jit-compatible. A constant representation (zero variance) has
-no first principal component: every result is NaN.
+no first principal component: every result is NaN; so does NaN or inf in the input. The input is
+first rescaled by an exact power of two, so no result depends on its scale (`remove_first_pc`
+returns the input's units).
 """
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from cka_jax.hsic import HIGHEST, as_matrix, center_features
-
-
-def _centred(x: jax.Array) -> jax.Array:
-    """`x: (n, ...)` -> feature-centred `(n, p)` in its float dtype."""
-    return center_features(as_matrix(x))
+from cka_jax.hsic import HIGHEST, as_matrix, scaled_centred, times_pow2
 
 
 def _first_pc(xc: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -41,15 +38,16 @@ def _first_pc(xc: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 @jax.jit
 def _first_pc_summary(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Variance fraction, scores `(n,)` and direction `(p,)` of the first PC of `x: (n, ...)`."""
-    xc = _centred(x)
+    """Variance fraction, scores `(n,)` and direction `(p,)` of the first PC of checked `x: (n, p)`."""
+    xc, _ = scaled_centred(x)
     lam1, u, v = _first_pc(xc)
-    return lam1 / jnp.sum(xc**2), u, v
+    finite = jnp.all(jnp.isfinite(xc))
+    return tuple(jnp.where(finite, a, jnp.nan) for a in (lam1 / jnp.sum(xc**2), u, v))
 
 
 def first_pc_variance_fraction(x: jax.Array) -> jax.Array:
     """Fraction of the total variance of `x: (n, ...)` explained by its first PC: scalar in [0, 1]."""
-    return _first_pc_summary(x)[0]
+    return _first_pc_summary(as_matrix(x))[0]
 
 
 def first_pc_scores(x: jax.Array) -> jax.Array:
@@ -59,7 +57,7 @@ def first_pc_scores(x: jax.Array) -> jax.Array:
     so it is comparable across layers of different widths. Sign: its largest-magnitude entry
     is positive.
     """
-    return _first_pc_summary(x)[1]
+    return _first_pc_summary(as_matrix(x))[1]
 
 
 def first_pc_direction(x: jax.Array) -> jax.Array:
@@ -67,26 +65,35 @@ def first_pc_direction(x: jax.Array) -> jax.Array:
 
     Sign matches `first_pc_scores`: centred `x @ direction` is a positive multiple of the scores.
     """
-    return _first_pc_summary(x)[2]
+    return _first_pc_summary(as_matrix(x))[2]
 
 
 @jax.jit
-def remove_first_pc(x: jax.Array) -> jax.Array:
-    """Centred `x: (n, ...)` with its first PC projected out, same shape as `x`."""
-    xc = _centred(x)
+def _remove_first_pc(x: jax.Array) -> jax.Array:
+    """Centred checked `x: (n, p)` with its first PC projected out, in x's units."""
+    xc, k = scaled_centred(x)
     _, u, _ = _first_pc(xc)
-    return (xc - jnp.outer(u, jnp.matmul(u, xc, precision=HIGHEST))).reshape(x.shape)
+    removed = times_pow2(xc - jnp.outer(u, jnp.matmul(u, xc, precision=HIGHEST)), k)
+    return jnp.where(jnp.all(jnp.isfinite(xc)), removed, jnp.nan)
+
+
+def remove_first_pc(x: jax.Array) -> jax.Array:
+    """Centred `x: (n, ...)` with its first PC projected out, same shape as `x` and in its units
+    (equivariant: remove_first_pc(c·x) = c·remove_first_pc(x))."""
+    return _remove_first_pc(as_matrix(x)).reshape(jnp.shape(x))
 
 
 def first_pc_cosine_similarity(xs: Sequence[jax.Array]) -> jax.Array:
     """|cos| between the first-PC score vectors of layers `xs[i]: (n, ...)`: `(L, L)`.
 
-    All layers must share the same `n` examples (in the same order).
+    xs is a list or tuple of arrays, one per layer; all share the same `n` examples (in the same
+    order).
     """
-    if not xs:
-        raise ValueError("need at least one representation")
-    shapes = [jnp.shape(x) for x in xs]
-    if any(len(s) < 2 for s in shapes) or len({s[0] for s in shapes}) != 1:
-        raise ValueError(f"representations must be (n, ...) with the same n; got shapes {shapes}")
-    scores = jnp.stack([first_pc_scores(x) for x in xs])
+    if not isinstance(xs, (list, tuple)) or not xs:
+        got = f"an empty {type(xs).__name__}" if isinstance(xs, (list, tuple)) else f"a {type(xs).__name__}"
+        raise ValueError(f"xs must be a list of at least one (n, ...) array, one per layer; got {got}")
+    mats = [as_matrix(x, f"xs[{i}]") for i, x in enumerate(xs)]
+    if len({m.shape[0] for m in mats}) != 1:
+        raise ValueError(f"representations must be (n, ...) with the same n; got shapes {[jnp.shape(x) for x in xs]}")
+    scores = jnp.stack([_first_pc_summary(m)[1] for m in mats])
     return jnp.abs(jnp.matmul(scores, scores.T, precision=HIGHEST))

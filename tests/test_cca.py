@@ -237,3 +237,36 @@ def test_svcca_keep_out_of_range_raises(keep):
     x, y = _pair(20)
     with pytest.raises(ValueError, match="keep"):
         svcca(x, y, keep=keep)
+
+
+# svcca's default keep=0.99 keeps a data-dependent number of directions, up to min(p, n - 1): on
+# layers with p >= n - 1 it returned ~1 for independent noise while cca refused the same shapes.
+WIDE = {"wide-x": (30, 40, 5), "wide-both": (30, 200, 100), "p=n-1": (30, 29, 5), "q=n-1": (30, 5, 29)}
+
+
+@pytest.mark.parametrize("n, p, q", WIDE.values(), ids=WIDE.keys())
+@pytest.mark.parametrize("keep", [0.99, 0.5, 1.0])
+def test_svcca_fraction_on_wide_layers_refuses_like_cca(n, p, q, keep):
+    rng = np.random.default_rng(21)
+    x, y = rng.normal(size=(n, p)).astype(np.float32), rng.normal(size=(n, q)).astype(np.float32)
+    with pytest.raises(ValueError, match="degenerate"):
+        cca(x, y)
+    with pytest.raises(ValueError, match=rf"keep={keep} may keep all of them.*degenerate"):
+        svcca(x, y, keep=keep)
+    with pytest.raises(ValueError, match="degenerate"):
+        jax.jit(svcca, static_argnames="keep")(x, y, keep=keep)
+
+
+def test_svcca_integer_keep_measures_wide_layers():
+    rng = np.random.default_rng(22)
+    x, y = rng.normal(size=(200, 400)).astype(np.float32), rng.normal(size=(200, 300)).astype(np.float32)
+    assert float(svcca(x, y, keep=10)) < 0.5  # independent noise
+    rotation = np.linalg.qr(rng.normal(size=(400, 400)))[0].astype(np.float32)
+    np.testing.assert_allclose(svcca(x, 3 * x @ rotation, keep=10), 1.0, atol=1e-3)
+
+
+def test_svcca_fraction_warns_when_kept_directions_could_overlap():
+    rng = np.random.default_rng(23)
+    x, y = rng.normal(size=(2, 20, 12)).astype(np.float32)
+    with pytest.warns(UserWarning, match="if all are kept, at least 5 canonical"):
+        svcca(x, y)

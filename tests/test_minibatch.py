@@ -153,6 +153,7 @@ def test_sharded_equals_unsharded(num_bootstrap):
     np.testing.assert_allclose(sharded.update(extra).boot_xy, serial.update(extra).boot_xy, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_population_and_cross_model():
     mesh = jax.make_mesh((4, 2), ("batch", "model"))
     pop_a = _population(2, 8, 12, seed=11)
@@ -295,3 +296,45 @@ def test_feature_chunked_grams_match_reference(monkeypatch):
                                                                              widths=(600, 256, 40))]
     acc = _accumulate(MinibatchCKA.create(3), batches)
     np.testing.assert_allclose(acc.result(), ref.minibatch_cka(batches, batches), atol=1e-5)
+
+
+@pytest.mark.parametrize("num_batches", [2, 3, 5, 8])
+def test_bootstrap_interval_is_finite_from_two_minibatches(num_batches):
+    """Poisson(1) weights leave a replicate empty (0/0) with probability e^-count: 13.5% of the
+    replicates at 2 minibatches, which made every interval NaN. Exponential weights never do."""
+    batches = _model_acts(num_batches, 16, np.random.default_rng(22))
+    acc = _accumulate(MinibatchCKA.create(3, num_bootstrap=200), batches)
+    low, high = (np.asarray(a) for a in acc.bootstrap_interval(0.9))
+    assert np.all(np.isfinite(low)) and np.all(np.isfinite(high))
+    assert np.all(np.isfinite(acc.bootstrap_samples()))
+    est = np.asarray(acc.result())
+    assert np.all(low <= est + 1e-6) and np.all(est <= high + 1e-6)
+
+
+BOOTSTRAP_UNDEFINED = {
+    "one-minibatch": lambda batches: batches[:1],
+    "nan-in-data": lambda batches: [batches[0], [np.full_like(batches[1][0], np.nan)] + batches[1][1:]],
+}
+
+
+@pytest.mark.parametrize("case", BOOTSTRAP_UNDEFINED, ids=BOOTSTRAP_UNDEFINED.keys())
+def test_bootstrap_interval_is_nan_where_undefined(case):
+    batches = BOOTSTRAP_UNDEFINED[case](_model_acts(3, 16, np.random.default_rng(23)))
+    acc = _accumulate(MinibatchCKA.create(3, num_bootstrap=50), batches)
+    low, high = (np.asarray(a) for a in acc.bootstrap_interval())
+    rows = slice(None) if case == "one-minibatch" else 0  # NaN data: the damaged layer's row
+    assert np.all(np.isnan(low[rows])) and np.all(np.isnan(high[rows]))
+    if case == "nan-in-data":
+        assert np.all(np.isfinite(low[1:, 1:])) and np.all(np.isfinite(high[1:, 1:]))
+
+
+def test_bootstrap_interval_under_vmap_and_jit():
+    """As analysis/within.py uses it: one accumulator per model, vmapped."""
+    batches = _model_acts(2, 16, np.random.default_rng(24))
+    empty = MinibatchCKA.create(3, num_bootstrap=20)
+    accs = jax.tree.map(lambda a: jnp.broadcast_to(a, (2,) + a.shape), empty)
+    step = jax.jit(jax.vmap(MinibatchCKA.update))
+    for layers in batches:
+        accs = step(accs, [np.stack([a, a[::-1] * 3]) for a in layers])
+    low, high = jax.jit(jax.vmap(lambda a: a.bootstrap_interval()))(accs)
+    assert low.shape == (2, 3, 3) and np.all(np.isfinite(low)) and np.all(np.isfinite(high))
