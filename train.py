@@ -7,38 +7,46 @@ r"""Train a population of M seeds of one ResNet on every device, resumable from 
   python train.py --config configs/paper_pairs.py:wide --workdir workdir/pairs_wide
 
 Any config field can be overridden with --config.<field>=<value>. Re-running the same command
-resumes from the workdir's latest checkpoint; SIGTERM/SIGINT checkpoint and stop (exit code
-128 + signal). Outputs: config.json, checkpoints/, metrics.jsonl, predictions/test.npz.
+resumes from the workdir's latest checkpoint. Outputs: config.json, checkpoints/, metrics.jsonl,
+predictions/test.npz. One run at a time writes into a workdir (it holds <workdir>/.lock).
+
+Exit status:
+  0    done: every model trained, predictions written.
+  1    a checkpoint could not be written (e.g. disk full): one line; earlier checkpoints are
+       kept and the same command resumes from them.
+  2    a mistake in the command (flag, config file, config value, workdir, a workdir that holds
+       another run or is in use): one line on stderr saying what to change; nothing was written.
+  3    training diverged (a non-finite loss or parameter, or an exploded loss): the message names
+       the models and the step; the last finite checkpoint is kept, no predictions are written.
+  128 + signal   stopped by SIGTERM (143) or SIGINT (130), at any time from start-up on; what was
+       trained is checkpointed and the same command resumes.
 """
-import logging
-import os
+import signal
 import sys
 
-import jax
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
+_EARLY_SIGNALS: list[int] = []  # SIGTERM/SIGINT received before main took over their handling
+if __name__ == "__main__":  # the imports below take seconds: honour a signal sent meanwhile
+    for _signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_signal, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
-from cka_jax import checkpoints, data, run_config, trainer
+import logging  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+from typing import NoReturn  # noqa: E402
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
+
+from cka_jax import checkpoints, data, run_config, trainer  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
+EXIT_USAGE, EXIT_DIVERGED = 2, 3
 
-
-def reject_unknown_overrides(argv: list[str]) -> None:
-    """Exit with a plain message for --config.<field> overrides of fields that do not exist."""
-    known = set(run_config.flat_config(run_config.base_config()))
-    for arg in argv[1:]:
-        if arg.startswith("--config."):
-            field = arg[len("--config."):].split("=", 1)[0]
-            if field not in known and not any(k.startswith(field + ".") for k in known):
-                sys.exit(f"train.py: error: unknown config field '{field}' in {arg}")
-
-
-reject_unknown_overrides(sys.argv)  # config_flags reads the overrides as it is defined
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Config file (optionally `path.py:arg`).", lock_config=True)
+_CONFIG = None  # the --config flag, defined by parse_flags once its file is known to load
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "Run directory (created; resumed).")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", os.path.expanduser("~/.cache/cka_jax/xla"),
@@ -47,17 +55,77 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host, e.g. TPU pods).")
 
 
+def fail(message: str, status: int = EXIT_USAGE) -> NoReturn:
+    """Exit with ``status`` after one line on stderr."""
+    print("train.py: error: " + " ".join(message.split()), file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def stopped(signum: int, what: str) -> NoReturn:
+    """Exit with 128 + ``signum`` after saying what the signal stopped."""
+    print(f"train.py: stopped by signal {signum} {what}", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+
+
+def reject_unknown_overrides(argv: list[str]) -> None:
+    """``ValueError`` naming a --config.<field> override of a field that does not exist."""
+    known = set(run_config.flat_config(run_config.base_config()))
+    for arg in argv[1:]:
+        match = re.match(r"-{1,2}(no)?config\.([^=]*)", arg)
+        if match:
+            field = match.group(2)
+            if field not in known and not any(k.startswith(field + ".") for k in known):
+                raise ValueError(f"unknown config field '{field}' in {arg}")
+
+
+def config_spec(argv: list[str]) -> str:
+    """The value of --config in ``argv`` (the last one, as absl takes it), or the default."""
+    spec = DEFAULT_CONFIG
+    for i, arg in enumerate(argv[1:], 1):
+        if re.fullmatch(r"-{1,2}config", arg) and i + 1 < len(argv):
+            spec = argv[i + 1]
+        elif re.match(r"-{1,2}config=", arg):
+            spec = arg.split("=", 1)[1]
+    return spec
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with a one-line error instead of a traceback."""
+    """absl flag parsing with a one-line error and exit status 2 instead of a traceback.
+
+    The config file is loaded first on its own (its mistakes are one line too), then the --config
+    flag is defined, reading its --config.<field> overrides from ``argv``.
+    """
+    global _CONFIG
     try:
+        argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+        reject_unknown_overrides(argv)
+        run_config.load_config_file(config_spec(argv))
+        _CONFIG = config_flags.DEFINE_config_file(
+            "config", DEFAULT_CONFIG, "Config file (optionally `path.py:arg`).", lock_config=True,
+            sys_argv=argv)
         return flags.FLAGS(argv)
-    except flags.Error as error:
-        sys.exit(f"train.py: error: {error}\nPass --help for usage.")
+    except (flags.Error, ValueError, TypeError) as error:
+        fail(f"{error} (pass --help for usage)")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    with checkpoints.StopOnSignal() as stop:
+        if _EARLY_SIGNALS:
+            stopped(_EARLY_SIGNALS[0], "while starting; nothing was written")
+        if len(argv) > 1:
+            fail(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
+        try:
+            run(_CONFIG.value, _WORKDIR.value, stop)
+        except (trainer.RunConfigError, data.DataNotAvailableError) as error:
+            fail(str(error))
+        except trainer.TrainingDiverged as error:
+            fail(str(error), EXIT_DIVERGED)
+        except checkpoints.CheckpointWriteError as error:
+            fail(str(error), 1)
+
+
+def run(config, workdir: str, stop: checkpoints.StopOnSignal) -> None:
+    """Check, lock, train (or resume); exits 128 + signal when stopped by one."""
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     if _COMPILATION_CACHE.value:
@@ -67,20 +135,16 @@ def main(argv):
     package_logger.setLevel(logging.INFO)
     package_logger.addHandler(logging.StreamHandler(sys.stderr))
     package_logger.propagate = False
-    config, workdir = _CONFIG.value, _WORKDIR.value
-    try:
-        trainer.check_run(config)
+    trainer.check_run(config)
+    with trainer.lock_workdir(workdir):
         trainer.check_workdir(workdir, config)
-    except trainer.RunConfigError as error:
-        sys.exit(f"train.py: error: {error}")
-    bar = tqdm(total=config.train.epochs, unit="epoch", desc=os.path.basename(workdir.rstrip("/")),
-               disable=jax.process_index() != 0)
-    try:
-        with checkpoints.StopOnSignal() as stop, logging_redirect_tqdm([package_logger]), bar:
+        if stop.is_set():
+            stopped(stop.received, "before training; run the same command to start it")
+        bar = tqdm(total=config.train.epochs, unit="epoch",
+                   desc=os.path.basename(workdir.rstrip("/")), disable=jax.process_index() != 0)
+        with logging_redirect_tqdm([package_logger]), bar:
             result = trainer.train_and_evaluate(config, workdir, progress=bar,
                                                 should_stop=stop.is_set)
-    except data.DataNotAvailableError as error:
-        sys.exit(f"train.py: error: {error}")
     if result.interrupted:
         package_logger.info("interrupted at step %d of %d; run the same command to resume",
                             result.step, result.total_steps)

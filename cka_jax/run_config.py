@@ -5,7 +5,13 @@ is not here is an error (:func:`validate_config`), so typos never pass silently.
 """
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
+import math
+import numbers
+import os
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -94,50 +100,176 @@ def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def config_from_flat(flat: dict[str, Any]) -> ml_collections.ConfigDict:
-    """Inverse of :func:`flat_config` (e.g. a workdir's config.json) over :func:`base_config`."""
+    """Inverse of :func:`flat_config` (e.g. a workdir's config.json) over :func:`base_config`.
+
+    Raises ``ValueError`` for anything :func:`flat_config` cannot have written: not an object,
+    an unknown field, a value of the wrong kind.
+    """
+    if not isinstance(flat, dict):
+        raise ValueError(f"a config is a JSON object of fields, not a JSON {type(flat).__name__}")
     config = base_config()
+    unknown = sorted(set(flat) - set(_flat_keys(config)))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {', '.join(map(repr, unknown))}")
     for name, value in flat.items():
         *parents, leaf = name.split(".")
         node = config
         for parent in parents:
             node = node[parent]
-        node[leaf] = tuple(value) if isinstance(value, list) else value
+        try:
+            node[leaf] = tuple(value) if isinstance(value, list) else value
+        except TypeError as error:
+            raise ValueError(f"{name}: {value!r} is not a valid value ({error})") from error
     return config
 
 
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def read_flat_config(path: str) -> dict[str, Any]:
+    """A saved flat config (config.json). ``ValueError`` saying why the file is not one
+    (unparseable, NaN/Infinity, not an object, unknown fields, wrong kinds); ``OSError`` if unreadable.
+    """
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        flat = json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as error:  # also UnicodeDecodeError
+        raise ValueError(f"not valid JSON ({error})") from error
+    config_from_flat(flat)
+    return flat
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """The config of a config file argument ``path.py`` or ``path.py:arg`` (its ``get_config``).
+
+    Raises ``ValueError`` with one line saying what is wrong: a missing file, a syntax error,
+    an error raised by the file or its ``get_config`` (e.g. a bad ``:arg``), no ConfigDict returned.
+    """
+    path, sep, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} " + ("is not a file" if os.path.exists(path)
+                                                      else "does not exist"))
+    try:
+        loader = importlib.machinery.SourceFileLoader("run_config_file", path)
+        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+        loader.exec_module(module)
+    except SyntaxError as error:
+        raise ValueError(f"config file {path}, line {error.lineno}: {error.msg}") from error
+    except Exception as error:  # a config file is user code: any error in it is the user's to fix
+        raise ValueError(f"config file {path} fails to load: {type(error).__name__}: {error}") from error
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config file {path} defines no get_config() function")
+    try:
+        config = module.get_config(arg) if sep else module.get_config()
+    except Exception as error:  # as above: e.g. a bad argument after the colon
+        raise ValueError(f"config {spec}: {type(error).__name__}: {error}") from error
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"config {spec}: get_config() returned {type(config).__name__}, "
+                         "not a ConfigDict")
+    return config
+
+
+def _interval(low: float | None = None, high: float | None = None, low_open: bool = False,
+              high_open: bool = False) -> tuple[Callable[[float], bool], str]:
+    """(predicate, text) of a numeric range, e.g. ``_interval(0, 1, low_open=True)`` is "in (0, 1]"."""
+    def inside(v: float) -> bool:
+        above = low is None or (v > low if low_open else v >= low)
+        below = high is None or (v < high if high_open else v <= high)
+        return above and below
+
+    if high is None:
+        return inside, f"{'>' if low_open else '>='} {low}"
+    return inside, f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+SEED_RANGE = _interval(0, 2**32, high_open=True)  # jax.random.PRNGKey(2**32) equals PRNGKey(0)
+# The allowed range of every numeric field (each also has its type, from base_config, and must be
+# finite). Tuples list the range of their elements.
+NUMERIC_RANGES = {
+    "data.fraction": _interval(0, 1, low_open=True),
+    "data.seed": SEED_RANGE,
+    "data.crop_padding": _interval(0),
+    "data.image_size": _interval(1),
+    "data.num_workers": _interval(1),
+    "model.depth": _interval(1),
+    "model.width": _interval(0, low_open=True),
+    "model.stage_sizes": _interval(1),
+    "model.stage_widths": _interval(0, low_open=True),
+    "population.size": _interval(1),
+    "population.seed": SEED_RANGE,
+    "train.epochs": _interval(1),
+    "train.batch_size": _interval(1),
+    "train.learning_rate": _interval(0, low_open=True),
+    "train.warmup_epochs": _interval(0),
+    "train.momentum": _interval(0, 1, high_open=True),
+    "train.weight_decay": _interval(0),
+    "train.label_smoothing": _interval(0, 1, high_open=True),
+    "train.eval_every_epochs": _interval(1),
+    "train.eval_batch_size": _interval(1),
+    "checkpoint.every_steps": _interval(0),
+    "checkpoint.max_to_keep": _interval(1),
+    "checkpoint.keep_at_fractions": _interval(0, 1),
+}
+# Fields that take one of a few names: (what the name is, the choices).
+CHOICES = {"data.name": ("data set", DATASETS), "model.name": ("model", MODELS),
+           "model.dtype": ("dtype", DTYPES), "population.strategy": ("strategy", STRATEGIES),
+           "train.prediction_dtype": ("dtype", ("float32", "float16"))}
+
+
+def _type_error(name: str, value: Any, default: Any) -> str | None:
+    """Why ``value`` cannot stand for a field whose default is ``default`` (None if it can)."""
+    if isinstance(default, tuple):
+        if not isinstance(value, tuple) or not value:
+            return f"{name} must be a non-empty tuple, got {value!r}"
+        problems = (_type_error(f"{name}[{i}]", v, default[0]) for i, v in enumerate(value))
+        return next((p for p in problems if p), None)
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, numbers.Integral) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        kind = "a finite number"
+    else:
+        ok, kind = isinstance(value, str), "a string"
+    return None if ok else f"{name} must be {kind}, got {value!r}"
+
+
+def _range_error(name: str, value: Any) -> str | None:
+    if name in CHOICES and value not in CHOICES[name][1]:
+        what, choices = CHOICES[name]
+        return f"unknown {what} {value!r} ({name}: choose from {', '.join(choices)})"
+    if name not in NUMERIC_RANGES:
+        return None
+    inside, text = NUMERIC_RANGES[name]
+    values = value if isinstance(value, tuple) else (value,)
+    bad = [v for v in values if not inside(v)]
+    return f"{name} must be {text}, got {value!r}" if bad else None
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raise ``ValueError`` naming every unknown field or out-of-range value in ``config``."""
+    """Raise ``ValueError`` naming every unknown field, wrong type or out-of-range value in ``config``.
+
+    Every field has the type of its default in :func:`base_config` (an int field refuses 2.5,
+    True or "abc"; a float field refuses nan and inf) and numeric fields lie in
+    :data:`NUMERIC_RANGES`.
+    """
     known = _flat_keys(base_config())
     given = _flat_keys(config)
     errors = [f"unknown config field '{k}'" for k in sorted(set(given) - set(known))]
     errors += [f"missing config field '{k}'" for k in sorted(set(known) - set(given))]
     if errors:
         raise ValueError("; ".join(errors) + f". Known fields: {', '.join(sorted(known))}")
-
-    def check(ok: bool, message: str) -> None:
-        if not ok:
-            errors.append(message)
-
-    d, m, p, t, ck = config.data, config.model, config.population, config.train, config.checkpoint
-    check(d.name in DATASETS, f"unknown data set '{d.name}' (choose from {', '.join(DATASETS)})")
-    check(0.0 < d.fraction <= 1.0, f"data.fraction must be in (0, 1], got {d.fraction}")
-    check(d.crop_padding >= 0, "data.crop_padding must be >= 0")
-    check(m.name in MODELS, f"unknown model '{m.name}' (choose from {', '.join(MODELS)})")
-    check(m.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got '{m.dtype}'")
-    check(p.size >= 1, f"population.size must be >= 1, got {p.size}")
-    check(p.strategy in STRATEGIES, f"population.strategy must be one of {STRATEGIES}")
-    check(t.epochs >= 1, "train.epochs must be >= 1")
-    check(t.batch_size >= 1, "train.batch_size must be >= 1")
-    check(t.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
-    check(t.learning_rate > 0, "train.learning_rate must be > 0")
-    check(t.warmup_epochs >= 0, "train.warmup_epochs must be >= 0")
-    check(t.weight_decay >= 0, "train.weight_decay must be >= 0")
-    check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)")
-    check(t.eval_every_epochs >= 1, "train.eval_every_epochs must be >= 1")
-    check(t.prediction_dtype in ("float32", "float16"), "train.prediction_dtype: float32|float16")
-    check(ck.every_steps >= 0 and ck.max_to_keep >= 1, "checkpoint.every_steps >= 0, max_to_keep >= 1")
-    check(all(0.0 <= f <= 1.0 for f in ck.keep_at_fractions),
-          "checkpoint.keep_at_fractions must lie in [0, 1]")
+    for name, default in known.items():
+        error = _type_error(name, given[name], default) or _range_error(name, given[name])
+        if error:
+            errors.append(error)
+    t = config.train
+    if not errors and t.warmup_epochs > t.epochs:
+        errors.append(f"train.warmup_epochs ({t.warmup_epochs}) must not exceed train.epochs "
+                      f"({t.epochs})")
     if errors:
         raise ValueError("invalid config: " + "; ".join(errors))
 
@@ -163,6 +295,10 @@ def parse_arg(arg: str | None, defaults: dict[str, Any]) -> dict[str, Any]:
             if raw.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(f"config argument {key} must be true/false, got '{raw}'")
             values[key] = raw.lower() in ("true", "1")
-        else:
+            continue
+        try:
             values[key] = kind(raw)
+        except ValueError:
+            what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+            raise ValueError(f"config argument {key} must be {what}, got '{raw}'") from None
     return values

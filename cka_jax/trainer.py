@@ -3,15 +3,23 @@
 Workdir layout::
 
     config.json            the run's config (a rerun with a different one is refused)
+    checkpoints/config.json  a copy of it, so that deleting one copy never unlocks the run
     checkpoints/<step>/    orbax checkpoints of the whole population (resumed automatically)
     metrics.jsonl          one line per (epoch, model): train loss/accuracy, test accuracy
+                           (strict JSON, see :mod:`cka_jax.metrics_log`)
     predictions/test.npz   logits (M, N, C) and labels (N,) of every model on the test set
+    .lock                  held by the run writing here (see :mod:`cka_jax.workdir_lock`)
+
+A run that diverges (a non-finite loss or parameter, or an exploded loss) stops with
+:class:`TrainingDiverged`; it saves no checkpoint of the diverged state and no predictions.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,9 +32,11 @@ import numpy as np
 
 from cka_jax import checkpoints as ckpt_lib
 from cka_jax import data as data_lib
+from cka_jax import metrics_log
 from cka_jax import population as pop
 from cka_jax import run_config
 from cka_jax import training
+from cka_jax import workdir_lock
 from cka_jax.models import create_model
 
 logger = logging.getLogger(__name__)
@@ -73,6 +83,24 @@ class RunConfigError(ValueError):
     """The run cannot start: bad config, architecture, layout or workdir (nothing was done)."""
 
 
+class TrainingDiverged(RuntimeError):
+    """Training stopped because models diverged; nothing of the diverged state was saved.
+
+    Attributes: ``models`` (indices of the diverged models), ``step`` (the step it was found at).
+    """
+
+    def __init__(self, message: str, models: Sequence[int], step: int):
+        super().__init__(message)
+        self.models, self.step = list(models), step
+
+
+# The run's config is kept twice, beside the outputs and with the checkpoints: deleting one copy
+# never lets a run with another config resume (or set aside) these checkpoints.
+CONFIG_COPIES = ("config.json", os.path.join("checkpoints", "config.json"))
+# int32 step counters (TrainState.step, the schedules) must not wrap.
+MAX_TOTAL_STEPS = 2**31 - 1
+
+
 def check_run(config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None):
     """Every check that needs no data: config, architecture, layout. Returns (model, layout).
@@ -84,10 +112,15 @@ def check_run(config: ml_collections.ConfigDict,
         if config.data.name in STREAMED_DATASETS and not config.population.shared_data_order:
             raise ValueError(f"{config.data.name} is streamed from host, so the population "
                              "shares its batches: set population.shared_data_order=True")
+        side = image_shape(config)[0]
+        if config.data.crop_padding > side:
+            raise ValueError(f"data.crop_padding must be at most the image side ({side}), got "
+                             f"{config.data.crop_padding}")
         model = build_model(config)
         jax.eval_shape(model.init, jax.random.PRNGKey(0),
                        jnp.zeros((1,) + image_shape(config), jnp.float32))
         layout = pop.make_layout(config.population.size, config.population.strategy, devices)
+        check_memory(config, model, layout)
     except RunConfigError:
         raise
     except (ValueError, TypeError) as error:
@@ -95,35 +128,111 @@ def check_run(config: ml_collections.ConfigDict,
     return model, layout
 
 
+def _check_is_directory(workdir: str) -> None:
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise RunConfigError(f"--workdir {workdir} is a file, not a directory; use another --workdir")
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: str) -> Iterator[None]:
+    """Hold ``workdir``'s lock (:mod:`cka_jax.workdir_lock`; process 0 of a multi-process run
+    only) while the body runs. Creates the workdir. :class:`RunConfigError` if another run holds
+    it or it cannot be created or written."""
+    if jax.process_index() != 0:
+        yield
+        return
+    _check_is_directory(workdir)
+    try:
+        lock = workdir_lock.acquire(workdir)
+    except workdir_lock.WorkdirBusyError as error:
+        raise RunConfigError(str(error)) from error
+    except OSError as error:
+        raise RunConfigError(f"cannot create or write --workdir {workdir} ({error})") from error
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _holds_run(workdir: str) -> bool:
+    """Whether ``workdir`` holds outputs of a run: checkpoints, metrics or predictions."""
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints)):
+        return True
+    return any(os.path.exists(os.path.join(workdir, name))
+               for name in (metrics_log.FILE_NAME, "predictions"))
+
+
+def _saved_configs(workdir: str) -> dict[str, dict[str, Any]]:
+    """The copies of the run's config in ``workdir`` by name (:data:`CONFIG_COPIES`), missing ones
+    left out; :class:`RunConfigError` for a damaged one."""
+    copies, damaged = {}, {}
+    for name in CONFIG_COPIES:
+        path = os.path.join(workdir, name)
+        if os.path.lexists(path):
+            try:
+                copies[name] = run_config.read_flat_config(path)
+            except (OSError, ValueError) as error:
+                damaged[name] = error
+    if damaged:
+        name, error = next(iter(damaged.items()))
+        fix = (f"delete it to have it rewritten from {os.path.join(workdir, next(iter(copies)))}"
+               if copies else "restore it")
+        raise RunConfigError(f"{os.path.join(workdir, name)} is damaged ({error}); nothing was "
+                             f"changed: {fix}, or use another --workdir")
+    return copies
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Refuse a workdir whose config.json holds a different run; write config.json if new."""
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+    """Refuse a workdir holding another run, then write the config's copies (:data:`CONFIG_COPIES`).
+
+    Refused (:class:`RunConfigError`, nothing written): a file; a damaged copy; a copy that differs
+    from ``config`` outside :data:`~cka_jax.run_config.RESUMABLE_FIELDS`; a run (checkpoints,
+    metrics, predictions) with neither copy. A missing copy is restored.
+    """
+    _check_is_directory(workdir)
+    copies = _saved_configs(workdir)
+    for name, saved in copies.items():
         diffs = run_config.config_differences(saved, config)
         if diffs:
-            raise RunConfigError(f"workdir {workdir} holds a run with a different config; use another "
-                             "--workdir or the same config. Differences: " + "; ".join(diffs))
+            raise RunConfigError(f"workdir {workdir} holds a run with a different config (its {name}); "
+                                 "use another --workdir or the same config. Differences: "
+                                 + "; ".join(diffs))
+    if not copies and _holds_run(workdir):
+        raise RunConfigError(
+            f"workdir {workdir} holds a run (checkpoints, metrics or predictions) but neither of its "
+            f"config copies ({' and '.join(CONFIG_COPIES)}), so nothing tells whether it is this "
+            "run: restore one of them, or use another --workdir")
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        _write_atomic(path, json.dumps(run_config.flat_config(config), indent=2, sort_keys=True))
+        text = json.dumps(run_config.flat_config(config), indent=2, sort_keys=True, allow_nan=False)
+        try:
+            for name in CONFIG_COPIES:
+                path = os.path.join(workdir, name)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                _write_atomic(path, text)
+        except OSError as error:
+            raise RunConfigError(f"cannot write to --workdir {workdir} ({error})") from error
 
 
 def _write_atomic(path: str, text: str) -> None:
+    """Write ``path`` so that a crash leaves either the old or the new file, never a part."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def _truncate_metrics(path: str, max_step: int) -> None:
-    """Drop metric lines past ``max_step`` (written after the checkpoint a run resumes from)."""
-    if not os.path.exists(path) or jax.process_index() != 0:
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= max_step]
-    _write_atomic(path, "".join(lines))
+    """Drop metric lines past ``max_step`` (written after the checkpoint a run resumes from) and a
+    torn last line; called before the run appends anything."""
+    if jax.process_index() == 0:
+        try:
+            metrics_log.truncate(path, max_step)
+        except ValueError as error:  # damaged before its last line: not ours to repair
+            raise RunConfigError(f"{error}; move it aside to resume (the run rewrites its rows "
+                                 "from the checkpoint on), or use another --workdir") from error
 
 
 class _EvalSet:
@@ -258,15 +367,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     Args:
       config: a validated-on-entry run config (see :mod:`cka_jax.run_config`).
-      workdir: output directory (layout in the module docstring).
+      workdir: output directory (layout in the module docstring), locked while the run writes.
       progress: receives one ``update`` per epoch and a postfix with images/s and test accuracy.
-      should_stop: polled after every step; when true the population is checkpointed and the
-        function returns with ``interrupted=True`` (re-running resumes). On several hosts the
-        JAX coordination service's preemption notice is used instead, so all hosts agree.
+      should_stop: polled once setup is done (data, initialisation or restore) and after every
+        step; when true the population is checkpointed (if it has changed) and the function
+        returns with ``interrupted=True`` (re-running resumes). On several hosts the JAX
+        coordination service's preemption notice is used instead, so all hosts agree.
       devices: devices to shard the population over (default: all).
+
+    Raises:
+      RunConfigError: before any work: a bad config, or a workdir that holds another run, is
+        locked by another run, or cannot be written.
+      TrainingDiverged: a model's loss or state became non-finite, or its loss exploded.
     """
     model, layout = check_run(config, devices)
-    check_workdir(workdir, config)
+    with lock_workdir(workdir):
+        check_workdir(workdir, config)
+        return _setup_and_train(config, workdir, model, layout, progress, should_stop)
+
+
+def _setup_and_train(config: ml_collections.ConfigDict, workdir: str, model, layout,
+                     progress: Progress | None,
+                     should_stop: Callable[[], bool] | None) -> RunResult:
+    """train_and_evaluate once its checks pass and its lock is held: data, population, loop."""
     logger.info("population of %d (padded to %d) on %d devices, %d per device, strategy %s",
                 layout.size, layout.padded_size, layout.num_devices, layout.per_device,
                 layout.strategy)
@@ -342,9 +465,20 @@ class _Run:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a workdir was trained with (its config.json)."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        return run_config.config_from_flat(json.load(f))
+    """The config a workdir was trained with: its config.json, or the copy with its checkpoints.
+
+    Raises ``FileNotFoundError`` if there is neither, :class:`RunConfigError` if one is damaged
+    or the two differ.
+    """
+    copies = _saved_configs(workdir)
+    if not copies:
+        raise FileNotFoundError(f"workdir {workdir} has no {' or '.join(CONFIG_COPIES)}: it holds "
+                                "no train.py run")
+    first, *others = copies.values()
+    if any(run_config.config_differences(first, run_config.config_from_flat(o)) for o in others):
+        raise RunConfigError(f"{' and '.join(os.path.join(workdir, n) for n in CONFIG_COPIES)} "
+                             "differ: restore the run's config into both")
+    return run_config.config_from_flat(first)
 
 
 def load_trained_population(workdir: str, step: int | None = None):
@@ -352,22 +486,25 @@ def load_trained_population(workdir: str, step: int | None = None):
 
     Returns ``(config, model, variables, step)`` with ``variables = {'params', 'batch_stats'}``
     stacked on a leading model axis of size ``population.size`` (padding dropped); ``step``
-    defaults to the latest checkpoint (see ``checkpoint.keep_at_fractions`` for others).
+    defaults to the latest checkpoint (see ``checkpoint.keep_at_fractions`` for others). The
+    checkpoint is verified against its checksums; a training still running on ``workdir`` may
+    write and delete checkpoints meanwhile. Raises
+    :class:`~cka_jax.checkpoints.DamagedCheckpointError` or
+    :class:`~cka_jax.checkpoints.CheckpointGoneError` (see :meth:`PopulationCheckpoints.read`).
     """
     config = load_config(workdir)
     model = build_model(config)
-    checkpoints = ckpt_lib.PopulationCheckpoints(os.path.join(workdir, "checkpoints"))
+    one = model_state_shape(config, model)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def abstract_for(padded: int | None):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+            (padded or config.population.size,) + a.shape, a.dtype, sharding=device), one)
+
+    checkpoints = ckpt_lib.PopulationCheckpoints(os.path.join(workdir, "checkpoints"),
+                                                 read_only=True)
     try:
-        step = checkpoints.all_steps()[-1] if step is None else step
-        padded = checkpoints.saved_population_size(step)
-        tx = training.make_optimizer(config, 1)
-        sample = jnp.zeros((1,) + image_shape(config), jnp.float32)
-        one = jax.eval_shape(lambda: training.create_train_state(
-            model, tx, jax.random.PRNGKey(0), jax.random.PRNGKey(0), sample))
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((padded,) + a.shape, a.dtype,
-                                                               sharding=device), one)
-        state = checkpoints.restore_step(step, abstract)
+        step, state = checkpoints.read(abstract_for, step)
     finally:
         checkpoints.close()
     size = config.population.size
@@ -375,39 +512,146 @@ def load_trained_population(workdir: str, step: int | None = None):
     return config, model, variables, step
 
 
+def model_state_shape(config: ml_collections.ConfigDict, model) -> training.TrainState:
+    """ShapeDtypeStructs of one model's :class:`~cka_jax.training.TrainState` (nothing is run)."""
+    tx = training.make_optimizer(config, 1)
+    sample = jnp.zeros((1,) + image_shape(config), jnp.float32)
+    return jax.eval_shape(lambda: training.create_train_state(
+        model, tx, jax.random.PRNGKey(0), jax.random.PRNGKey(0), sample))
+
+
+def check_memory(config: ml_collections.ConfigDict, model, layout: pop.PopulationLayout) -> None:
+    """``ValueError`` (one line) when the population cannot fit in memory, estimated from one
+    model's state and one chunk's activations (shapes only, nothing is run or compiled)."""
+    state = model_state_shape(config, model)
+    images = jax.ShapeDtypeStruct((config.train.batch_size,) + image_shape(config),
+                                  jnp.dtype(config.model.dtype))
+    _, captured = jax.eval_shape(lambda variables, x: model.apply(
+        variables, x, train=True, mutable=["batch_stats", "intermediates"],
+        capture_intermediates=True), state.variables(), images)
+    # The output of every module of a training step: about what its backward pass keeps (a
+    # block's output is counted with its layers' outputs, which covers the activations between
+    # them); 22 GB for ImageNet ResNet-50 at batch 128. Evaluation keeps less.
+    activations = _nbytes(captured["intermediates"]) * layout.models_per_call
+    pop.check_memory(layout, _nbytes(state), activations)
+
+
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 def _restore_or_init(population: _Population, checkpoints: ckpt_lib.PopulationCheckpoints) -> int:
-    steps = checkpoints.all_steps()
-    if steps:
-        saved_size = checkpoints.saved_population_size(steps[-1])
-        restored = checkpoints.restore_latest(population.abstract_state(saved_size))
-        if restored is not None:
-            step, state = restored
-            population.load(state)
-            logger.info("resumed from the checkpoint at step %d", step)
-            return step
+    """Resume from the newest checkpoint that verifies (damaged ones are set aside, see
+    :meth:`~cka_jax.checkpoints.PopulationCheckpoints.restore_latest`), else initialise."""
+    restored = checkpoints.restore_latest(population.abstract_state)
+    if restored is not None:
+        step, state = restored
+        population.load(state)
+        logger.info("resumed from the checkpoint at step %d", step)
+        return step
     population.initialize()
     return 0
 
 
-def _log_epoch(run: _Run, step: int, images_per_s: float, progress: Progress | None) -> None:
-    """Train metrics (and test accuracy when due) of every model: metrics.jsonl, log, bar."""
+# An epoch's mean train cross-entropy above EXPLODED_LOSS_FACTOR * ln(C) (C classes) counts as a
+# divergence. Predicting uniformly scores ln(C), an initialised network about that; a mean of
+# 100 ln(C) means the true class gets on average a probability below C^-100, which a run that is
+# learning never passes through. Measured on digits (ResNet-8, 2 models, 4 epochs): learning rates
+# 0.1 to 10 peak at 5.6 (2.4 ln 10); 30 peaks at 115 (50 ln 10) and learns nothing; 100 and above
+# reach 1e5 to 1e15 (1e4: 1.7e15 in epoch 1).
+EXPLODED_LOSS_FACTOR = 100.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Health:
+    """The population's divergence check at one step."""
+    sums: np.ndarray        # (M, 3) this epoch's summed train loss, correct, count
+    non_finite: list[int]   # models with a non-finite value anywhere in their state
+    exploded: list[int]     # finite models whose mean train loss is above max_loss
+    max_loss: float
+
+    @property
+    def diverged(self) -> list[int]:
+        return sorted(self.non_finite + self.exploded)
+
+
+def _check_health(run: _Run, finite_fn: Callable) -> _Health:
+    """Which models diverged: one reduction of each chunk's state on device, (M,) flags to host."""
+    population = run.population
+    finite = population._gather([pop.to_host(finite_fn(chunk)) for chunk in population.chunks])
+    sums = population.epoch_sums()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_loss = sums[:, 0] / sums[:, 2]
+    max_loss = EXPLODED_LOSS_FACTOR * math.log(NUM_CLASSES[run.config.data.name])
+    exploded = finite & (sums[:, 2] > 0) & (mean_loss > max_loss)
+    return _Health(sums, np.flatnonzero(~finite).tolist(), np.flatnonzero(exploded).tolist(),
+                   max_loss)
+
+
+def _model_list(indices: Sequence[int], shown: int = 20) -> str:
+    more = f", ... ({len(indices)} in all)" if len(indices) > shown else ""
+    return f"model{'s' if len(indices) > 1 else ''} {', '.join(map(str, indices[:shown]))}{more}"
+
+
+def _divergence(run: _Run, health: _Health, step: int) -> TrainingDiverged:
+    """The error that stops a diverged run (after the checkpoints in flight are written)."""
+    run.checkpoints.wait()
+    kept = run.checkpoints.all_steps()
+    parts = []
+    if health.non_finite:
+        parts.append(f"{_model_list(health.non_finite)} reached non-finite values (in the loss, "
+                     "parameters, BatchNorm statistics or optimizer state)")
+    if health.exploded:
+        worst = max(health.sums[m, 0] / health.sums[m, 2] for m in health.exploded)
+        parts.append(f"{_model_list(health.exploded)} reached a mean train loss of {worst:.3g} "
+                     f"(above {health.max_loss:.0f} = {EXPLODED_LOSS_FACTOR:g} ln(classes): exploded)")
+    last = (f"the last finite checkpoint (step {kept[-1]}) is kept" if kept
+            else "no checkpoint is kept")
+    epoch = -(-step // run.steps_per_epoch)
+    return TrainingDiverged(
+        f"training diverged at step {step} (epoch {epoch} of {run.config.train.epochs}): "
+        + "; ".join(parts) + f". Nothing of it was saved: {last} and no predictions were written. "
+        "Lower train.learning_rate (or add train.warmup_epochs) and train into a new --workdir.",
+        health.diverged, step)
+
+
+def _append_metrics(run: _Run, step: int, epoch: int, health: _Health, images_per_s: float,
+                    test_acc: np.ndarray | None) -> None:
+    """One metrics.jsonl row per model for ``epoch`` (its train sums so far), diverged models
+    marked ``"diverged": true``."""
+    if jax.process_index() != 0:
+        return
+    size, sums, diverged = run.population.layout.size, health.sums, set(health.diverged)
+    learning_rate = float(training.learning_rate_schedule(run.config, run.steps_per_epoch)(step - 1))
+    rows = []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for m in range(size):
+            row = {"epoch": epoch, "step": step, "model": m,
+                   "train_loss": float(sums[m, 0] / sums[m, 2]),
+                   # a non-finite loss comes from non-finite logits, whose argmax says nothing
+                   "train_accuracy": (float(sums[m, 1] / sums[m, 2]) if np.isfinite(sums[m, 0])
+                                      else None),
+                   "learning_rate": learning_rate,
+                   "images_per_second": images_per_s / size}
+            if test_acc is not None:
+                row["test_accuracy"] = float(test_acc[m])
+            if m in diverged:
+                row["diverged"] = True
+            rows.append(row)
+    metrics_log.append(metrics_log.path_in(run.workdir), rows)
+
+
+def _log_epoch(run: _Run, step: int, images_per_s: float, progress: Progress | None,
+               health: _Health) -> None:
+    """Train metrics (and test accuracy when due and no model diverged) of every model:
+    metrics.jsonl (diverged models marked ``"diverged": true``), log, bar."""
     population, config = run.population, run.config
     epoch = step // run.steps_per_epoch
-    sums = population.epoch_sums()
-    evaluate = epoch % config.train.eval_every_epochs == 0 or step == run.total_steps
+    sums = health.sums
+    evaluate = not health.diverged and (epoch % config.train.eval_every_epochs == 0
+                                        or step == run.total_steps)
     test_acc = population.test_accuracy(run.eval_set, *run.normalization) if evaluate else None
-    learning_rate = float(training.learning_rate_schedule(config, run.steps_per_epoch)(step - 1))
-    if jax.process_index() == 0:
-        with open(os.path.join(run.workdir, "metrics.jsonl"), "a") as f:
-            for m in range(population.layout.size):
-                row = {"epoch": epoch, "step": step, "model": m,
-                       "train_loss": float(sums[m, 0] / sums[m, 2]),
-                       "train_accuracy": float(sums[m, 1] / sums[m, 2]),
-                       "learning_rate": learning_rate,
-                       "images_per_second": images_per_s / population.layout.size}
-                if test_acc is not None:
-                    row["test_accuracy"] = float(test_acc[m])
-                f.write(json.dumps(row) + "\n")
+    _append_metrics(run, step, epoch, health, images_per_s, test_acc)
     summary = f"{images_per_s:.0f} img/s"
     if test_acc is not None:
         summary += f", test acc {test_acc.mean():.4f} ± {test_acc.std():.4f}"
@@ -419,9 +663,17 @@ def _log_epoch(run: _Run, step: int, images_per_s: float, progress: Progress | N
 
 
 def _write_predictions(run: _Run) -> np.ndarray:
-    """predictions/test.npz (logits (M, N, C), labels (N,)); returns (M,) test accuracy."""
-    logits, labels = run.population.test_logits(run.eval_set, *run.normalization,
-                                                run.config.train.prediction_dtype)
+    """predictions/test.npz (logits (M, N, C), labels (N,)); returns (M,) test accuracy.
+
+    :class:`TrainingDiverged` (and nothing written) if any logit is not finite.
+    """
+    dtype = run.config.train.prediction_dtype
+    logits, labels = run.population.test_logits(run.eval_set, *run.normalization, dtype)
+    bad = np.flatnonzero(~np.isfinite(logits).all(axis=(1, 2))).tolist()
+    if bad:
+        hint = "" if dtype == "float32" else f" (or exceed train.prediction_dtype={dtype}: use float32)"
+        raise TrainingDiverged(f"the test logits of {_model_list(bad)} are not finite{hint}; no "
+                               "predictions were written", bad, run.total_steps)
     if jax.process_index() == 0:
         os.makedirs(os.path.join(run.workdir, "predictions"), exist_ok=True)
         path = os.path.join(run.workdir, "predictions", "test.npz")
@@ -431,39 +683,65 @@ def _write_predictions(run: _Run) -> np.ndarray:
     return (logits.argmax(-1) == labels[None]).mean(-1)
 
 
+def _stop_requested(checkpoints: ckpt_lib.PopulationCheckpoints, step: int,
+                    should_stop: Callable[[], bool] | None) -> bool:
+    if jax.process_count() > 1:  # every host must stop at the same step
+        return checkpoints.reached_preemption(step)
+    return should_stop is not None and should_stop()
+
+
+def _interrupted(run: _Run, step: int) -> RunResult:
+    run.checkpoints.wait()
+    logger.info("stopped at step %d; the checkpoint there resumes the run", step)
+    return RunResult(step, run.total_steps, True, None)
+
+
 def _train(run: _Run, progress: Progress | None,
            should_stop: Callable[[], bool] | None) -> RunResult:
     population, checkpoints = run.population, run.checkpoints
+    if run.total_steps > MAX_TOTAL_STEPS:
+        raise RunConfigError(f"train.epochs={run.config.train.epochs} makes {run.total_steps} steps, "
+                             f"more than a step counter holds ({MAX_TOTAL_STEPS})")
+    finite_fn = pop.map_models(training.state_is_finite, population.layout)
     step = _restore_or_init(population, checkpoints)
-    _truncate_metrics(os.path.join(run.workdir, "metrics.jsonl"), step)
+    _truncate_metrics(metrics_log.path_in(run.workdir), step)
     every = run.config.checkpoint.every_steps or run.steps_per_epoch
     milestones = set(checkpoints.milestone_steps)
     if step in milestones or step == 0:
+        health = _check_health(run, finite_fn)
+        if health.diverged:
+            raise _divergence(run, health, step)
         checkpoints.save(step, population.stacked())
     if progress is not None:
         progress.update(step // run.steps_per_epoch)
+    if step < run.total_steps and _stop_requested(checkpoints, step, should_stop):
+        return _interrupted(run, step)  # asked during setup (data, compilation, restore)
 
     inputs = run.train_inputs(step)
     epoch_start, epoch_start_step = time.perf_counter(), step
     while step < run.total_steps:
         population.train_step(*next(inputs), *run.normalization)
         step += 1
-        if step % run.steps_per_epoch == 0:
+        stop = _stop_requested(checkpoints, step, should_stop)
+        epoch_end = step % run.steps_per_epoch == 0
+        save = step % every == 0 or step in milestones or step == run.total_steps or stop
+        if epoch_end:
             jax.block_until_ready(population.chunks)
             seconds = max(time.perf_counter() - epoch_start, 1e-9)
             images = population.layout.size * run.batch_size * (step - epoch_start_step)
-            _log_epoch(run, step, images / seconds, progress)
+        # Every epoch and before every save, so that no checkpoint holds a diverged state.
+        health = _check_health(run, finite_fn) if epoch_end or save else None
+        if epoch_end:
+            _log_epoch(run, step, images / seconds, progress, health)
             epoch_start, epoch_start_step = time.perf_counter(), step
-        if jax.process_count() > 1:  # every host must stop at the same step
-            stop = checkpoints.reached_preemption(step)
-        else:
-            stop = should_stop is not None and should_stop()
-        if step % every == 0 or step in milestones or step == run.total_steps or stop:
+        if health is not None and health.diverged:
+            if not epoch_end:  # found at a checkpoint inside an epoch: the workdir records it too
+                _append_metrics(run, step, -(-step // run.steps_per_epoch), health, math.nan, None)
+            raise _divergence(run, health, step)
+        if save:
             checkpoints.save(step, population.stacked())
         if stop and step < run.total_steps:
-            checkpoints.wait()
-            logger.info("stopped at step %d; the checkpoint there resumes the run", step)
-            return RunResult(step, run.total_steps, True, None)
+            return _interrupted(run, step)
 
     accuracy = _write_predictions(run)
     checkpoints.wait()

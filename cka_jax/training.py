@@ -81,6 +81,13 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, init_
         data_key=data_key, epoch_sums=jnp.zeros((len(EPOCH_SUMS),), jnp.float32))
 
 
+def state_is_finite(state: TrainState) -> jax.Array:
+    """() bool: every float in one model's state is finite (params, BatchNorm statistics,
+    optimizer state, epoch sums). One pass over the state, reduced on device."""
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _loss_and_update(model, tx, config, state: TrainState, images: jax.Array,
                      labels: jax.Array, num_classes: int, new_epoch: jax.Array) -> TrainState:
     """SGD step on a normalised (B, H, W, C) batch; accumulates the epoch's train metrics."""

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from cka_jax import trainer
+from cka_jax import population, trainer
 from cka_jax.run_config import validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,10 +36,11 @@ def run_cli(*args, **kwargs):
 def test_bad_runs_fail_with_one_clear_line(tmp_path, args, message):
     proc = run_cli(*TINY, "--workdir", str(tmp_path / "run"), *args)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and message in err and "Traceback" not in err
+    assert proc.returncode == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_rerun_resumes_to_the_outputs(tmp_path):
     workdir = str(tmp_path / "run")
     args = [*TINY, "--config.train.epochs=20", "--workdir", workdir]
@@ -73,7 +74,8 @@ def test_sigterm_checkpoints_and_rerun_resumes_to_the_outputs(tmp_path):
     ("imagenet_resnet50.py", "base"), ("imagenet_resnet50.py", "deeper"),
     ("imagenet_resnet50.py", "wider,size=2"),
 ])
-def test_shipped_configs_are_valid(config_file, arg):
+def test_shipped_configs_are_valid(config_file, arg, monkeypatch):
+    monkeypatch.setattr(population, "host_available_bytes", lambda: None)  # not this machine's RAM
     spec = importlib.util.spec_from_file_location(
         config_file[:-3], os.path.join(ROOT, "configs", config_file))
     module = importlib.util.module_from_spec(spec)

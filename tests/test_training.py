@@ -11,19 +11,14 @@ import pytest
 from cka_jax import checkpoints, trainer
 from cka_jax.run_config import base_config, validate_config
 
+import tiny
+
 jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "cka_jax_test_xla"))
 ONE_DEVICE = jax.devices()[:1]
 
 
 def tiny_config(size=3, epochs=2):
-    c = base_config()
-    c.data.fraction, c.data.crop_padding, c.data.flip = 0.1, 1, False   # 144 train images
-    c.model.depth, c.model.width = 8, 0.25
-    c.population.size, c.population.strategy = size, "loop"
-    c.train.epochs, c.train.batch_size, c.train.eval_batch_size = epochs, 32, 180  # 4 steps/epoch
-    c.train.warmup_epochs = 0.5
-    c.checkpoint.keep_at_fractions = (0.0, 0.5, 1.0)
-    return c
+    return tiny.tiny_config(size, epochs, warmup_epochs=0.5, milestones=(0.0, 0.5, 1.0))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -92,7 +87,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(uninterrupted, tmp_path):
     workdir = str(tmp_path / "run")
     calls = iter(range(100))
     stopped = trainer.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE,
-                                         should_stop=lambda: next(calls) == 2)  # mid-epoch 1
+                                         should_stop=lambda: next(calls) == 3)  # polled after setup, then per step: stops at step 3
     assert stopped.interrupted and stopped.step == 3
     resumed = trainer.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
     assert not resumed.interrupted and resumed.step == 8

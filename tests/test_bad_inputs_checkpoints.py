@@ -1,0 +1,432 @@
+"""Checkpoints under attack: damaged files, reading beside a training, a full disk, a population
+that cannot fit in memory. Each is refused or fallen back from with one line, never restored
+silently, and nothing already written is lost."""
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cka_jax import checkpoints, trainer
+from cka_jax import population as pop
+from cka_jax.analysis import workdir as analysis_workdir
+import tiny
+
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "cka_jax_test_xla"))
+ONE_DEVICE = jax.devices()[:1]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOISE = ("Traceback", "Event loop is closed", "TensorStore", "Exception ignored")
+ITEM, MANIFEST = "default", "cka_jax_manifest.json"  # on-disk format: <step>/default/<manifest>
+
+
+def tiny_config(size=2, epochs=2):
+    return tiny.tiny_config(size, epochs, milestones=(0.0, 0.5, 1.0))  # steps 0, 4, 8 kept for good
+
+
+# ----------------------------------------------------------------------------- damage
+
+def _item(directory, step):
+    return os.path.join(directory, str(step), ITEM)
+
+
+def _largest_file(directory, step):
+    files = [os.path.join(root, name) for root, _, names in os.walk(_item(directory, step))
+             for name in names if name != MANIFEST]
+    return max(files, key=os.path.getsize)
+
+
+def flip_42_bytes(directory, step):
+    path = _largest_file(directory, step)
+    data = bytearray(open(path, "rb").read())
+    for i in np.linspace(len(data) // 4, 3 * len(data) // 4, 42).astype(int):
+        data[i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def truncate(directory, step):
+    path = _largest_file(directory, step)
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def delete_data_file(directory, step):
+    os.remove(_largest_file(directory, step))
+
+
+def delete_manifest(directory, step):
+    os.remove(os.path.join(_item(directory, step), MANIFEST))
+
+
+def garble_manifest(directory, step):
+    open(os.path.join(_item(directory, step), MANIFEST), "w").write("{not json")
+
+
+def delete_data_file_and_its_checksum(directory, step):
+    """Damage the manifest cannot see: orbax itself fails (and used to print 4,700 lines)."""
+    path = _largest_file(directory, step)
+    manifest_path = os.path.join(_item(directory, step), MANIFEST)
+    manifest = json.load(open(manifest_path))
+    del manifest["files"][os.path.relpath(path, _item(directory, step))]
+    json.dump(manifest, open(manifest_path, "w"))
+    os.remove(path)
+
+
+DAMAGES = [
+    pytest.param(flip_42_bytes, "differs from its recorded checksum", id="flipped-bytes"),
+    pytest.param(truncate, "bytes, ", id="truncated"),
+    pytest.param(delete_data_file, "is missing", id="deleted-file"),
+    pytest.param(delete_manifest, "no checksum manifest", id="no-manifest"),
+    pytest.param(garble_manifest, "manifest", id="garbled-manifest"),
+    pytest.param(delete_data_file_and_its_checksum, "orbax failed", id="orbax-fails"),
+]
+
+
+def _abstract(state):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def _fallback_lines(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == checkpoints.logger.name]
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A checkpoint directory with steps 1 and 2 of a small state; yields (manager, state)."""
+    manager = checkpoints.PopulationCheckpoints(str(tmp_path / "ck"), max_to_keep=3)
+    state = {"w": jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64), "b": jnp.ones(8)}
+    manager.save(1, state)
+    manager.save(2, jax.tree.map(lambda x: x + 1, state))
+    manager.wait()
+    yield manager, state
+    manager.close()
+
+
+@pytest.mark.parametrize("damage, reason", DAMAGES)
+def test_damaged_latest_checkpoint_is_set_aside_in_one_line(saved, damage, reason, caplog, capfd):
+    manager, state = saved
+    damage(manager.directory, 2)
+    capfd.readouterr()
+    step, restored = manager.restore_latest(_abstract(state))
+    assert step == 1 and np.array_equal(restored["w"], state["w"])
+    (line,) = _fallback_lines(caplog)
+    assert f"step 2 in {manager.directory}" in line and reason in line
+    assert f"moved it to {manager.directory}.corrupt/2" in line
+    assert "falling back to the checkpoint at step 1" in line
+    assert os.path.isdir(manager.directory + ".corrupt/2") and manager.all_steps() == [1]
+    err = capfd.readouterr().err
+    assert not any(noise in err for noise in NOISE), err[:2000]
+
+
+def test_when_every_checkpoint_is_damaged_training_restarts_from_scratch(saved, caplog):
+    manager, state = saved
+    flip_42_bytes(manager.directory, 2)
+    delete_manifest(manager.directory, 1)
+    assert manager.restore_latest(_abstract(state)) is None
+    first, last = _fallback_lines(caplog)
+    assert "falling back to the checkpoint at step 1" in first
+    assert "no earlier checkpoint is left: training restarts from scratch (step 0)" in last
+
+
+def test_a_damaged_checkpoint_set_aside_twice_keeps_both_copies(saved):
+    manager, state = saved
+    for expected in ("2", "2-2"):
+        flip_42_bytes(manager.directory, 2)
+        manager.restore_latest(_abstract(state))
+        assert os.path.isdir(os.path.join(manager.directory + ".corrupt", expected))
+        manager.save(2, jax.tree.map(lambda x: x + 1, state))
+        manager.wait()
+
+
+def test_every_checkpoint_carries_its_manifest(saved):
+    manager, _ = saved
+    assert (checkpoints.ITEM, checkpoints.MANIFEST) == (ITEM, MANIFEST)
+    for step in (1, 2):
+        assert checkpoints.manifest_problem(_item(manager.directory, step)) is None
+
+
+def test_checkpoints_ignore_other_files_in_their_directory(saved):
+    manager, state = saved
+    open(os.path.join(manager.directory, "config.json"), "w").write("{}")
+    assert manager.all_steps() == [1, 2]
+    assert manager.restore_latest(_abstract(state))[0] == 2
+
+
+# ----------------------------------------------------------------------------- training runs
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished tiny run (checkpoints at steps 0, 4, 8) and its final parameters."""
+    workdir = str(tmp_path_factory.mktemp("trained") / "run")
+    trainer.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
+    return workdir, _params(workdir)
+
+
+def _params(workdir, step=None):
+    return jax.tree.leaves(trainer.load_trained_population(workdir, step)[2])
+
+
+def _copy(workdir, tmp_path):
+    target = str(tmp_path / "run")
+    shutil.copytree(workdir, target)
+    return target
+
+
+def test_resume_after_flipped_bytes_retrains_from_the_previous_checkpoint(trained, tmp_path, caplog):
+    workdir = _copy(trained[0], tmp_path)
+    flip_42_bytes(os.path.join(workdir, "checkpoints"), 8)
+    result = trainer.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
+    assert result.step == 8 and os.path.isdir(os.path.join(workdir, "checkpoints.corrupt", "8"))
+    (line,) = _fallback_lines(caplog)
+    assert "step 8" in line and "falling back to the checkpoint at step 4" in line
+    for a, b in zip(_params(workdir), trained[1], strict=True):  # the same run, not a damaged one
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("damage, reason", DAMAGES[:4])
+def test_analysis_of_a_damaged_checkpoint_is_refused_naming_step_and_file(trained, tmp_path,
+                                                                         damage, reason):
+    workdir = _copy(trained[0], tmp_path)
+    damage(os.path.join(workdir, "checkpoints"), 8)
+    with pytest.raises(analysis_workdir.AnalysisInputError,
+                       match=f"step 8 .*{reason}.*python train.py --workdir {workdir}"):
+        analysis_workdir.load_population(workdir)
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "8"))  # a reader moves nothing
+    for a, b in zip(_params(workdir, 4), _params(trained[0], 4), strict=True):  # others still read
+        np.testing.assert_array_equal(a, b)
+
+
+def _training_replaces_step_8_by_12(workdir):
+    """What a running training does between two reads: write a newer checkpoint, delete one."""
+    directory = os.path.join(workdir, "checkpoints")
+    shutil.copytree(os.path.join(directory, "8"), os.path.join(directory, "12"))
+    shutil.rmtree(os.path.join(directory, "8"))
+
+
+def _delete_during(monkeypatch, workdir, where):
+    """Delete step 8 the first time the reader reaches ``where`` (verifying or restoring)."""
+    calls = []
+    if where == "verifying":
+        original, owner, name = checkpoints._digest, checkpoints, "_digest"
+    else:
+        original, owner, name = ocp.CheckpointManager.restore, ocp.CheckpointManager, "restore"
+
+    def deleting(*args, **kwargs):
+        if not calls and os.path.isdir(os.path.join(workdir, "checkpoints", "8")):
+            calls.append(1)
+            _training_replaces_step_8_by_12(workdir)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, deleting)
+
+
+@pytest.mark.parametrize("where", ["verifying", "restoring"])
+def test_reading_the_newest_checkpoint_while_training_deletes_it(trained, tmp_path, monkeypatch,
+                                                                 where):
+    workdir = _copy(trained[0], tmp_path)
+    _delete_during(monkeypatch, workdir, where)
+    _, _, variables, step = trainer.load_trained_population(workdir)
+    assert step == 12  # the newest one when the read was retried
+    for a, b in zip(jax.tree.leaves(variables), trained[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("where", ["verifying", "restoring"])
+def test_a_requested_step_deleted_while_read_is_reported(trained, tmp_path, monkeypatch, where):
+    workdir = _copy(trained[0], tmp_path)
+    _delete_during(monkeypatch, workdir, where)
+    with pytest.raises(analysis_workdir.AnalysisInputError,
+                       match="checkpoint at step 8 .* was deleted while it was read"):
+        analysis_workdir.load_population(workdir, step=8)
+
+
+def test_reads_that_keep_losing_the_race_say_training_is_still_writing(trained, tmp_path,
+                                                                      monkeypatch):
+    workdir = _copy(trained[0], tmp_path)
+
+    def always_gone(self, step):
+        raise self._gone(step)
+
+    monkeypatch.setattr(checkpoints.PopulationCheckpoints, "verify", always_gone)
+    with pytest.raises(checkpoints.CheckpointGoneError, match="training is still writing"):
+        trainer.load_trained_population(workdir)
+
+
+@pytest.mark.slow
+def test_reading_beside_a_running_training(tmp_path):
+    """A real training that checkpoints every step and keeps one: reads return a whole, verified
+    checkpoint (or say that training is still writing), never crash (2 in 3 did)."""
+    workdir = str(tmp_path / "run")
+    flags = _tiny_flags(workdir) + ["--config.train.epochs=12", "--config.checkpoint.every_steps=1",
+                                    "--config.checkpoint.max_to_keep=1"]
+    training = subprocess.Popen([sys.executable, "train.py"] + flags, cwd=REPO,
+                                env=_one_device_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    steps, still_writing = [], 0
+    try:
+        while training.poll() is None:
+            if not analysis_workdir.checkpoint_steps(workdir):
+                continue
+            try:
+                steps.append(trainer.load_trained_population(workdir)[3])
+            except checkpoints.CheckpointGoneError as error:
+                assert "training is still writing" in str(error)
+                still_writing += 1
+    finally:
+        stderr = training.communicate(timeout=300)[1]
+    assert training.returncode == 0, stderr[-3000:]
+    assert len(steps) > still_writing and steps == sorted(steps), (steps, still_writing)
+
+
+# ----------------------------------------------------------------------------- disk full
+
+def _fail_saves_from(monkeypatch, nth):
+    """The nth and later checkpoint saves fail with ENOSPC in orbax's background finalize."""
+    calls = []
+    original = checkpoints.write_manifest
+
+    def full(item_dir):
+        calls.append(item_dir)
+        if len(calls) >= nth:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), item_dir)
+        original(item_dir)
+
+    monkeypatch.setattr(checkpoints, "write_manifest", full)
+
+
+def test_disk_full_stops_in_one_line_and_a_rerun_resumes(trained, tmp_path, monkeypatch, capfd):
+    workdir = str(tmp_path / "run")
+    _fail_saves_from(monkeypatch, 2)  # step 0 is saved, step 4 is not
+    capfd.readouterr()
+    with pytest.raises(checkpoints.CheckpointWriteError,
+                       match=r"disk full writing the checkpoint at step 4 in .*checkpoints; earlier "
+                             r"checkpoints are kept \(latest: step 0\); free space and rerun"):
+        trainer.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
+    err = capfd.readouterr().err
+    assert not any(noise in err for noise in NOISE), err[:2000]
+    assert [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n != "config.json"] == ["0"]
+    monkeypatch.undo()
+    result = trainer.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
+    assert result.step == 8
+    for a, b in zip(_params(workdir), trained[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _mount_tmpfs(path, size):
+    os.makedirs(path)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+
+
+def test_disk_full_on_a_real_filesystem(tmp_path, capfd):
+    """TensorStore's own ENOSPC (not an OSError) on a 300 kB tmpfs: step 0 fits (170 kB), step 4 does
+    not (another 220 kB)."""
+    mount = str(tmp_path / "small")
+    _mount_tmpfs(mount, "300k")
+    try:
+        capfd.readouterr()
+        with pytest.raises(checkpoints.CheckpointWriteError, match="disk full .* at step 4 .*step 0"):
+            trainer.train_and_evaluate(tiny_config(), os.path.join(mount, "run"), devices=ONE_DEVICE)
+        err = capfd.readouterr().err
+        assert not any(noise in err for noise in NOISE), err[:2000]
+        manager = checkpoints.PopulationCheckpoints(os.path.join(mount, "run", "checkpoints"),
+                                                    read_only=True)
+        assert manager.all_steps() == [0]
+        manager.verify(0)
+        manager.close()
+    finally:
+        subprocess.run(["umount", mount], check=False)
+
+
+CLI_DISK_FULL = """
+import errno, os, runpy, sys
+from cka_jax import checkpoints
+calls = []
+def full(item_dir):
+    calls.append(item_dir)
+    if len(calls) >= 2:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), item_dir)
+    original(item_dir)
+original, checkpoints.write_manifest = checkpoints.write_manifest, full
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def _tiny_flags(workdir):
+    return ["--config.data.fraction=0.1", "--config.data.crop_padding=1", "--config.data.flip=false",
+            "--config.model.depth=8", "--config.model.width=0.25", "--config.population.size=2",
+            "--config.train.epochs=2", "--config.train.batch_size=32",
+            "--config.train.eval_batch_size=180", f"--workdir={workdir}", "--compilation_cache=" +
+            os.path.join(tempfile.gettempdir(), "cka_jax_test_xla")]
+
+
+def _errors(stderr):
+    """stderr without the progress bar and the run's info lines."""
+    return [line for line in stderr.replace("\r", "\n").splitlines()
+            if "error" in line.lower() or "Traceback" in line]
+
+
+def _one_device_env():
+    return dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=8", ""))
+
+
+def test_cli_disk_full_is_one_line_exit_1(tmp_path):
+    workdir = str(tmp_path / "run")
+    done = subprocess.run([sys.executable, "-c", CLI_DISK_FULL] + _tiny_flags(workdir), cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=_one_device_env())
+    assert done.returncode == 1, done.stderr[-3000:]
+    (line,) = _errors(done.stderr)
+    # milestones of configs/digits.py: 0, 35% (step 3), 75%, 100% of 8 steps
+    assert line == (f"train.py: error: disk full writing the checkpoint at step 3 in {workdir}/"
+                    "checkpoints; earlier checkpoints are kept (latest: step 0); free space and "
+                    "rerun the same command to resume")
+
+
+# ----------------------------------------------------------------------------- memory
+
+GB = 10**9
+
+
+@pytest.mark.parametrize("size, host_available, device_free, message", [
+    pytest.param(10**6, None, None, "population.size=1000000 needs about .* GB of memory",
+                 id="a million models on this machine"),
+    pytest.param(2000, 0.1 * GB, None, r"needs about .* of memory .* but 100 MB are available",
+                 id="2000 models, 100 MB of RAM"),
+    pytest.param(200, None, 0.01 * GB, r"needs about .* on each device .* has 10 MB free",
+                 id="200 models, accelerator with 10 MB free"),
+])
+def test_a_population_that_cannot_fit_is_refused_before_any_work(monkeypatch, size,
+                                                                 host_available, device_free,
+                                                                 message):
+    """check_run, which train_and_evaluate and train.py call before touching the workdir."""
+    if host_available is not None:
+        monkeypatch.setattr(pop, "host_available_bytes", lambda: int(host_available))
+    if device_free is not None:
+        monkeypatch.setattr(pop, "_device_free_bytes", lambda device: int(device_free))
+    with pytest.raises(trainer.RunConfigError, match=message):
+        trainer.check_run(tiny_config(size), ONE_DEVICE)
+
+
+def test_a_population_that_fits_is_accepted(monkeypatch):
+    monkeypatch.setattr(pop, "host_available_bytes", lambda: int(0.1 * GB))
+    trainer.check_run(tiny_config(2), ONE_DEVICE)
+
+
+def test_cli_refuses_a_population_that_cannot_fit_in_one_line(tmp_path):
+    workdir = str(tmp_path / "run")
+    done = subprocess.run([sys.executable, "train.py", "--config.population.size=100000",
+                           f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=_one_device_env())
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("train.py: error: population.size=100000 needs about")
+    assert not os.path.exists(workdir)
