@@ -9,9 +9,12 @@ Outputs go to <workdir>/analysis/ (analysis/ for the default run; or --outdir): 
 figure per analysis, and report.html to read top to bottom. `cka_within.npz` holds `cka`
 (M, L, L) over the stem and block outputs and `layer_names` (L,). Analyses that compare
 populations (architectures, disagreement, convergence) run when --compare is given.
-Streamed data sets (ImageNet) are analysed from predictions/test.npz alone: disagreement.
+The report opens with the training curves from metrics.jsonl (diverged and under-trained seeds
+named); they always run. Streamed data sets (ImageNet) are analysed from predictions/test.npz
+alone: training curves and disagreement. Analyses the populations do not allow (one model, no
+residual connections, a single checkpoint) are skipped with a note unless named in --analyses.
 Exit status: 0 on success, 1 if an analysis failed (the others' outputs are written),
-2 for bad input (nothing is written).
+2 for bad input: flags, workdirs, config, predictions, --outdir (one line; nothing is written).
 """
 import logging
 import sys
@@ -21,10 +24,9 @@ from absl import logging as absl_logging
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from cka_jax import trainer
 from cka_jax.analysis import runner
 from cka_jax.analysis.context import AnalysisOptions
-from cka_jax.analysis.workdir import AnalysisInputError, check_workdir, has_test_images
+from cka_jax.analysis.workdir import AnalysisInputError, check_workdir, has_test_images, load_config
 
 DEFAULTS = AnalysisOptions()
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "Trained workdir to analyse (train.py output).")
@@ -48,16 +50,28 @@ _BOOTSTRAP = flags.DEFINE_integer("num_bootstrap", DEFAULTS.num_bootstrap, "Boot
 _SEED = flags.DEFINE_integer("seed", DEFAULTS.seed, "Seed of shuffles and bootstrap resamples.")
 
 
+def fail(message: str) -> None:
+    """One line on stderr, exit status 2 (bad input: nothing was written)."""
+    print(f"analyze.py: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
-        sys.exit(f"analyze.py: error: {error}\nPass --help for usage.")
+        fail(f"{error}; pass --help for usage")
 
 
-def fail(message: str) -> None:
-    print(f"analyze.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def analysis_options() -> AnalysisOptions:
+    """The options from the flags (which share their names); exit 2 naming the first bad one."""
+    try:
+        return AnalysisOptions(
+            batch_size=_BATCH.value, passes=_PASSES.value, max_examples=_MAX_EXAMPLES.value,
+            max_models=_MAX_MODELS.value, block_threshold=_THRESHOLD.value, probe_steps=_PROBE_STEPS.value,
+            alpha=_ALPHA.value, fdr=_FDR.value, num_bootstrap=_BOOTSTRAP.value, seed=_SEED.value)
+    except ValueError as error:
+        fail(f"--{error}")
 
 
 def main(argv: list[str]) -> None:
@@ -65,22 +79,20 @@ def main(argv: list[str]) -> None:
         fail(f"unexpected arguments {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-restore INFO lines
     logger = logging.getLogger("cka_jax")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.WARNING)   # data loading's INFO lines would precede a one-line input error
+    logging.getLogger("cka_jax.analysis").setLevel(logging.INFO)
     logger.addHandler(logging.StreamHandler(sys.stderr))
     logger.propagate = False
-    options = AnalysisOptions(
-        batch_size=_BATCH.value, passes=_PASSES.value, max_examples=_MAX_EXAMPLES.value,
-        max_models=_MAX_MODELS.value, block_threshold=_THRESHOLD.value, probe_steps=_PROBE_STEPS.value,
-        alpha=_ALPHA.value, fdr=_FDR.value, num_bootstrap=_BOOTSTRAP.value, seed=_SEED.value)
+    options = analysis_options()
     try:
         check_workdir(_WORKDIR.value)
-        has_images = has_test_images(trainer.load_config(_WORKDIR.value))
+        has_images = has_test_images(load_config(_WORKDIR.value))
         names = runner.choose_analyses(_ANALYSES.value, bool(_COMPARE.value), has_images)
         with logging_redirect_tqdm([logger]):
             outdir = _OUTDIR.value or (None if flags.FLAGS["workdir"].present else "analysis")
             ctx = runner.load_context(_WORKDIR.value, _COMPARE.value, outdir, options, tqdm,
                                       images=runner.needs_images(names))
-            runner.run_analyses(ctx, names, tqdm)
+            runner.run_analyses(ctx, names, tqdm, skip_inapplicable=not _ANALYSES.value)
     except AnalysisInputError as error:
         fail(str(error))
     except runner.AnalysesFailed as error:

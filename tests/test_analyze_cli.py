@@ -1,4 +1,5 @@
 """analyze.py end to end on tiny trained workdirs, and its errors on bad input."""
+import glob
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from cka_jax.analysis import runner
 from cka_jax.analysis.deletion import deletion_accuracy
 from cka_jax.analysis.outputs import Section, write_npz
 from cka_jax.analysis.workdir import AnalysisInputError, load_correct
-from cka_jax.run_config import base_config
+import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--max_examples=200", "--probe_steps=50", "--num_bootstrap=100"]
@@ -22,23 +23,20 @@ BLOCK_OUTPUTS = ["stem", "stage1/block1/post_residual", "stage2/block1/post_resi
 
 
 def tiny_config(size: int, width: float):
-    c = base_config()
-    c.data.fraction, c.data.crop_padding, c.data.flip = 0.1, 1, False
-    c.model.depth, c.model.width = 8, width
-    c.population.size, c.population.strategy = size, "loop"
-    c.train.epochs, c.train.batch_size, c.train.eval_batch_size = 1, 32, 180
-    c.checkpoint.keep_at_fractions = (0.0, 0.5, 1.0)
-    return c
+    return tiny.tiny_config(size, 1, width=width, milestones=(0.0, 0.5, 1.0))
 
 
 @pytest.fixture(scope="session")
 def workdirs(tmp_path_factory):
-    """Two trained tiny digits populations: 3 × ResNet-8 (0.25×) and 2 × ResNet-8 (0.5×)."""
-    root = tmp_path_factory.mktemp("runs")
+    """Two trained tiny digits populations: 3 × ResNet-8 (0.25×) and 2 × ResNet-8 (0.5×). Trained
+    once per session, also for the test modules that import this fixture (never modify them:
+    copy them first)."""
+    root = tmp_path_factory.getbasetemp() / "analysis_runs"
     paths = []
     for name, size, width in (("narrow", 3, 0.25), ("wide", 2, 0.5)):
         path = str(root / name)
-        trainer.train_and_evaluate(tiny_config(size, width), path, devices=jax.devices()[:1])
+        if not os.path.exists(os.path.join(path, "predictions", "test.npz")):
+            trainer.train_and_evaluate(tiny_config(size, width), path, devices=jax.devices()[:1])
         paths.append(path)
     return paths
 
@@ -160,7 +158,9 @@ def test_populations_on_different_data_sets_are_refused(workdirs, tmp_path):
     shutil.copytree(workdirs[1], other)
     config = json.load(open(other / "config.json"))
     config["data.name"] = "cifar10"
-    json.dump(config, open(other / "config.json", "w"))
+    for copy in (other / "config.json", other / "checkpoints" / "config.json"):   # the run keeps both
+        if copy.exists():
+            json.dump(config, open(copy, "w"))
     with pytest.raises(AnalysisInputError, match="data.name='digits' but .* data.name='cifar10'"):
         runner.load_context(workdirs[0], [str(other)])
 
@@ -179,4 +179,102 @@ def test_compare_only_analyses_need_compare():
     with pytest.raises(AnalysisInputError, match="--compare"):
         runner.choose_analyses(["disagreement"], has_compare=False)
     assert "disagreement" not in runner.choose_analyses([], has_compare=False)
-    assert runner.choose_analyses(["blocks", "within"], has_compare=False) == ["within", "blocks"]
+    assert runner.choose_analyses(["blocks", "within"], has_compare=False) == ["training", "within", "blocks"]
+
+
+def test_the_report_opens_with_the_training_curves(analysed, workdirs):
+    page = open(os.path.join(analysed, "report.html")).read()
+    assert page.index('id="training"') < page.index('id="within"') < page.index('id="blocks"')
+    assert '<img src="training_curves.png"' in page and "under-trained" in page
+    records = json.load(open(os.path.join(analysed, "training.json")))
+    assert [r["population"] for r in records] == ["narrow", "wide"]
+    assert records[0]["epochs"] == 1 and records[0]["diverged_seeds"] == []
+    rows = [json.loads(line) for line in open(os.path.join(workdirs[0], "metrics.jsonl"))]
+    assert records[0]["final_test_accuracy"] == pytest.approx([r["test_accuracy"] for r in rows if r["epoch"] == 1])
+
+
+@pytest.mark.parametrize("metrics", ["missing", "torn", "diverged"])
+def test_training_curves_of_missing_torn_or_diverged_metrics(workdirs, tmp_path, metrics):
+    workdir = tmp_path / "narrow"
+    shutil.copytree(workdirs[0], workdir)
+    path = workdir / "metrics.jsonl"
+    if metrics == "missing":
+        path.unlink()
+    elif metrics == "torn":
+        with open(path, "a") as f:
+            f.write('{"epoch": 2, "step": 8, "mod')
+    else:
+        rows = [json.loads(line) for line in open(path)]
+        rows[1]["train_loss"] = None
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = str(tmp_path / "out")
+    ctx = runner.load_context(str(workdir), outdir=out, images=False)
+    runner.run_analyses(ctx, ["training"])
+    section = Section.from_json(json.load(open(os.path.join(out, "sections", "training.json"))))
+    if metrics == "missing":
+        assert "no training metrics" in section.text and section.figures == []
+    else:
+        assert section.figures == ["training_curves.png"] and os.path.exists(os.path.join(out, "training_curves.png"))
+    if metrics == "diverged":
+        assert "diverged: seed 1 (epoch 1)" in section.text
+        assert json.load(open(os.path.join(out, "training.json")))[0]["diverged_seeds"] == [1]
+
+
+def with_models(population, change):
+    """`population` with its variables changed per model: change(leaf (M, ...)) -> leaf."""
+    import dataclasses
+    return dataclasses.replace(population, variables=jax.tree.map(change, population.variables))
+
+
+def nan_model(index):
+    return lambda a: a.at[index].set(np.nan) if np.issubdtype(a.dtype, np.floating) else a
+
+
+@pytest.mark.slow
+def test_undefined_models_are_reported_as_undefined_by_every_analysis(workdirs, tmp_path):
+    """Main population: seed 1 diverged (NaN parameters). Compared one: seed 1 all zero parameters
+    (constant activations). No analysis may turn these into numbers, blocks or 'none found'."""
+    from cka_jax.analysis.context import AnalysisOptions
+    out = str(tmp_path / "out")
+    options = AnalysisOptions(max_examples=100, probe_steps=5, num_bootstrap=50)
+    ctx = runner.load_context(workdirs[0], [workdirs[1]], outdir=out, options=options)
+    ctx.populations[0] = with_models(ctx.populations[0], nan_model(1))
+    ctx.populations[1] = with_models(ctx.populations[1], lambda a: a.at[1].set(0) if a.ndim > 1 else a)
+    names = [n for n in runner.ANALYSES if n not in ("dynamics", "disagreement")]
+    assert runner.run_analyses(ctx, names) == names
+    narrow, wide = json.load(open(os.path.join(out, "blocks.json")))
+    assert narrow["block_per_model"][1] == [None, None, None]
+    assert "non-finite activations in seed 1" in narrow["undefined_reason"]["1"]
+    assert "mean over 2 of 3 seeds" in narrow["block_fraction_note"]
+    assert wide["block_per_model"][1] == [None, None, None] and wide["block_of_mean_heatmap"] is not None
+    assert "constant layer stem in seed 1" in wide["undefined_reason"]["1"]
+    for name in ("probes", "deletion"):
+        with np.load(os.path.join(out, f"{name}.npz")) as f:
+            values = f["accuracy"]
+        assert np.isnan(values[1]).all() and np.isfinite(values[[0, 2]]).all(), name
+    for name in names:
+        section = Section.from_json(json.load(open(os.path.join(out, "sections", f"{name}.json"))))
+        cells = [str(c) for t in section.tables for row in t.rows for c in row]
+        assert not [c for c in cells if "nan" in c.lower().split()], name
+        if name not in ("training", "architectures"):
+            assert "seed 1" in section.text and "undefined" in section.text, name
+    seeds = Section.from_json(json.load(open(os.path.join(out, "sections", "seeds.json"))))
+    assert "mean over 1 of 3 seed pairs" in seeds.text
+    matching = Section.from_json(json.load(open(os.path.join(out, "sections", "matching.json"))))
+    assert matching.tables[0].rows[0][1] == "undefined (non-finite activations in seed 1)"
+    assert "left out as undefined" in Section.from_json(json.load(open(os.path.join(out, "sections", "blocks.json")))
+                                                         ).tables[0].rows[0][-1]
+    for path in glob.glob(os.path.join(out, "**", "*.json"), recursive=True):
+        json.loads(open(path).read(), parse_constant=pytest.fail)   # strict JSON: null, never NaN
+
+
+def test_inapplicable_analyses_are_skipped_when_chosen_by_default_and_refused_when_named(workdirs, tmp_path):
+    out = str(tmp_path / "out")
+    ctx = runner.load_context(workdirs[0], outdir=out)
+    ctx.populations[0] = ctx.main.subset(slice(0, 1))
+    with pytest.raises(runner.Inapplicable, match="cross-seed CKA needs at least 2 models"):
+        runner.check_analyses(ctx, ["seeds"], skip_inapplicable=False)
+    assert not os.path.exists(out)
+    assert runner.check_analyses(ctx, ["within", "seeds", "matching", "sparse"]) == ["within"]
+    assert set(ctx.skipped) == {"seeds", "matching", "sparse"}
+    assert "Not run: seeds (cross-seed CKA needs at least 2 models" in runner.report_intro(ctx)

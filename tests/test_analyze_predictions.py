@@ -44,6 +44,63 @@ def test_corrupt_predictions_are_a_clear_error(tmp_path, damage):
             load(str(tmp_path))
 
 
+def save_predictions(directory, logits, labels):
+    (directory / "predictions").mkdir(exist_ok=True)
+    np.savez(directory / "predictions" / "test.npz", logits=logits, labels=labels)
+
+
+def good_predictions():
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((3, 20, 10)).astype(np.float32), rng.integers(0, 10, 20)
+
+
+def _nan_logits(logits, labels):
+    logits[2, 7, 3] = np.nan
+    return logits, labels
+
+
+def _inf_logits(logits, labels):
+    logits[0, 0, 0] = -np.inf
+    return logits, labels
+
+
+BAD_PREDICTIONS = {
+    "nan-logits": (_nan_logits, "logits of model 2 are not all finite"),
+    "inf-logits": (_inf_logits, "logits of model 0 are not all finite"),
+    "5-classes": (lambda g, y: (g[..., :5], y % 5), "logits over 5 classes, but the data set has 10"),
+    "2-models": (lambda g, y: (g[:2], y), "logits of 2 models, but the population has 3"),
+    "int-logits": (lambda g, y: ((g * 10).astype(np.int32), y), "logits of dtype int32"),
+    "complex-logits": (lambda g, y: (g.astype(np.complex64), y), "logits of dtype complex64"),
+    "labels-too-large": (lambda g, y: (g, np.where(np.arange(20) == 4, 10, y)), r"labels lie in \[0, 10\]"),
+    "negative-labels": (lambda g, y: (g, np.where(np.arange(20) == 4, -1, y)), r"labels lie in \[-1, "),
+    "float-labels": (lambda g, y: (g, y.astype(np.float32)), "labels must be a non-empty \\(N,\\) integer array"),
+    "2d-logits": (lambda g, y: (g[0], y), r"logits of shape \(20, 10\)"),
+}
+
+
+@pytest.mark.parametrize("damage", list(BAD_PREDICTIONS))
+def test_load_correct_refuses_bad_predictions(tmp_path, damage):
+    make, message = BAD_PREDICTIONS[damage]
+    save_predictions(tmp_path, *make(*good_predictions()))
+    with pytest.raises(AnalysisInputError, match=message):
+        load_correct(str(tmp_path), num_classes=10, num_models=3)
+
+
+def test_load_correct_accepts_good_predictions_with_class_and_model_counts(tmp_path):
+    logits, labels = good_predictions()
+    save_predictions(tmp_path, logits, labels)
+    correct, _ = load_correct(str(tmp_path), num_classes=10, num_models=3)
+    np.testing.assert_array_equal(correct, logits.argmax(-1) == labels)
+
+
+def test_empty_predictions_file_is_a_clear_error(tmp_path):
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "predictions" / "test.npz").write_bytes(b"")
+    for load in (load_correct, load_labels):
+        with pytest.raises(AnalysisInputError, match="test.npz cannot be read"):
+            load(str(tmp_path))
+
+
 def plant(workdir: str, labels: np.ndarray, wrong: np.ndarray, size: int) -> None:
     """predictions/test.npz (float16, as ImageNet runs write it): every model right except on `wrong`."""
     logits = np.zeros((size, len(labels), 1000), np.float16)
@@ -85,7 +142,7 @@ def test_streamed_populations_are_compared_from_predictions(imagenet_runs, tmp_p
     wnids = tfds.builder("imagenet2012").info.features["label"].names
     assert record["class_names_differing"] == [wnids[c] for c in planted]
     assert record["overall"]["mean_a"] == 1.0 and record["overall"]["mean_b"] < 1.0
-    assert sorted(os.listdir(os.path.join(out, "sections"))) == ["disagreement.json"]
+    assert sorted(os.listdir(os.path.join(out, "sections"))) == ["disagreement.json", "training.json"]
     page = open(os.path.join(out, "report.html")).read()
     assert f"{len(planted)} of 1000 classes differ" in page and "predictions/test.npz" in page
 
@@ -102,14 +159,22 @@ def test_image_analyses_of_streamed_populations_are_refused(imagenet_runs, tmp_p
     out = str(tmp_path / "out")
     result = analyze(f"--workdir={deeper}", f"--compare={wider}", f"--outdir={out}", "--analyses=within,disagreement")
     assert result.returncode == 2 and "['within'] need the test images in memory" in result.stderr
-    result = analyze(f"--workdir={deeper}", f"--outdir={out}")
-    assert result.returncode == 2 and "nothing to analyse" in result.stderr and "--compare" in result.stderr
     assert not os.path.exists(out)
     with pytest.raises(AnalysisInputError, match="'imagenet2012' is streamed"):
         runner.load_context(deeper)
 
 
+def test_streamed_population_alone_gets_its_training_curves(imagenet_runs, tmp_path):
+    out = str(tmp_path / "out")
+    result = analyze(f"--workdir={imagenet_runs[0]}", f"--outdir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(out, "sections"))) == ["training.json"]
+    assert os.path.exists(os.path.join(out, "training_curves.png"))
+    assert json.load(open(os.path.join(out, "training.json")))[0]["num_models"] == 2
+
+
 def test_choose_analyses_without_images():
-    assert runner.choose_analyses([], has_compare=True, has_images=False) == ["disagreement"]
-    assert runner.choose_analyses(["disagreement"], has_compare=True, has_images=False) == ["disagreement"]
+    assert runner.choose_analyses([], has_compare=True, has_images=False) == ["training", "disagreement"]
+    assert runner.choose_analyses(["disagreement"], has_compare=True, has_images=False) == ["training", "disagreement"]
+    assert runner.choose_analyses([], has_compare=False, has_images=False) == ["training"]
     assert not runner.needs_images(["disagreement"]) and runner.needs_images(["disagreement", "seeds"])

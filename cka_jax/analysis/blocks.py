@@ -13,34 +13,47 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from cka_jax.analysis.plots import heatmap, shared_colorbar
+from cka_jax.analysis.plots import add_note, heatmap, shared_colorbar
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockStructure:
-    """Layers [start, stop) form the block; size = stop - start (0 and start = stop = -1 if none)."""
+    """Layers [start, stop) form the block; size = stop - start (0 and start = stop = -1 if none).
+    defined=False (UNDEFINED_BLOCK): the heatmap had undefined (NaN) cells, so whether and where
+    a block lies is unknown; its size is then NaN, never 0."""
     start: int
     stop: int
     mean_cka: float
+    defined: bool = True
 
     @property
-    def size(self) -> int:
-        return self.stop - self.start
+    def size(self) -> int | float:
+        return self.stop - self.start if self.defined else float("nan")
+
+    def describe(self, num_layers: int) -> str:
+        """'block: 3/8 layers', 'no block' or 'block: undefined'."""
+        if not self.defined:
+            return "block: undefined"
+        return f"block: {self.size}/{num_layers} layers" if self.size else "no block"
 
 
 NO_BLOCK = BlockStructure(-1, -1, float("nan"))
+UNDEFINED_BLOCK = BlockStructure(-1, -1, float("nan"), defined=False)
 
 
 def detect_block(cka: np.ndarray, threshold: float = 0.85, min_layers: int = 3) -> BlockStructure:
     """The longest range of consecutive layers of `cka` (L, L) whose pairwise CKA all reach
     `threshold` (ties: the higher mean CKA, then the earlier range); NO_BLOCK when no range
-    of at least `min_layers` layers qualifies. NaN entries never qualify."""
+    of at least `min_layers` layers qualifies; UNDEFINED_BLOCK when any entry is NaN or infinite
+    (an undefined cell could complete or break any block)."""
     cka = np.asarray(cka, np.float64)
     if cka.ndim != 2 or cka.shape[0] != cka.shape[1]:
         raise ValueError(f"cka must be a square (L, L) heatmap, got shape {cka.shape}")
     if min_layers < 2:
         raise ValueError(f"min_layers must be >= 2, got {min_layers}")
-    high = np.nan_to_num(np.minimum(cka, cka.T), nan=-np.inf) >= threshold
+    if not np.isfinite(cka).all():
+        return UNDEFINED_BLOCK
+    high = np.minimum(cka, cka.T) >= threshold
     num_layers = cka.shape[0]
     best, best_key = NO_BLOCK, (0, -np.inf)
     for start in range(num_layers):
@@ -57,34 +70,35 @@ def detect_block(cka: np.ndarray, threshold: float = 0.85, min_layers: int = 3) 
 
 
 def block_sizes(heatmaps: np.ndarray, threshold: float = 0.85, min_layers: int = 3) -> np.ndarray:
-    """Per model (M, L, L) -> (M, 3) int rows (start, stop, size), -1/-1/0 where no block."""
+    """Per model (M, L, L) -> (M, 3) float rows (start, stop, size): -1/-1/0 where no block,
+    NaN/NaN/NaN where the model's heatmap is undefined (see `detect_block`)."""
     rows = []
     for h in heatmaps:
         b = detect_block(h, threshold, min_layers)
-        rows.append((b.start, b.stop, b.size))
-    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+        rows.append((b.start, b.stop, b.size) if b.defined else (np.nan,) * 3)
+    return np.array(rows, dtype=np.float64).reshape(-1, 3)
 
 
 def blocks_in_structure(layer_names: Sequence[str], block: BlockStructure) -> tuple[str, ...]:
-    """Residual block names ('stage3/block2') whose output layer lies inside `block`."""
-    if block.size == 0:
+    """Residual block names ('stage3/block2') whose output layer lies inside `block` (none for an
+    undefined block: check `block.defined` before reading this as 'no block')."""
+    if not block.defined or block.size == 0:
         return ()
     return tuple(n.rsplit("/", 1)[0] for n in layer_names[block.start:block.stop] if n.endswith("/post_residual"))
 
 
 def plot_block_grid(heatmaps: Sequence[np.ndarray], layer_names: Sequence[Sequence[str]],
                     blocks: Sequence[BlockStructure], row_labels: Sequence[str], col_labels: Sequence[str],
-                    positions: Sequence[tuple[int, int]], title: str):
+                    positions: Sequence[tuple[int, int]], title: str, note: str = ""):
     """Heatmaps at grid `positions` (row, col) with the detected block outlined; rows and columns
-    labelled (e.g. data fraction × width). Returns the figure."""
+    labelled (e.g. data fraction × width); `note` under the figure. Returns the figure."""
     nrows, ncols = len(row_labels), len(col_labels)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols + 0.8, 3.2 * nrows + 0.6), squeeze=False)
     used = set(positions)
     for (r, c), h, names, block in zip(positions, heatmaps, layer_names, blocks):
         ax = axes[r, c]
-        size = f"block: {block.size}/{len(names)} layers" if block.size else "no block"
-        heatmap(ax, h, names, size, cbar=False, max_labels=12)
-        if block.size:
+        heatmap(ax, h, names, block.describe(len(names)), cbar=False, max_labels=12)
+        if block.defined and block.size:
             ax.add_patch(plt.Rectangle((block.start, block.start), block.size, block.size, fill=False,
                                        edgecolor="cyan", linewidth=1.5))
     for r in range(nrows):
@@ -97,4 +111,5 @@ def plot_block_grid(heatmaps: Sequence[np.ndarray], layer_names: Sequence[Sequen
     fig.suptitle(title)
     fig.tight_layout()
     shared_colorbar(fig, axes, 0.0, 1.0, "magma")
+    add_note(fig, note)
     return fig

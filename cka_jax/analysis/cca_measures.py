@@ -4,7 +4,7 @@ model, the same layer across seeds, and cross-seed convergence of whole populati
 Representations are the spatially averaged channels of each layer, (n, C) per model: CCA needs
 many more examples than features, and averaging over positions is the usual reduction for
 convolutional layers. A pair that CCA cannot measure (a side with at least n - 1 features) is
-NaN and logged.
+NaN and logged; a pair with a non-finite or constant side is NaN (undefined).
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from cka_jax.analysis.plots import heatmap_grid, short_name
+from cka_jax.analysis.plots import add_note, heatmap_grid, short_name
+from cka_jax.analysis.undefined import mean_of_defined
 from cka_jax.cca import pwcca, svcca
 from cka_jax.cka import linear_cka
 
@@ -32,10 +33,22 @@ MEASURES: dict[str, Measure] = {
 _BATCHED = {name: jax.jit(jax.vmap(fn)) for name, fn in MEASURES.items()}
 
 
+def _measurable(a: np.ndarray) -> np.ndarray:
+    """(K, n, ...) -> (K,) bool: finite and not constant over the n examples."""
+    flat = a.reshape(a.shape[:2] + (-1,))
+    return np.isfinite(flat).all((1, 2)) & (flat != flat[:, :1]).any((1, 2))
+
+
 def similarity(measure: str, xs: np.ndarray, ys: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """MEASURES[measure] of each pair xs[k] (n, ...), ys[k] (n, ...): (K,) floats; NaN (logged)
-    when CCA is degenerate for the shapes. Jitted and vmapped over chunks of `chunk` pairs (the
-    last chunk padded), so each shape compiles once."""
+    """MEASURES[measure] of each pair xs[k] (n, ...), ys[k] (n, ...): (K,) floats; NaN (undefined)
+    for a pair with a non-finite or constant side, and (logged) when CCA is degenerate for the
+    shapes. Jitted and vmapped over chunks of `chunk` pairs (the last chunk padded), so each
+    shape compiles once."""
+    ok = _measurable(xs) & _measurable(ys)
+    return np.where(ok, _similarity(measure, xs, ys, chunk), np.nan)
+
+
+def _similarity(measure: str, xs: np.ndarray, ys: np.ndarray, chunk: int) -> np.ndarray:
     size = min(chunk, len(xs))
     out = []
     for start in range(0, len(xs), size):
@@ -109,22 +122,29 @@ def cross_seed_same_layer(measure: str, reps: Mapping[str, np.ndarray]) -> np.nd
     return same_layer(measure, {n: r[i] for n, r in reps.items()}, {n: r[j] for n, r in reps.items()})
 
 
-def plot_cca_heatmaps(svcca_maps: np.ndarray, pwcca_maps: np.ndarray, layer_names: Sequence[str], title: str):
-    """Seed-averaged SVCCA and PWCCA heatmaps (M, L, L) side by side."""
-    return heatmap_grid([np.nanmean(svcca_maps, 0), np.nanmean(pwcca_maps, 0)],
-                        ["SVCCA (mean over seeds)", "PWCCA (mean over seeds)"], layer_names, suptitle=title,
-                        ncols=2, panel=4.2)
+def plot_cca_heatmaps(svcca_maps: np.ndarray, pwcca_maps: np.ndarray, layer_names: Sequence[str], title: str,
+                      note: str = ""):
+    """SVCCA and PWCCA heatmaps (M, L, L) side by side, each averaged over the seeds whose whole
+    heatmap is defined; `note` under the figure."""
+    fig = heatmap_grid([mean_of_defined(svcca_maps)[0], mean_of_defined(pwcca_maps)[0]],
+                       ["SVCCA (mean over defined seeds)", "PWCCA (mean over defined seeds)"], layer_names,
+                       suptitle=title, ncols=2, panel=4.2)
+    add_note(fig, note)
+    return fig
 
 
 def plot_relative_depth(curves: Mapping[str, np.ndarray], ylabel: str, title: str,
-                        layer_names: Sequence[str] | None = None):
-    """Mean ± range over pairs of (pairs, L) curves per label, against relative depth (or the
-    layer names when all curves share `layer_names`)."""
+                        layer_names: Sequence[str] | None = None, note: str = ""):
+    """Mean ± range over the pairs of (pairs, L) curves per label whose every value is defined,
+    against relative depth (or the layer names when all curves share `layer_names`); `note`
+    under the figure."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, values in curves.items():
         x = np.linspace(0, 1, values.shape[1]) if layer_names is None else np.arange(values.shape[1])
-        ax.fill_between(x, np.nanmin(values, 0), np.nanmax(values, 0), alpha=0.15)
-        ax.plot(x, np.nanmean(values, 0), marker="o", lw=2, label=label)
+        mean, defined = mean_of_defined(values)
+        if defined.any():
+            ax.fill_between(x, values[defined].min(0), values[defined].max(0), alpha=0.15)
+        ax.plot(x, mean, marker="o", lw=2, label=label)
     if layer_names is None:
         ax.set_xlabel("relative depth (stem = 0, last block = 1)")
     else:
@@ -134,4 +154,5 @@ def plot_relative_depth(curves: Mapping[str, np.ndarray], ylabel: str, title: st
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    add_note(fig, note)
     return fig

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 from collections import OrderedDict
 from typing import Any
@@ -9,8 +11,10 @@ from typing import Any
 import numpy as np
 
 from cka_jax.analysis.representations import Progress, collect, no_progress
+from cka_jax.analysis.undefined import LayerStatus
 from cka_jax.analysis.within import LayerHeatmaps, within_cka
-from cka_jax.analysis.workdir import Population, TestSet
+from cka_jax.analysis.workdir import Population, TestSet, load_correct
+from cka_jax.models import representation_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +34,45 @@ class AnalysisOptions:
     level: float = 0.95              # confidence level of intervals
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """ValueError naming the first option out of range (see `_OPTION_RULES`)."""
+        for name, (check, rule) in _OPTION_RULES.items():
+            value = getattr(self, name)
+            if not check(value):
+                raise ValueError(f"{name}={value!r}: must be {rule}")
+
+
+def _integer(minimum: int, maximum: float = math.inf):
+    return lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and minimum <= v <= maximum
+
+
+def _open_unit(closed_right: bool = False):
+    def check(v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            return False
+        return 0 < v <= 1 if closed_right else 0 < v < 1
+    return check
+
+
+# Minibatch HSIC (and the PCs' full-batch CKA) needs 4 examples; seeds feed numpy and jax PRNGs,
+# which take non-negative 32-bit values; 100 000 bootstrap resamples already settle a percentile
+# interval to well below its width, and more only cost memory.
+_OPTION_RULES = {
+    "batch_size": (_integer(4), "an integer >= 4 (minibatch HSIC needs at least 4 examples per batch)"),
+    "passes": (_integer(1), "an integer >= 1 (passes over the test set)"),
+    "max_examples": (_integer(4), "an integer >= 4 (CKA needs at least 4 examples)"),
+    "max_models": (_integer(1), "an integer >= 1"),
+    "block_threshold": (_open_unit(closed_right=True), "a number in (0, 1] (a CKA value)"),
+    "block_min_layers": (_integer(2), "an integer >= 2"),
+    "probe_steps": (_integer(1), "an integer >= 1"),
+    "probe_examples": (_integer(2), "an integer >= 2"),
+    "alpha": (_open_unit(), "a number in (0, 1) (a significance level)"),
+    "fdr": (lambda v: isinstance(v, bool), "True or False"),
+    "num_bootstrap": (_integer(1, 100_000), "an integer in [1, 100000]"),
+    "level": (_open_unit(), "a number in (0, 1) (a confidence level)"),
+    "seed": (_integer(0, 2**32 - 1), "an integer in [0, 2**32 - 1]"),
+}
+
 
 @dataclasses.dataclass
 class AnalysisContext:
@@ -40,6 +83,7 @@ class AnalysisContext:
     options: AnalysisOptions = AnalysisOptions()
     progress: Progress = no_progress
     cache: dict[Any, Any] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)   # analysis -> why it did not run
 
     @property
     def main(self) -> Population:
@@ -56,6 +100,19 @@ class AnalysisContext:
             o = self.options
             self.cache[key] = within_cka(population, self.test, "all", o.batch_size, o.passes,
                                          seed=o.seed, progress=self.progress)
+        return self.cache[key]
+
+    def status(self, population: Population) -> LayerStatus:
+        """Which block outputs (and stem) of each model are non-finite or constant on the test set
+        (what makes a CKA value undefined); from the within-model pass, computed once per run."""
+        return self.within(population).status.select(representation_names(population.model, "blocks"))
+
+    def correct(self, population: Population) -> np.ndarray:
+        """(M, N) bool: each model right on each test example, from predictions/test.npz checked
+        against the data set's classes and the population size; read once per run."""
+        key = ("correct", population.workdir)
+        if key not in self.cache:
+            self.cache[key] = load_correct(population.workdir, self.test.num_classes, population.size)[0]
         return self.cache[key]
 
     def pooled_blocks(self, population: Population) -> OrderedDict[str, np.ndarray]:

@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from scipy import stats
 
+from cka_jax.analysis.undefined import number
+
 
 def per_example_accuracy(correct_: np.ndarray) -> np.ndarray:
     """(N,) fraction of models correct on each example, from (M, N) correctness."""
@@ -127,7 +129,7 @@ def plot_disagreement(pairs: Sequence[tuple[np.ndarray, np.ndarray, str, str]], 
         ax.scatter(jitter(x), jitter(y), s=6, alpha=0.35, color="tab:blue", edgecolor="none")
         ax.plot([0, 1], [0, 1], color="0.5", lw=0.8)
         ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), xlabel=xl, ylabel=yl, aspect="equal",
-               title=f"per-example accuracy (r = {correlation(x, y):.2f})")
+               title=f"per-example accuracy (r = {number(correlation(x, y), 2, 'a side is constant')})")
     ax = axes[-1]
     order = np.argsort(tests.difference)
     colors = np.where(tests.significant[order], "tab:red", "0.6")

@@ -11,6 +11,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from cka_jax.analysis.undefined import strict_json
+
 
 def _atomic(path: str, write: Callable[[IO[bytes]], None]) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -32,9 +34,28 @@ def write_npz(path: str, **arrays: Any) -> str:
 
 
 def write_json(path: str, value: Any) -> str:
-    """Writes `value` (numpy scalars and arrays allowed) as indented JSON atomically."""
-    text = json.dumps(value, indent=2, default=_to_builtin, allow_nan=True)
+    """Writes `value` (numpy scalars and arrays allowed) as indented strict JSON atomically: an
+    undefined (non-finite) number is written as null; say why in a field beside it."""
+    text = json.dumps(strict_json(value), indent=2, default=_to_builtin, allow_nan=False)
     return _atomic(path, lambda f: f.write(text.encode()))
+
+
+def check_writable_directory(path: str) -> None:
+    """Raises OSError unless `path` is, or can be created as, a directory we can write files in.
+    Leaves nothing behind: directories it creates to find out are removed again."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"{existing} is not a directory")
+    probe = tempfile.mkdtemp(dir=existing, prefix=".tmp-")
+    try:
+        inside = os.path.join(probe, "probe")
+        with open(inside, "wb") as f:
+            f.write(b"0")
+        os.unlink(inside)
+    finally:
+        os.rmdir(probe)
 
 
 def write_text(path: str, text: str) -> str:

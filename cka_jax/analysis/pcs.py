@@ -9,7 +9,8 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from cka_jax.analysis.plots import heatmap, shared_colorbar, short_name
+from cka_jax.analysis.plots import add_note, heatmap, shared_colorbar, short_name
+from cka_jax.analysis.undefined import LayerStatus, mean_of_defined
 from cka_jax.minibatch import MinibatchCKA
 from cka_jax.pca import first_pc_cosine_similarity, first_pc_variance_fraction, remove_first_pc
 
@@ -39,17 +40,25 @@ def _one_model(layers: list[jax.Array]):
 
 
 def principal_components(reps: dict[str, np.ndarray]) -> PrincipalComponents:
-    """PC statistics of representations name -> (M, n, ...) (the same n examples for all layers)."""
+    """PC statistics of representations name -> (M, n, ...) (the same n examples for all layers).
+    Entries of a non-finite or constant layer (no first PC) are NaN (undefined)."""
     names = tuple(reps)
     per_model = [_one_model([np.asarray(reps[name][m]) for name in names])
                  for m in range(next(iter(reps.values())).shape[0])]
-    stacked = [np.stack([np.asarray(out[i]) for out in per_model]) for i in range(4)]
-    return PrincipalComponents(*stacked, names)
+    fraction, cosine, cka, without = (np.stack([np.asarray(out[i], np.float64) for out in per_model])
+                                      for i in range(4))
+    bad = ~LayerStatus.of(reps).defined                           # (M, L)
+    pair_bad = bad[:, :, None] | bad[:, None, :]
+    fraction[bad] = np.nan
+    for a in (cosine, cka, without):
+        a[pair_bad] = np.nan
+    return PrincipalComponents(fraction, cosine, cka, without, names)
 
 
-def plot_principal_components(pcs: PrincipalComponents, title: str):
-    """Variance fraction per layer (seeds and mean), seed-averaged first-PC cosine, CKA before and
-    after removing the first PC. Returns the figure."""
+def plot_principal_components(pcs: PrincipalComponents, title: str, note: str = ""):
+    """Variance fraction per layer (seeds, and the mean over the seeds whose every layer is
+    defined), seed-averaged first-PC cosine, CKA before and after removing the first PC (over
+    the seeds whose whole heatmap is defined); `note` under the figure. Returns the figure."""
     names = pcs.layer_names
     fig = plt.figure(figsize=(17, 4.4))
     grid = fig.add_gridspec(1, 4, width_ratios=[1.3, 1, 1, 1])
@@ -57,12 +66,12 @@ def plot_principal_components(pcs: PrincipalComponents, title: str):
     x = np.arange(len(names))
     for m, row in enumerate(pcs.variance_fraction):
         ax.plot(x, row, color="tab:blue", alpha=0.3, lw=1, label="seeds" if m == 0 else None)
-    ax.plot(x, np.nanmean(pcs.variance_fraction, 0), color="tab:blue", lw=2.5, marker="o", label="mean")
+    ax.plot(x, mean_of_defined(pcs.variance_fraction)[0], color="tab:blue", lw=2.5, marker="o", label="mean")
     ax.set_xticks(x, [short_name(n) for n in names], rotation=90, fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_ylabel("variance explained by first PC")
     ax.legend(fontsize=8)
-    heatmaps = (np.nanmean(pcs.cosine, 0), np.nanmean(pcs.cka, 0), np.nanmean(pcs.cka_without_pc, 0))
+    heatmaps = tuple(mean_of_defined(a)[0] for a in (pcs.cosine, pcs.cka, pcs.cka_without_pc))
     titles = ("|cos| of first PCs (mean)", "CKA (mean)", "CKA without first PC (mean)")
     axes = [fig.add_subplot(grid[i + 1]) for i in range(3)]
     for ax, matrix, t in zip(axes, heatmaps, titles):
@@ -70,12 +79,14 @@ def plot_principal_components(pcs: PrincipalComponents, title: str):
     fig.suptitle(title)
     fig.tight_layout()
     shared_colorbar(fig, axes, 0.0, 1.0, "magma")
+    add_note(fig, note)
     return fig
 
 
 def summary(pcs: PrincipalComponents, inside: Sequence[bool]) -> dict[str, float]:
-    """Mean first-PC variance fraction inside vs outside a block structure (`inside`: (L,) mask)."""
+    """Mean first-PC variance fraction inside vs outside a block structure (`inside`: (L,) mask),
+    over the seeds whose every layer is defined; NaN where undefined or without such layers."""
     inside = np.asarray(inside, bool)
-    mean = np.nanmean(pcs.variance_fraction, 0)
+    mean = mean_of_defined(pcs.variance_fraction)[0]
     return {"inside": float(mean[inside].mean()) if inside.any() else float("nan"),
             "outside": float(mean[~inside].mean()) if (~inside).any() else float("nan")}

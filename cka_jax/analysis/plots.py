@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib
@@ -23,6 +24,16 @@ def short_name(name: str) -> str:
     return f"s{stage}b{block}" + (f" {_TAPS.get(tap, tap)}" if tap else "")
 
 
+UNDEFINED_FACE, UNDEFINED_EDGE, UNDEFINED_HATCH = "0.92", "0.55", "xx"
+UNDEFINED_KEY = "hatched: undefined"
+
+
+def add_note(fig, text: str, width: int = 160) -> None:
+    """Writes `text` (e.g. what is undefined and why) under the figure, wrapped; nothing if empty."""
+    if text:
+        fig.text(0.01, -0.01, textwrap.fill(text, width), ha="left", va="top", fontsize=8, color="0.2")
+
+
 def heatmap(ax, matrix: np.ndarray, names: Sequence[str] | None = None, title: str = "",
             vmin: float = 0.0, vmax: float = 1.0, cbar: bool = True, max_labels: int = 40,
             col_names: Sequence[str] | None = None, cmap: str = "magma") -> None:
@@ -30,8 +41,13 @@ def heatmap(ax, matrix: np.ndarray, names: Sequence[str] | None = None, title: s
     every k-th layer so at most `max_labels` show per axis."""
     rows, cols = matrix.shape
     col_names = names if col_names is None else col_names
-    sns.heatmap(matrix, ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, square=rows == cols, cbar=cbar,
-                xticklabels=False, yticklabels=False, cbar_kws={"shrink": 0.7} if cbar else None)
+    undefined = ~np.isfinite(matrix)
+    sns.heatmap(np.where(undefined, np.nan, matrix), ax=ax, vmin=vmin, vmax=vmax, cmap=cmap, square=rows == cols,
+                cbar=cbar, xticklabels=False, yticklabels=False, cbar_kws={"shrink": 0.7} if cbar else None)
+    if undefined.any():  # seaborn leaves NaN cells empty: hatch them so they never read as a value
+        ax.add_patch(plt.Rectangle((0, 0), cols, rows, facecolor=UNDEFINED_FACE, edgecolor=UNDEFINED_EDGE,
+                                   hatch=UNDEFINED_HATCH, linewidth=0, zorder=-1))
+        ax.set_axisbelow(True)
     ax.invert_yaxis()
     for axis, labels, count, rotation in ((ax.xaxis, col_names, cols, 90), (ax.yaxis, names, rows, 0)):
         if labels is None:

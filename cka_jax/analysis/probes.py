@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
-from cka_jax.analysis.plots import finish_layer_axis
+from cka_jax.analysis.plots import add_note, finish_layer_axis
+from cka_jax.analysis.undefined import mean_of_defined
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
@@ -34,7 +35,9 @@ def _fit_and_score(train_x, train_y, test_x, test_y, *, num_classes: int, steps:
             return (optax.apply_updates(p, updates), s), None
 
         (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
-        return jnp.mean(jnp.argmax(ex @ params["w"] + params["b"], -1) == test_y)
+        accuracy = jnp.mean(jnp.argmax(ex @ params["w"] + params["b"], -1) == test_y)
+        # argmax of NaN logits is 0: without this a non-finite layer would score class 0's share
+        return jnp.where(jnp.isfinite(tx).all() & jnp.isfinite(ex).all(), accuracy, jnp.nan)
 
     return jax.vmap(one)(train_x.astype(jnp.float32), test_x.astype(jnp.float32))
 
@@ -44,7 +47,8 @@ def probe_accuracy(train_features: np.ndarray, train_labels: np.ndarray, test_fe
                    l2: float = 1e-4) -> np.ndarray:
     """Test accuracy (M,) of linear probes fitted per model on train_features (M, n, p) with labels
     (n,), scored on test_features (M, k, p) with labels (k,). Features are standardised with the
-    training statistics; full-batch Adam for `steps` steps with an L2 penalty `l2` on the weights."""
+    training statistics; full-batch Adam for `steps` steps with an L2 penalty `l2` on the weights.
+    A model whose features are not all finite gets NaN (undefined), not a chance-level score."""
     if train_features.ndim != 3 or test_features.ndim != 3:
         raise ValueError(f"features must be (models, examples, features), got {train_features.shape} and "
                          f"{test_features.shape}")
@@ -53,18 +57,20 @@ def probe_accuracy(train_features: np.ndarray, train_labels: np.ndarray, test_fe
                                      learning_rate=learning_rate, l2=l2))
 
 
-def plot_probes(accuracy: np.ndarray, layer_names: Sequence[str], title: str, inside: Sequence[bool] = ()):
-    """Probe accuracy per layer (seeds thin, mean thick; pre-residual layers as open markers);
-    layers inside the block structure shaded. Returns the figure."""
+def plot_probes(accuracy: np.ndarray, layer_names: Sequence[str], title: str, inside: Sequence[bool] = (),
+                note: str = ""):
+    """Probe accuracy per layer (seeds thin, mean over the defined seeds thick; pre-residual layers
+    as open markers); layers inside the block structure shaded; `note` under the figure."""
     fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(layer_names)), 4))
     x = np.arange(len(layer_names))
     for row in accuracy:
         ax.plot(x, row, color="tab:green", alpha=0.25, lw=1)
-    mean = np.nanmean(accuracy, 0)
+    mean, defined = mean_of_defined(accuracy)
     ax.plot(x, mean, color="tab:green", lw=2)
     pre = np.array(["pre_residual" in n for n in layer_names])
     ax.scatter(x[~pre], mean[~pre], color="tab:green", zorder=3, label="post-residual / other")
     ax.scatter(x[pre], mean[pre], facecolor="white", edgecolor="tab:green", zorder=3, label="pre-residual")
     finish_layer_axis(ax, layer_names, inside, "linear probe test accuracy", title, fontsize=7)
     fig.tight_layout()
+    add_note(fig, note)
     return fig

@@ -12,8 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cka_jax.analysis.plots import heatmap_grid
+from cka_jax.analysis.plots import UNDEFINED_KEY, add_note, heatmap_grid
 from cka_jax.analysis.representations import Progress, apply_fn, batch_indices, no_progress
+from cka_jax.analysis.undefined import (LayerStatus, defined_rows, left_out, mean_of_defined, number,
+                                        status_update)
 from cka_jax.analysis.workdir import Population, TestSet
 from cka_jax.minibatch import MinibatchCKA
 from cka_jax.models import CaptureSpec, representation_names
@@ -23,27 +25,48 @@ from cka_jax.models.capture import select_names
 @dataclasses.dataclass(frozen=True)
 class LayerHeatmaps:
     """CKA between layers of each model: cka (M, L, L); low/high (M, L, L) bootstrap interval
-    over minibatches (None without bootstrap); layer_names (L,)."""
+    over minibatches (None without bootstrap); layer_names (L,); status: which layers were
+    non-finite or constant (what makes CKA undefined), None when not recorded."""
     cka: np.ndarray
     layer_names: tuple[str, ...]
     low: np.ndarray | None = None
     high: np.ndarray | None = None
+    status: LayerStatus | None = None
 
     def select(self, capture: CaptureSpec) -> "LayerHeatmaps":
         """The heatmaps restricted to the layers matching `capture` (e.g. "blocks")."""
         names = select_names(capture, self.layer_names)
         idx = np.array([self.layer_names.index(n) for n in names])
         sub = lambda a: None if a is None else a[:, idx][:, :, idx]
-        return LayerHeatmaps(sub(self.cka), names, sub(self.low), sub(self.high))
+        status = None if self.status is None else self.status.select(names)
+        return LayerHeatmaps(sub(self.cka), names, sub(self.low), sub(self.high), status)
+
+    def defined_models(self) -> np.ndarray:
+        """(M,) bool: models whose whole heatmap is defined (finite)."""
+        return defined_rows(self.cka)
 
     def mean(self) -> np.ndarray:
-        """Heatmap averaged over the models (L, L)."""
-        return np.nanmean(self.cka, axis=0)
+        """Heatmap (L, L) averaged over the models whose whole heatmap is defined (all NaN if none:
+        see `defined_models`, `why`)."""
+        return mean_of_defined(self.cka)[0]
+
+    def why(self, model: int) -> str:
+        """Why the heatmap of `model` has undefined cells ('' if it has none)."""
+        if np.isfinite(self.cka[model]).all():
+            return ""
+        reason = self.status.why([model]) if self.status is not None else ""
+        return reason or "the CKA estimate is not finite"
+
+    def mean_note(self) -> str:
+        """'' when every model is defined, else which models the mean leaves out and why."""
+        return left_out(self.defined_models(), self.why)
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"cka": self.cka, "layer_names": np.array(self.layer_names)}
         if self.low is not None:
             out.update(cka_low=self.low, cka_high=self.high)
+        if self.status is not None:
+            out.update(layer_finite=self.status.finite, layer_varying=self.status.varying)
         return out
 
 
@@ -61,32 +84,42 @@ def within_cka(population: Population, test: TestSet, capture: CaptureSpec = "al
     accs = jax.tree.map(lambda a: jnp.broadcast_to(a, (population.size,) + a.shape), empty)
 
     @jax.jit
-    def step(accs, variables, images, mean, std):
+    def step(accs, finite, varying, variables, images, mean, std):
         _, reps = forward(variables, images, mean, std)
-        return jax.vmap(MinibatchCKA.update)(accs, list(reps.values()))
+        reps = list(reps.values())
+        return (jax.vmap(MinibatchCKA.update)(accs, reps),) + status_update(finite, varying, reps)
 
+    finite = varying = jnp.ones((population.size, len(names)), bool)
     for idx in progress(batch_indices(len(test.labels), batch_size, passes, seed), desc="within-model CKA",
                         leave=False):
-        accs = step(accs, population.variables, test.images[idx], test.mean, test.std)
+        accs, finite, varying = step(accs, finite, varying, population.variables, test.images[idx], test.mean,
+                                     test.std)
     cka = np.asarray(jax.vmap(MinibatchCKA.result)(accs))
     low = high = None
     if num_bootstrap:
         low, high = (np.asarray(a) for a in jax.vmap(lambda a: a.bootstrap_interval(level))(accs))
-    return LayerHeatmaps(cka, names, low, high)
+    return LayerHeatmaps(cka, names, low, high, LayerStatus(np.asarray(finite), np.asarray(varying), names))
 
 
 def plot_within(heatmaps: LayerHeatmaps, title: str, max_models: int = 7):
-    """Seed-averaged heatmap followed by up to `max_models` per-model heatmaps; returns the figure."""
+    """Seed-averaged heatmap followed by up to `max_models` per-model heatmaps; undefined cells
+    hatched and explained under the figure. Returns the figure."""
     shown = heatmaps.cka[:max_models]
-    matrices = [heatmaps.mean(), *shown]
-    titles = [f"mean of {heatmaps.cka.shape[0]} seeds"] + [f"seed {m}" for m in range(len(shown))]
-    return heatmap_grid(matrices, titles, heatmaps.layer_names, suptitle=title)
+    defined = heatmaps.defined_models()
+    mean_title = (f"mean of {heatmaps.cka.shape[0]} seeds" if defined.all() else
+                  f"mean of {int(defined.sum())} of {len(defined)} seeds (defined ones)")
+    titles = [mean_title] + [f"seed {m}" + ("" if defined[m] else " (undefined cells)") for m in range(len(shown))]
+    fig = heatmap_grid([heatmaps.mean(), *shown], titles, heatmaps.layer_names, suptitle=title)
+    add_note(fig, f"{UNDEFINED_KEY}: {heatmaps.mean_note()}" if not defined.all() else "")
+    return fig
 
 
 def summary_rows(heatmaps: LayerHeatmaps) -> list[list[str]]:
-    """Per model: mean off-diagonal CKA and CKA of the first vs last layer (report table rows)."""
+    """Per model: mean off-diagonal CKA and CKA of the first vs last layer, or 'undefined (why)'
+    (report table rows)."""
     rows = []
     off = ~np.eye(heatmaps.cka.shape[1], dtype=bool)
     for m, h in enumerate(heatmaps.cka):
-        rows.append([f"seed {m}", f"{np.nanmean(h[off]):.3f}", f"{h[0, -1]:.3f}"])
+        reason = heatmaps.why(m)
+        rows.append([f"seed {m}", number(h[off].mean(), 3, reason), number(h[0, -1], 3, reason)])
     return rows

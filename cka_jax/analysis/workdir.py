@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cka_jax import checkpoints
 from cka_jax import data as data_lib
 from cka_jax import trainer
 from cka_jax.models import ResNetTrunk
@@ -96,13 +97,26 @@ def checkpoint_steps(workdir: str) -> list[int]:
                   if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
 
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config `workdir` was trained with; AnalysisInputError if it is missing or damaged."""
+    try:
+        return trainer.load_config(workdir)
+    except FileNotFoundError as error:
+        raise AnalysisInputError(f"workdir {workdir!r} has no config.json: it is not a train.py workdir") from error
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise AnalysisInputError(f"the config of workdir {workdir!r} cannot be used: {error}") from error
+
+
 def check_workdir(workdir: str, step: int | None = None) -> None:
-    """Raises AnalysisInputError unless `workdir` holds a train.py run with a checkpoint (at `step`)."""
+    """Raises AnalysisInputError unless `workdir` holds a train.py run with a readable config and a
+    checkpoint (at `step`)."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise AnalysisInputError(f"workdir {workdir!r} is a file, not a directory: pass the directory "
+                                 "train.py wrote (--workdir of train.py)")
     if not os.path.isdir(workdir):
         raise AnalysisInputError(f"workdir {workdir!r} does not exist; train it first with "
                                  f"`python train.py --workdir {workdir}`")
-    if not os.path.exists(os.path.join(workdir, "config.json")):
-        raise AnalysisInputError(f"workdir {workdir!r} has no config.json: it is not a train.py workdir")
+    load_config(workdir)
     steps = checkpoint_steps(workdir)
     if not steps:
         raise AnalysisInputError(f"workdir {workdir!r} has no checkpoint under checkpoints/; train it "
@@ -119,10 +133,16 @@ def load_population(workdir: str, step: int | None = None, name: str | None = No
     check_workdir(workdir, step)
     name = name or population_name(workdir)
     if not restore:
-        config = trainer.load_config(workdir)
+        config = load_config(workdir)
         step = checkpoint_steps(workdir)[-1] if step is None else step
         return Population(name, workdir, config, trainer.build_model(config), None, step)
-    config, model, variables, step = trainer.load_trained_population(workdir, step)
+    try:
+        config, model, variables, step = trainer.load_trained_population(workdir, step)
+    except checkpoints.DamagedCheckpointError as error:
+        raise AnalysisInputError(f"{error}; run `python train.py --workdir {workdir}` with its config "
+                                 "to set it aside and resume from the checkpoint before it") from error
+    except checkpoints.CheckpointError as error:
+        raise AnalysisInputError(str(error)) from error
     return Population(name, workdir, config, model, variables, step)
 
 
@@ -164,44 +184,91 @@ def _unreadable(path: str, error: Exception) -> AnalysisInputError:
                               f"`python train.py --workdir {workdir}` to write it again from the final checkpoint")
 
 
-def load_labels(workdir: str) -> np.ndarray:
-    """The test labels (N,) of predictions/test.npz, without reading the logits."""
+_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
+
+
+def _check_labels(path: str, labels: np.ndarray, num_classes: int | None) -> np.ndarray:
+    """`labels` if they are (N,) integer class indices (in [0, num_classes) when given), else
+    AnalysisInputError."""
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) == 0:
+        raise AnalysisInputError(f"{path}: labels must be a non-empty (N,) integer array, got {labels.dtype} "
+                                 f"{labels.shape}; delete it and rerun train.py to rewrite it")
+    high = num_classes if num_classes is not None else np.inf
+    if labels.min() < 0 or labels.max() >= high:
+        raise AnalysisInputError(f"{path}: labels lie in [{labels.min()}, {labels.max()}], outside the "
+                                 f"{num_classes} classes [0, {high - 1}] of the data set; delete it and rerun "
+                                 "train.py to rewrite it")
+    return labels
+
+
+def load_labels(workdir: str, num_classes: int | None = None) -> np.ndarray:
+    """The test labels (N,) of predictions/test.npz, without reading the logits; AnalysisInputError
+    unless they are integer class indices (below `num_classes` when given)."""
     path = _predictions_path(workdir)
     try:
         with np.load(path) as f:
-            return f["labels"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            labels = f["labels"]
+    except _READ_ERRORS as error:
         raise _unreadable(path, error) from error
+    return _check_labels(path, labels, num_classes)
 
 
-def load_correct(workdir: str) -> tuple[np.ndarray, np.ndarray]:
+def _logits_header(path: str, member, num_labels: int, num_classes: int | None,
+                   num_models: int | None) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape (M, N, C) and dtype of the logits.npy `member`, checked against the labels, the data
+    set's classes and the population size (when given)."""
+    version = np.lib.format.read_magic(member)
+    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = header(member)
+    if len(shape) != 3 or shape[1] != num_labels or fortran_order or 0 in shape:
+        raise AnalysisInputError(f"{path}: logits of shape {shape} (fortran order {fortran_order}) do "
+                                 f"not match {num_labels} labels; expected C-ordered (M, N, C)")
+    if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
+        raise AnalysisInputError(f"{path}: logits of dtype {dtype}; expected float16, float32 or float64")
+    if num_classes is not None and shape[2] != num_classes:
+        raise AnalysisInputError(f"{path}: logits over {shape[2]} classes, but the data set has {num_classes}")
+    if num_models is not None and shape[0] != num_models:
+        raise AnalysisInputError(f"{path}: logits of {shape[0]} models, but the population has {num_models}")
+    return shape, dtype
+
+
+def load_correct(workdir: str, num_classes: int | None = None,
+                 num_models: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Whether each model classifies each test example correctly, (M, N) bool, and the labels (N,),
-    from predictions/test.npz read one model's logits at a time (ImageNet: 50k x 1000 per model)."""
+    from predictions/test.npz read one model's logits at a time (ImageNet: 50k x 1000 per model).
+
+    AnalysisInputError for logits that are not float (M, N, C) over the labels, non-finite, over
+    another number of classes than `num_classes` or models than `num_models` (when given), and for
+    labels outside the classes.
+    """
     path = _predictions_path(workdir)
     try:
         with np.load(path) as f, f.zip.open("logits.npy") as member:
-            labels = f["labels"]
-            version = np.lib.format.read_magic(member)
-            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran_order, dtype = header(member)
-            if len(shape) != 3 or shape[1] != len(labels) or fortran_order:
-                raise AnalysisInputError(f"{path}: logits of shape {shape} (fortran order {fortran_order}) do "
-                                         f"not match {len(labels)} labels; expected C-ordered (M, N, C)")
+            labels = _check_labels(path, f["labels"], num_classes)
+            shape, dtype = _logits_header(path, member, len(labels), num_classes, num_models)
+            if num_classes is None and labels.max() >= shape[2]:
+                raise AnalysisInputError(f"{path}: label {labels.max()} is not one of the {shape[2]} classes "
+                                         "of the logits")
             correct = np.empty(shape[:2], bool)
             for m in range(shape[0]):
                 logits = np.frombuffer(member.read(shape[1] * shape[2] * dtype.itemsize), dtype)
-                correct[m] = logits.reshape(shape[1:]).argmax(-1) == labels
+                logits = logits.reshape(shape[1:])
+                if not np.isfinite(logits).all():
+                    raise AnalysisInputError(f"{path}: the logits of model {m} are not all finite (NaN or inf): "
+                                             "its training diverged or the file is damaged; delete it and rerun "
+                                             "train.py to rewrite it from the final checkpoint")
+                correct[m] = logits.argmax(-1) == labels
     except AnalysisInputError:
         raise
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+    except _READ_ERRORS as error:
         raise _unreadable(path, error) from error
     return correct, labels
 
 
 def load_test_labels(workdir: str, config: ml_collections.ConfigDict) -> TestSet:
     """The test set of `workdir` as its predictions know it: labels and number of classes, no images."""
-    return TestSet(None, load_labels(workdir), None, None, trainer.NUM_CLASSES[config.data.name],
-                   config.data.name)
+    num_classes = trainer.NUM_CLASSES[config.data.name]
+    return TestSet(None, load_labels(workdir, num_classes), None, None, num_classes, config.data.name)
 
 
 def class_names(config: ml_collections.ConfigDict, num_classes: int) -> list[str]:
@@ -224,12 +291,3 @@ def check_comparable(workdirs: Sequence[str], configs: Sequence[ml_collections.C
                 raise AnalysisInputError(
                     f"populations are not comparable: {workdirs[0]!r} has data.{field}={a!r} but {workdir!r} "
                     f"has data.{field}={b!r}; compare populations tested on the same test set")
-
-
-def check_same_labels(workdirs: Sequence[str], labels: Sequence[np.ndarray]) -> None:
-    """Raises AnalysisInputError unless every workdir's predictions share the same test labels."""
-    for workdir, other in zip(workdirs[1:], labels[1:]):
-        if other.shape != labels[0].shape or not np.array_equal(other, labels[0]):
-            raise AnalysisInputError(
-                f"test sets differ: {workdirs[0]!r} has {labels[0].shape[0]} test labels and {workdir!r} "
-                f"{other.shape[0]}, not the same examples in the same order")
