@@ -12,8 +12,8 @@ predictions/test.npz. One run at a time writes into a workdir (it holds <workdir
 
 Exit status:
   0    done: every model trained, predictions written.
-  1    a checkpoint could not be written (e.g. disk full): one line; earlier checkpoints are
-       kept and the same command resumes from them.
+  1    a checkpoint, metrics.jsonl or the predictions could not be written (disk full): one
+       line; earlier checkpoints are kept and the same command resumes from them.
   2    a mistake in the command (flag, config file, config value, workdir, a workdir that holds
        another run or is in use): one line on stderr saying what to change; nothing was written.
   3    training diverged (a non-finite loss or parameter, or an exploded loss): the message names
@@ -29,6 +29,7 @@ if __name__ == "__main__":  # the imports below take seconds: honour a signal se
     for _signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(_signal, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
+import errno  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -65,6 +66,11 @@ def stopped(signum: int, what: str) -> NoReturn:
     """Exit with 128 + ``signum`` after saying what the signal stopped."""
     print(f"train.py: stopped by signal {signum} {what}", file=sys.stderr, flush=True)
     sys.exit(128 + signum)
+
+
+def workdir_of(error: OSError) -> str:
+    """The file an OSError names, or the workdir."""
+    return error.filename or _WORKDIR.value
 
 
 def reject_unknown_overrides(argv: list[str]) -> None:
@@ -122,6 +128,11 @@ def main(argv):
             fail(str(error), EXIT_DIVERGED)
         except checkpoints.CheckpointWriteError as error:
             fail(str(error), 1)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            fail(f"disk full writing into {workdir_of(error)} ({error.strerror}); checkpoints already written "
+                 "are kept; free space and rerun the same command to resume", 1)
 
 
 def run(config, workdir: str, stop: checkpoints.StopOnSignal) -> None:

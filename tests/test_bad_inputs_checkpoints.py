@@ -360,6 +360,26 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
+CLI_METRICS_DISK_FULL = """
+import errno, os, runpy, sys
+from cka_jax import metrics_log
+def full(path, rows):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+metrics_log.append = full
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_cli_disk_full_writing_metrics_is_one_line_exit_1(tmp_path):
+    workdir = str(tmp_path / "run")
+    done = subprocess.run([sys.executable, "-c", CLI_METRICS_DISK_FULL] + _tiny_flags(workdir), cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=_one_device_env())
+    assert done.returncode == 1, done.stderr[-3000:]
+    (line,) = _errors(done.stderr)
+    assert line.startswith(f"train.py: error: disk full writing into {workdir}/metrics.jsonl") and "resume" in line
+
+
 def _tiny_flags(workdir):
     return ["--config.data.fraction=0.1", "--config.data.crop_padding=1", "--config.data.flip=false",
             "--config.model.depth=8", "--config.model.width=0.25", "--config.population.size=2",
