@@ -373,11 +373,17 @@ runpy.run_path("train.py", run_name="__main__")
 
 def test_cli_disk_full_writing_metrics_is_one_line_exit_1(tmp_path):
     workdir = str(tmp_path / "run")
-    done = subprocess.run([sys.executable, "-c", CLI_METRICS_DISK_FULL] + _tiny_flags(workdir), cwd=REPO,
+    line = _disk_full_cli_line(CLI_METRICS_DISK_FULL, workdir)
+    assert line.startswith(f"train.py: error: disk full writing into {workdir}/metrics.jsonl") and "resume" in line
+
+
+def _disk_full_cli_line(script, workdir):
+    """The one error line of train.py run by `script` (which makes a write fail), after exit 1."""
+    done = subprocess.run([sys.executable, "-c", script] + _tiny_flags(workdir), cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=_one_device_env())
     assert done.returncode == 1, done.stderr[-3000:]
     (line,) = _errors(done.stderr)
-    assert line.startswith(f"train.py: error: disk full writing into {workdir}/metrics.jsonl") and "resume" in line
+    return line
 
 
 def _tiny_flags(workdir):
@@ -401,10 +407,7 @@ def _one_device_env():
 
 def test_cli_disk_full_is_one_line_exit_1(tmp_path):
     workdir = str(tmp_path / "run")
-    done = subprocess.run([sys.executable, "-c", CLI_DISK_FULL] + _tiny_flags(workdir), cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env=_one_device_env())
-    assert done.returncode == 1, done.stderr[-3000:]
-    (line,) = _errors(done.stderr)
+    line = _disk_full_cli_line(CLI_DISK_FULL, workdir)
     # milestones of configs/digits.py: 0, 35% (step 3), 75%, 100% of 8 steps
     assert line == (f"train.py: error: disk full writing the checkpoint at step 3 in {workdir}/"
                     "checkpoints; earlier checkpoints are kept (latest: step 0); free space and "
