@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from cka_jax.hsic import HIGHEST, as_matrix, scaled_centred, times_pow2
+from cka_jax.hsic import HIGHEST, check_pair, scaled_centred, times_pow2
 
 
 class CCAResult(NamedTuple):
@@ -50,12 +50,7 @@ class CCAResult(NamedTuple):
 def _matrices(x: jax.Array, y: jax.Array, epsilon) -> tuple[jax.Array, jax.Array]:
     """`x: (n, ...)`, `y: (n, ...)` -> checked float `(n, p)`, `(n, q)`; ValueError unless both are
     real arrays with at least one example and feature and the same n, and epsilon is >= 0."""
-    xm, ym = as_matrix(x, "x"), as_matrix(y, "y")
-    if xm.shape[0] != ym.shape[0]:
-        raise ValueError(
-            f"x and y must be (n, ...) arrays with the same number n of examples; got {jnp.shape(x)} and "
-            f"{jnp.shape(y)}"
-        )
+    xm, ym = check_pair(x, y)
     if not isinstance(epsilon, jax.core.Tracer) and (
             isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not 0 <= epsilon < math.inf):
         raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cka_jax.hsic import HIGHEST, as_matrix, check_gram_pair, check_threshold, gram_rbf, normalise, \
+from cka_jax.hsic import HIGHEST, check_gram_pair, check_pair, check_threshold, gram_rbf, normalise, \
     scaled_centred, ucenter
 
 
@@ -37,9 +37,7 @@ def _centred_unit(gram: jax.Array, debiased: bool) -> jax.Array:
 
 
 def _pair(x: jax.Array, y: jax.Array, debiased: bool) -> tuple[jax.Array, jax.Array]:
-    x, y = as_matrix(x, "x"), as_matrix(y, "y")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must have the same number of examples, got shapes {x.shape} and {y.shape}")
+    x, y = check_pair(x, y)
     min_n = 4 if debiased else 2
     if x.shape[0] < min_n:
         raise ValueError(f"{'debiased' if debiased else 'biased'} CKA needs n >= {min_n} examples, got {x.shape[0]}")

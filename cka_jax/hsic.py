@@ -41,9 +41,13 @@ def float_dtype(dtype, name: str = "x") -> np.dtype:
     return np.dtype(jax.dtypes.canonicalize_dtype(jnp.float64 if wide else jnp.float32))
 
 
-def _checked(x, name: str, min_ndim: int):
-    """x (a NumPy or JAX array, converted if array-like) and its float dtype, after the checks of
-    `check_array`."""
+def check_input(x, name: str = "x", min_ndim: int = 2) -> tuple[jax.Array | np.ndarray, np.dtype]:
+    """x (a NumPy or JAX array, other array-likes converted to NumPy; dtype unchanged) and the
+    float dtype it is computed in (see `float_dtype`).
+
+    ValueError naming `name` unless x is an array (not a Python list or tuple) of real numbers
+    with at least `min_ndim` dims and no zero-length axis.
+    """
     if isinstance(x, (list, tuple)):
         raise ValueError(f"{name} must be an array (NumPy or JAX), got a Python {type(x).__name__}; "
                          f"convert it with np.asarray")
@@ -60,18 +64,14 @@ def _checked(x, name: str, min_ndim: int):
 
 
 def check_array(x, name: str = "x", min_ndim: int = 2) -> jax.Array:
-    """`x` as a JAX array in its float dtype (see `float_dtype`), after checking it.
-
-    ValueError naming `name` unless x is an array (not a Python list or tuple) of real numbers
-    with at least `min_ndim` dims and no zero-length axis.
-    """
-    x, dtype = _checked(x, name, min_ndim)
+    """`x` as a JAX array in its float dtype, after the checks of `check_input`."""
+    x, dtype = check_input(x, name, min_ndim)
     return jnp.asarray(x).astype(dtype)
 
 
 def host_matrix(x, name: str = "x") -> np.ndarray:
-    """x: (n, ...) -> float64 NumPy (n, p), after the checks of `check_array` (for host-side code)."""
-    x, _ = _checked(x, name, 2)
+    """x: (n, ...) -> float64 NumPy (n, p), after the checks of `check_input` (for host-side code)."""
+    x, _ = check_input(x, name)
     x = np.asarray(x)
     return x.reshape(x.shape[0], -1).astype(np.float64)
 
@@ -80,6 +80,16 @@ def as_matrix(x: jax.Array, name: str = "x") -> jax.Array:
     """x: (n, ...) -> (n, p) in its float dtype, after `check_array`."""
     x = check_array(x, name)
     return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
+def check_pair(x, y, convert=as_matrix):
+    """x: (n, ...), y: (n, ...) -> (n, p), (n, q) through `convert` (`as_matrix`, or `host_matrix`
+    for host-side code) and its checks; ValueError unless x and y have the same n."""
+    xm, ym = convert(x, "x"), convert(y, "y")
+    if xm.shape[0] != ym.shape[0]:
+        raise ValueError(
+            f"x and y must be (n, ...) arrays with the same number n of examples; got {np.shape(x)} and {np.shape(y)}")
+    return xm, ym
 
 
 def pow2(k: jax.Array, dtype) -> jax.Array:
@@ -217,9 +227,8 @@ def ucenter(gram: jax.Array, unbiased: bool) -> jax.Array:
     return gram - means[..., :, None] - means[..., None, :]
 
 
-def _scaled_center(gram, unbiased: bool, name: str) -> tuple[jax.Array, jax.Array]:
-    """Checked, rescaled and centred gram: (centred·2^-k, k), k of shape (..., 1, 1)."""
-    gram = check_gram(gram, name)
+def _scaled_center(gram: jax.Array, unbiased: bool, name: str) -> tuple[jax.Array, jax.Array]:
+    """Rescaled and centred checked gram: (centred·2^-k, k), k of shape (..., 1, 1)."""
     if unbiased and gram.shape[-1] < 4:
         raise ValueError(f"the unbiased estimator needs n >= 4 examples, got {name} of shape {gram.shape}")
     gram, k = normalise(gram, axis=(-2, -1))
@@ -233,7 +242,7 @@ def center_gram(gram: jax.Array, unbiased: bool = False) -> jax.Array:
     row and column sums/(n-2), add total/((n-1)(n-2)), zero diagonal), so that
     <U(K), U(L)> / (n(n-3)) is the unbiased HSIC₁ of Song et al. 2012.
     """
-    centred, k = _scaled_center(gram, unbiased, "gram")
+    centred, k = _scaled_center(check_gram(gram), unbiased, "gram")
     return times_pow2(centred, k)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.linear_model import Lasso
 
-from cka_jax.hsic import HIGHEST, as_matrix, host_matrix, scaled_centred
+from cka_jax.hsic import HIGHEST, check_pair, host_matrix, scaled_centred
 
 MATCHING_METHODS = ("bipartite", "semi")
 
@@ -36,18 +36,6 @@ class UnitMatching(NamedTuple):
     correlations: np.ndarray
 
 
-def _check_pair(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`x: (n, ...)`, `y: (n, ...)` -> checked float `(n, p)`, `(n, q)`; ValueError unless both are
-    real arrays with at least one example and unit and the same n."""
-    xm, ym = as_matrix(x, "x"), as_matrix(y, "y")
-    if xm.shape[0] != ym.shape[0]:
-        raise ValueError(
-            f"x and y must be (n, ...) arrays with the same number n of examples; got {jnp.shape(x)} and "
-            f"{jnp.shape(y)}"
-        )
-    return xm, ym
-
-
 @jax.jit
 def _correlations(x: jax.Array, y: jax.Array) -> jax.Array:
     """Pearson correlations of the columns of x: (n, p) and y: (n, q), each column rescaled exactly."""
@@ -62,7 +50,7 @@ def unit_correlations(x: jax.Array, y: jax.Array) -> jax.Array:
 
     Entries involving a zero-variance unit, or a unit with NaN or inf, are NaN.
     """
-    return _correlations(*_check_pair(x, y))
+    return _correlations(*check_pair(x, y))
 
 
 def match_units(x: jax.Array, y: jax.Array, method: str = "bipartite") -> UnitMatching:
@@ -76,7 +64,7 @@ def match_units(x: jax.Array, y: jax.Array, method: str = "bipartite") -> UnitMa
     """
     if method not in MATCHING_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {MATCHING_METHODS}")
-    xm, ym = _check_pair(x, y)
+    xm, ym = check_pair(x, y)
     corr = np.asarray(_correlations(xm, ym), dtype=np.float64)
     defined = np.isfinite(corr)
     if method == "bipartite":
@@ -124,11 +112,7 @@ def sparse_prediction_loss(
     NaN. Returns `(len(l1_penalties),)` losses in standardised units (predicting 0 scores
     about 1).
     """
-    xa, ya = host_matrix(x, "x"), host_matrix(y, "y")
-    if xa.shape[0] != ya.shape[0]:
-        raise ValueError(
-            f"x and y must be (n, ...) arrays with the same number n of examples; got {np.shape(x)} and {np.shape(y)}"
-        )
+    xa, ya = check_pair(x, y, host_matrix)
     try:
         penalties = np.asarray(l1_penalties, dtype=np.float64)
     except (TypeError, ValueError):

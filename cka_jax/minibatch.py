@@ -42,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from cka_jax.hsic import (HIGHEST, check_threshold, float_dtype, gram_rbf, pow2, scale_exponent, times_pow2,
-                          ucenter)
+from cka_jax.hsic import (HIGHEST, check_array, check_input, check_threshold, float_dtype, gram_rbf, pow2,
+                          scale_exponent, times_pow2, ucenter)
 
 Activations = Union[Sequence[jax.Array], Mapping[str, jax.Array]]
 KERNELS = ("linear", "rbf")
@@ -61,9 +61,7 @@ def _named_layers(acts: Activations, side: str) -> list[tuple[str, jax.Array]]:
     if not items:
         raise ValueError(f"{side} is empty: pass one activation array per layer")
     for name, a in items:
-        if isinstance(a, (list, tuple)):
-            raise ValueError(f"{name} must be an array (NumPy or JAX), got a Python {type(a).__name__}")
-        float_dtype(a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype, name)
+        check_input(a, name, min_ndim=0)  # dtype and empty axes; _check_layers checks the layout
     return items
 
 
@@ -76,8 +74,6 @@ def _check_layers(items: list[tuple[str, jax.Array]], num_models: int | None) ->
         shape = jnp.shape(a)
         if len(shape) < lead + 1 or (num_models is not None and shape[0] != num_models):
             raise ValueError(f"{name} must have shape {expected} with at least one feature axis, got {shape}")
-        if 0 in shape:
-            raise ValueError(f"{name} has shape {shape}: every axis needs at least one entry (examples and features)")
         sizes.append((name, shape, shape[lead - 1]))
     first_name, first_shape, n = sizes[0]
     for name, shape, size in sizes[1:]:
@@ -98,6 +94,11 @@ def _as_models(a: jax.Array, population: bool) -> jax.Array:
     if not population:
         a = a[None]
     return a.reshape(a.shape[0], a.shape[1], math.prod(a.shape[2:]))
+
+
+def _applied(log2_scale: jax.Array) -> jax.Array:
+    """The log2 scales activations are divided by: NO_SCALE (a layer not yet seen varying) by 2^0."""
+    return jnp.where(log2_scale == NO_SCALE, 0, log2_scale)
 
 
 def _spread_exponents(x: jax.Array) -> jax.Array:
@@ -149,7 +150,7 @@ def _linear_grams(items: list[tuple[str, jax.Array]], population: bool,
     own scale), and those log2 scales."""
     xs = [_as_models(a, population) for _, a in items]
     scale = jnp.maximum(log2_scale, jnp.stack([_spread_exponents(x) for x in xs], axis=1))
-    applied = jnp.where(scale == NO_SCALE, 0, scale)
+    applied = _applied(scale)
     grams = [ucenter(_shifted_linear_gram(x, applied[:, i]), unbiased=True) for i, x in enumerate(xs)]
     return jnp.stack(grams, axis=1), scale
 
@@ -170,8 +171,7 @@ def _fit_grams(grams: jax.Array, log2_scale: jax.Array) -> tuple[jax.Array, jax.
     k, valid = scale_exponent(jnp.max(jnp.abs(grams), axis=(-2, -1)))
     own = jnp.where(valid, (k + 3) // 2, NO_SCALE)  # largest entry < 2^(k + 2)
     scale = jnp.maximum(log2_scale, own)
-    applied = jnp.where(scale == NO_SCALE, 0, scale)
-    return times_pow2(grams, -2 * applied[..., None, None]), scale
+    return times_pow2(grams, -2 * _applied(scale)[..., None, None]), scale
 
 
 def minibatch_grams(acts: Activations, *, population: bool = False, kernel: str = "linear",
@@ -193,7 +193,7 @@ def minibatch_grams(acts: Activations, *, population: bool = False, kernel: str 
     if kernel == "linear":
         models = jnp.shape(items[0][1])[0] if population else 1
         grams, scale = _linear_grams(items, population, jnp.full((models, len(items)), NO_SCALE, jnp.int32))
-        grams = times_pow2(grams, 2 * jnp.where(scale == NO_SCALE, 0, scale)[..., None, None])
+        grams = times_pow2(grams, 2 * _applied(scale)[..., None, None])
     else:
         grams = _rbf_grams(items, population, threshold)
     return grams if population else grams[0]
@@ -379,15 +379,13 @@ class MinibatchCKA:
                                                  ("grams_b", grams_b, self.xy.shape[1::2], self.log2_scale_b)):
             if g is None:
                 continue
-            if isinstance(g, (list, tuple)):
-                raise ValueError(f"{name} must be an array (NumPy or JAX), got a Python {type(g).__name__}")
+            g = check_array(g, name, min_ndim=0)
             expected = (models, layers) if self.population else (layers,)
-            shape = jnp.shape(g)
+            shape = g.shape
             if len(shape) != len(expected) + 2 or shape[:-2] != expected or shape[-1] != shape[-2]:
                 raise ValueError(f"{name} must have shape {expected + ('n', 'n')}, got {shape}")
             if shape[-1] < 4:
                 raise ValueError(f"HSIC₁ needs at least 4 examples per minibatch, got {name} of shape {shape}")
-            g = jnp.asarray(g).astype(float_dtype(g.dtype, name))
             fitted, scale = _fit_grams(g if self.population else g[None], scale)
             grams.append(fitted)
             scales.append(scale)
