@@ -146,7 +146,7 @@ def run(config, workdir: str, stop: checkpoints.StopOnSignal) -> None:
     package_logger.setLevel(logging.INFO)
     package_logger.addHandler(logging.StreamHandler(sys.stderr))
     package_logger.propagate = False
-    trainer.check_run(config)
+    model, layout = trainer.check_run(config)
     with trainer.lock_workdir(workdir):
         trainer.check_workdir(workdir, config)
         if stop.is_set():
@@ -154,8 +154,8 @@ def run(config, workdir: str, stop: checkpoints.StopOnSignal) -> None:
         bar = tqdm(total=config.train.epochs, unit="epoch",
                    desc=os.path.basename(workdir.rstrip("/")), disable=jax.process_index() != 0)
         with logging_redirect_tqdm([package_logger]), bar:
-            result = trainer.train_and_evaluate(config, workdir, progress=bar,
-                                                should_stop=stop.is_set)
+            result = trainer.train_checked(config, workdir, model, layout, progress=bar,
+                                           should_stop=stop.is_set)
     if result.interrupted:
         package_logger.info("interrupted at step %d of %d; run the same command to resume",
                             result.step, result.total_steps)

@@ -45,6 +45,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
+from cka_jax import atomic_file
+
 PyTree = Any
 logger = logging.getLogger(__name__)
 
@@ -104,12 +106,8 @@ def write_manifest(item_dir: str) -> None:
     """Record size and SHA-256 of every file under ``item_dir`` in ``item_dir/MANIFEST``."""
     files = {rel: {"bytes": os.path.getsize(path), "sha256": _digest(path)}
              for rel, path in sorted(_files(item_dir).items())}
-    path = os.path.join(item_dir, MANIFEST)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"format": 1, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    atomic_file.write(os.path.join(item_dir, MANIFEST),
+                      json.dumps({"format": 1, "files": files}, indent=1))
 
 
 def manifest_problem(item_dir: str) -> str | None:
@@ -320,16 +318,11 @@ class PopulationCheckpoints:
         """
         if step in self._manager.all_steps():
             return
-        self._wait()
+        self.wait()
         self._purge_deleted()
         self._pending = step
         with self._write_errors():
             self._manager.save(step, args=_Save(state), force=True)
-
-    def _wait(self) -> None:
-        with self._write_errors():
-            self._manager.wait_until_finished()
-        self._pending = None
 
     @contextlib.contextmanager
     def _write_errors(self) -> Iterator[None]:
@@ -348,12 +341,12 @@ class PopulationCheckpoints:
         kept = [s for s in self.all_steps() if s != step]
         earlier = (f"earlier checkpoints are kept (latest: step {kept[-1]})" if kept
                    else "no earlier checkpoint exists")
-        what = ("disk full" if _is_disk_full(error)
-                else f"failed ({_one_line(error)})")
+        full = _is_disk_full(error)
+        what = "disk full" if full else f"failed ({_one_line(error)})"
         return CheckpointWriteError(
             f"{what} writing the checkpoint at step {step} in {self.directory}; {earlier}; "
-            f"{'free space' if _is_disk_full(error) else 'fix this'} and rerun the same command "
-            "to resume", step, self.directory)
+            f"{'free space' if full else 'fix this'} and rerun the same command to resume",
+            step, self.directory)
 
     def _purge_deleted(self) -> None:
         """Delete the checkpoints orbax dropped (renamed into :data:`DELETED`) so far."""
@@ -491,7 +484,7 @@ class PopulationCheckpoints:
     def _quarantine(self, step: int) -> str | None:
         """Move the checkpoint at ``step`` to ``<directory>.corrupt/<step>`` (``<step>-2``, ...
         if that is taken); returns where it went, None if it is gone already."""
-        self._wait()
+        self.wait()
         present = os.path.isdir(self.step_dir(step))
         target = os.path.join(self.directory + ".corrupt", str(step))
         suffix = 1
@@ -514,7 +507,9 @@ class PopulationCheckpoints:
 
     def wait(self) -> None:
         """Block until the save in flight is written; :class:`CheckpointWriteError` if it failed."""
-        self._wait()
+        with self._write_errors():
+            self._manager.wait_until_finished()
+        self._pending = None
 
     def close(self) -> None:
         """Finish the save in flight and close. Raises :class:`CheckpointWriteError` if it
@@ -522,7 +517,7 @@ class PopulationCheckpoints:
         propagating = sys.exc_info()[1]  # close() is called from `finally` blocks
         try:
             if not self._failed:
-                self._wait()
+                self.wait()
                 if not self.read_only:
                     self._purge_deleted()
         except CheckpointWriteError as error:

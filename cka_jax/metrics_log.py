@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from cka_jax import atomic_file
+
 logger = logging.getLogger(__name__)
 
 FILE_NAME = "metrics.jsonl"
@@ -119,9 +121,4 @@ def truncate(path: str, max_step: int) -> None:
     if not os.path.exists(path):
         return
     rows = [row for row in read(path) if row.get("step", 0) <= max_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(encode(row) for row in rows))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_file.write(path, "".join(encode(row) for row in rows))

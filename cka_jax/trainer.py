@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cka_jax import atomic_file
 from cka_jax import checkpoints as ckpt_lib
 from cka_jax import data as data_lib
 from cka_jax import metrics_log
@@ -117,10 +118,9 @@ def check_run(config: ml_collections.ConfigDict,
             raise ValueError(f"data.crop_padding must be at most the image side ({side}), got "
                              f"{config.data.crop_padding}")
         model = build_model(config)
-        jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                       jnp.zeros((1,) + image_shape(config), jnp.float32))
+        state = model_state_shape(config, model)  # an invalid architecture fails here
         layout = pop.make_layout(config.population.size, config.population.strategy, devices)
-        check_memory(config, model, layout)
+        check_memory(config, model, state, layout)
     except RunConfigError:
         raise
     except (ValueError, TypeError) as error:
@@ -209,19 +209,9 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
             for name in CONFIG_COPIES:
                 path = os.path.join(workdir, name)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                _write_atomic(path, text)
+                atomic_file.write(path, text)
         except OSError as error:
             raise RunConfigError(f"cannot write to --workdir {workdir} ({error})") from error
-
-
-def _write_atomic(path: str, text: str) -> None:
-    """Write ``path`` so that a crash leaves either the old or the new file, never a part."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _truncate_metrics(path: str, max_step: int) -> None:
@@ -334,10 +324,6 @@ class _Population:
             out[self.layout.chunk_models(k)] = values
         return out[:self.layout.size]
 
-    def epoch_sums(self) -> np.ndarray:
-        """(M, 3) summed train loss, correct, count of the current epoch."""
-        return self._gather([pop.to_host(c.epoch_sums) for c in self.chunks])
-
     def test_accuracy(self, eval_set: _EvalSet, mean, std) -> np.ndarray:
         """(M,) accuracy on the test set (one pass over it, every chunk per batch)."""
         totals = [0.0] * len(self.chunks)
@@ -383,13 +369,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     model, layout = check_run(config, devices)
     with lock_workdir(workdir):
         check_workdir(workdir, config)
-        return _setup_and_train(config, workdir, model, layout, progress, should_stop)
+        return train_checked(config, workdir, model, layout, progress, should_stop)
 
 
-def _setup_and_train(config: ml_collections.ConfigDict, workdir: str, model, layout,
-                     progress: Progress | None,
-                     should_stop: Callable[[], bool] | None) -> RunResult:
-    """train_and_evaluate once its checks pass and its lock is held: data, population, loop."""
+def train_checked(config: ml_collections.ConfigDict, workdir: str, model,
+                  layout: pop.PopulationLayout, progress: Progress | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> RunResult:
+    """:func:`train_and_evaluate` after its checks, for a caller that ran them itself:
+    ``(model, layout)`` from :func:`check_run`, :func:`check_workdir` passed, and
+    :func:`lock_workdir` held around this call. Loads the data, builds the population, trains."""
     logger.info("population of %d (padded to %d) on %d devices, %d per device, strategy %s",
                 layout.size, layout.padded_size, layout.num_devices, layout.per_device,
                 layout.strategy)
@@ -520,10 +508,11 @@ def model_state_shape(config: ml_collections.ConfigDict, model) -> training.Trai
         model, tx, jax.random.PRNGKey(0), jax.random.PRNGKey(0), sample))
 
 
-def check_memory(config: ml_collections.ConfigDict, model, layout: pop.PopulationLayout) -> None:
+def check_memory(config: ml_collections.ConfigDict, model, state: training.TrainState,
+                 layout: pop.PopulationLayout) -> None:
     """``ValueError`` (one line) when the population cannot fit in memory, estimated from one
-    model's state and one chunk's activations (shapes only, nothing is run or compiled)."""
-    state = model_state_shape(config, model)
+    model's ``state`` (:func:`model_state_shape`) and one chunk's activations (shapes only,
+    nothing is run or compiled)."""
     images = jax.ShapeDtypeStruct((config.train.batch_size,) + image_shape(config),
                                   jnp.dtype(config.model.dtype))
     _, captured = jax.eval_shape(lambda variables, x: model.apply(
@@ -575,11 +564,18 @@ class _Health:
         return sorted(self.non_finite + self.exploded)
 
 
-def _check_health(run: _Run, finite_fn: Callable) -> _Health:
-    """Which models diverged: one reduction of each chunk's state on device, (M,) flags to host."""
+def _health_values(state: training.TrainState) -> jax.Array:
+    """(4,): one model's epoch sums (train loss, correct, count), then 1 if every float in its
+    state is finite, else 0."""
+    return jnp.append(state.epoch_sums, training.state_is_finite(state).astype(jnp.float32))
+
+
+def _check_health(run: _Run, health_fn: Callable) -> _Health:
+    """Which models diverged: per chunk, one reduction of its state on device (``health_fn``:
+    :func:`_health_values` over the chunk) and one transfer of its values to host."""
     population = run.population
-    finite = population._gather([pop.to_host(finite_fn(chunk)) for chunk in population.chunks])
-    sums = population.epoch_sums()
+    values = population._gather([pop.to_host(health_fn(chunk)) for chunk in population.chunks])
+    sums, finite = values[:, :3], values[:, 3] == 1
     with np.errstate(divide="ignore", invalid="ignore"):
         mean_loss = sums[:, 0] / sums[:, 2]
     max_loss = EXPLODED_LOSS_FACTOR * math.log(NUM_CLASSES[run.config.data.name])
@@ -676,10 +672,8 @@ def _write_predictions(run: _Run) -> np.ndarray:
                                "predictions were written", bad, run.total_steps)
     if jax.process_index() == 0:
         os.makedirs(os.path.join(run.workdir, "predictions"), exist_ok=True)
-        path = os.path.join(run.workdir, "predictions", "test.npz")
-        with open(path + ".tmp", "wb") as f:
-            np.savez(f, logits=logits, labels=labels)
-        os.replace(path + ".tmp", path)
+        atomic_file.write(os.path.join(run.workdir, "predictions", "test.npz"),
+                          lambda f: np.savez(f, logits=logits, labels=labels))
     return (logits.argmax(-1) == labels[None]).mean(-1)
 
 
@@ -702,13 +696,13 @@ def _train(run: _Run, progress: Progress | None,
     if run.total_steps > MAX_TOTAL_STEPS:
         raise RunConfigError(f"train.epochs={run.config.train.epochs} makes {run.total_steps} steps, "
                              f"more than a step counter holds ({MAX_TOTAL_STEPS})")
-    finite_fn = pop.map_models(training.state_is_finite, population.layout)
+    health_fn = pop.map_models(_health_values, population.layout)
     step = _restore_or_init(population, checkpoints)
     _truncate_metrics(metrics_log.path_in(run.workdir), step)
     every = run.config.checkpoint.every_steps or run.steps_per_epoch
     milestones = set(checkpoints.milestone_steps)
     if step in milestones or step == 0:
-        health = _check_health(run, finite_fn)
+        health = _check_health(run, health_fn)
         if health.diverged:
             raise _divergence(run, health, step)
         checkpoints.save(step, population.stacked())
@@ -730,7 +724,7 @@ def _train(run: _Run, progress: Progress | None,
             seconds = max(time.perf_counter() - epoch_start, 1e-9)
             images = population.layout.size * run.batch_size * (step - epoch_start_step)
         # Every epoch and before every save, so that no checkpoint holds a diverged state.
-        health = _check_health(run, finite_fn) if epoch_end or save else None
+        health = _check_health(run, health_fn) if epoch_end or save else None
         if epoch_end:
             _log_epoch(run, step, images / seconds, progress, health)
             epoch_start, epoch_start_step = time.perf_counter(), step

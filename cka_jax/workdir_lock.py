@@ -2,9 +2,10 @@
 
 The lock is ``fcntl.flock`` on ``<workdir>/.lock``, which holds the holder's pid and host. The
 kernel releases a flock when its holder exits in any way (kill -9 included), so a lock file left
-behind by a dead run never blocks the next one. Within one process the lock is re-entrant for the
-thread holding it (train.py holds it while calling ``train_and_evaluate``, which takes it too).
-flock is local to one machine: on a network file system two hosts are not kept apart.
+behind by a dead run never blocks the next one. Each :func:`acquire` opens the file anew, and
+flock refuses a second open file even within the process that holds the lock, so a second run
+in the same process is refused too. flock is local to one machine: on a network file system
+two hosts are not kept apart.
 """
 from __future__ import annotations
 
@@ -12,34 +13,22 @@ import dataclasses
 import fcntl
 import os
 import socket
-import threading
 
 LOCK_FILE = ".lock"
 
 
 class WorkdirBusyError(RuntimeError):
-    """Another process (or another thread of this one) holds the workdir's lock."""
+    """Another run (in another process, or in this one) holds the workdir's lock."""
 
 
 @dataclasses.dataclass
 class WorkdirLock:
-    """A held lock; :meth:`release` once per :func:`acquire`."""
-    key: str
+    """A held lock; :meth:`release` it once."""
     fd: int
-    thread: int
-    depth: int = 1
 
     def release(self) -> None:
-        with _guard:
-            self.depth -= 1
-            if self.depth == 0:
-                del _held[self.key]
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
-                os.close(self.fd)
-
-
-_held: dict[str, WorkdirLock] = {}
-_guard = threading.Lock()
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
 
 
 def _holder(fd: int) -> str:
@@ -48,32 +37,23 @@ def _holder(fd: int) -> str:
 
 
 def acquire(workdir: str) -> WorkdirLock:
-    """Lock ``workdir`` (created if missing) for this process and thread.
+    """Lock ``workdir`` (created if missing).
 
     Raises :class:`WorkdirBusyError` naming the holder, or ``OSError`` if the workdir cannot be
     created or written.
     """
-    key = os.path.realpath(workdir)
-    with _guard:
-        held = _held.get(key)
-        if held is not None:
-            if held.thread != threading.get_ident():
-                raise WorkdirBusyError(f"workdir {workdir} is in use by another thread of this process")
-            held.depth += 1
-            return held
-        os.makedirs(workdir, exist_ok=True)
-        fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        except BlockingIOError:
-            holder = _holder(fd)
-            os.close(fd)
-            raise WorkdirBusyError(f"workdir {workdir} is in use by {holder}; wait until that run "
-                                   "ends or use another --workdir") from None
-        except OSError:
-            os.close(fd)  # also releases the flock
-            raise
-        _held[key] = WorkdirLock(key, fd, threading.get_ident())
-        return _held[key]
+    os.makedirs(workdir, exist_ok=True)
+    fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise WorkdirBusyError(f"workdir {workdir} is in use by {holder}; wait until that run "
+                               "ends or use another --workdir") from None
+    except OSError:
+        os.close(fd)  # also releases the flock
+        raise
+    return WorkdirLock(fd)

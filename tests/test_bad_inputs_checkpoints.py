@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +18,8 @@ from cka_jax import population as pop
 from cka_jax.analysis import workdir as analysis_workdir
 import tiny
 
-jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "cka_jax_test_xla"))
+jax.config.update("jax_compilation_cache_dir", tiny.CACHE_DIR)
 ONE_DEVICE = jax.devices()[:1]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISE = ("Traceback", "Event loop is closed", "TensorStore", "Exception ignored")
 ITEM, MANIFEST = "default", "cka_jax_manifest.json"  # on-disk format: <step>/default/<manifest>
 
@@ -265,9 +262,7 @@ def test_reading_beside_a_running_training(tmp_path):
     workdir = str(tmp_path / "run")
     flags = _tiny_flags(workdir) + ["--config.train.epochs=12", "--config.checkpoint.every_steps=1",
                                     "--config.checkpoint.max_to_keep=1"]
-    training = subprocess.Popen([sys.executable, "train.py"] + flags, cwd=REPO,
-                                env=_one_device_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+    training = tiny.start_train(*flags)
     steps, still_writing = [], 0
     try:
         while training.poll() is None:
@@ -379,30 +374,21 @@ def test_cli_disk_full_writing_metrics_is_one_line_exit_1(tmp_path):
 
 def _disk_full_cli_line(script, workdir):
     """The one error line of train.py run by `script` (which makes a write fail), after exit 1."""
-    done = subprocess.run([sys.executable, "-c", script] + _tiny_flags(workdir), cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env=_one_device_env())
-    assert done.returncode == 1, done.stderr[-3000:]
-    (line,) = _errors(done.stderr)
+    code, err = tiny.run_train(*_tiny_flags(workdir), script=script)
+    assert code == 1, err[-3000:]
+    (line,) = _errors(err)
     return line
 
 
 def _tiny_flags(workdir):
-    return ["--config.data.fraction=0.1", "--config.data.crop_padding=1", "--config.data.flip=false",
-            "--config.model.depth=8", "--config.model.width=0.25", "--config.population.size=2",
-            "--config.train.epochs=2", "--config.train.batch_size=32",
-            "--config.train.eval_batch_size=180", f"--workdir={workdir}", "--compilation_cache=" +
-            os.path.join(tempfile.gettempdir(), "cka_jax_test_xla")]
+    """train.py's flags of a tiny 2-epoch run (8 steps) into `workdir`."""
+    return [*tiny.TINY_FLAGS, "--config.train.epochs=2", f"--workdir={workdir}"]
 
 
 def _errors(stderr):
     """stderr without the progress bar and the run's info lines."""
     return [line for line in stderr.replace("\r", "\n").splitlines()
             if "error" in line.lower() or "Traceback" in line]
-
-
-def _one_device_env():
-    return dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", ""))
 
 
 def test_cli_disk_full_is_one_line_exit_1(tmp_path):
@@ -446,10 +432,9 @@ def test_a_population_that_fits_is_accepted(monkeypatch):
 
 def test_cli_refuses_a_population_that_cannot_fit_in_one_line(tmp_path):
     workdir = str(tmp_path / "run")
-    done = subprocess.run([sys.executable, "train.py", "--config.population.size=100000",
-                           f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env=_one_device_env())
-    assert done.returncode == 2
-    (line,) = done.stderr.strip().splitlines()
+    code, err = tiny.run_train("--config.population.size=100000", f"--workdir={workdir}",
+                               timeout=120)
+    assert code == 2
+    (line,) = err.strip().splitlines()
     assert line.startswith("train.py: error: population.size=100000 needs about")
     assert not os.path.exists(workdir)

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
@@ -21,32 +20,15 @@ import pytest
 
 from cka_jax import metrics_log, trainer
 import tiny
+from tiny import DIGITS, ROOT, TINY_FLAGS as TINY, run_train, start_train
 
-jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "cka_jax_test_xla"))
+jax.config.update("jax_compilation_cache_dir", tiny.CACHE_DIR)
 ONE_DEVICE = jax.devices()[:1]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIGITS = os.path.join(ROOT, "configs", "digits.py")
-TINY = ["--config", DIGITS + ":depth=8,width=0.25,size=2", "--config.data.fraction=0.1",
-        "--config.train.batch_size=32", "--config.train.eval_batch_size=360"]
-CACHE = "--compilation_cache=" + os.path.join(tempfile.gettempdir(), "cka_jax_test_xla")
 
 
 def tiny_config(epochs=1, **train):
-    """2 models of ResNet-8 (1/4 width) on 144 digits: 4 steps per epoch."""
+    """2 models of ResNet-8 (1/4 width) on 144 digits: 4 steps per epoch, as TINY on train.py."""
     return tiny.tiny_config(2, epochs, eval_batch_size=360, **train)
-
-
-def start_cli(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), CACHE, *args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def run_cli(*args, timeout=300):
-    proc = start_cli(*args)
-    _, err = proc.communicate(timeout=timeout)
-    return proc.returncode, err
 
 
 def strict_rows(workdir):
@@ -103,8 +85,8 @@ def test_diverged_training_stops_and_saves_nothing_diverged(tmp_path, learning_r
 
 def test_diverged_cli_run_exits_3_naming_the_models(tmp_path):
     workdir = str(tmp_path / "run")
-    code, err = run_cli(*TINY, "--config.train.learning_rate=1e8", "--config.train.epochs=2",
-                        "--workdir", workdir)
+    code, err = run_train(*TINY, "--config.train.learning_rate=1e8", "--config.train.epochs=2",
+                          "--workdir", workdir)
     assert code == 3, err
     assert "diverged at step" in err and "models 0, 1" in err and "Traceback" not in err
     assert not os.path.exists(os.path.join(workdir, "predictions"))
@@ -170,7 +152,7 @@ def test_a_locked_workdir_is_refused_and_a_killed_holder_releases_it(tmp_path):
         busy = f"in use by process {holder.pid}"
         with pytest.raises(trainer.RunConfigError, match=busy):
             trainer.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
-        code, err = run_cli(*TINY, "--config.train.epochs=1", "--workdir", workdir)
+        code, err = run_train(*TINY, "--config.train.epochs=1", "--workdir", workdir)
         assert code == 2 and err.count("\n") == 1 and busy in err, err
         assert not os.path.exists(metrics_log.path_in(workdir))
     finally:
@@ -301,7 +283,7 @@ def test_metrics_rows_are_strict_json(tmp_path):
 
 def test_sigterm_while_starting_exits_143_at_once(tmp_path):
     workdir = str(tmp_path / "run")
-    proc = start_cli(*TINY, "--workdir", workdir)
+    proc = start_train(*TINY, "--workdir", workdir)
     time.sleep(0.5)   # still importing jax
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -312,7 +294,7 @@ def test_sigterm_while_starting_exits_143_at_once(tmp_path):
 def test_sigterm_during_setup_stops_before_training_and_resumes(tmp_path):
     workdir = str(tmp_path / "run")
     args = [*TINY, "--config.train.epochs=2", "--workdir", workdir]
-    proc = start_cli(*args)
+    proc = start_train(*args)
     deadline = time.time() + 120
     while not os.path.exists(os.path.join(workdir, "config.json")):   # setup has begun
         assert proc.poll() is None and time.time() < deadline
@@ -324,7 +306,7 @@ def test_sigterm_during_setup_stops_before_training_and_resumes(tmp_path):
     steps = checkpoint_steps(workdir) if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
     assert set(steps) <= {0}, steps   # no training step was taken
     assert not os.path.exists(metrics_log.path_in(workdir))
-    code, err = run_cli(*args)
+    code, err = run_train(*args)
     assert code == 0, err
     assert [r["epoch"] for r in strict_rows(workdir)] == [1, 1, 2, 2]
 
@@ -378,7 +360,7 @@ def test_a_command_line_mistake_is_one_line_and_exit_2(tmp_path, make_args, expe
         args += ["--workdir", str(tmp_path / "run")]
     workdir = args[args.index("--workdir") + 1]
     before = snapshot(workdir) if workdir.startswith(str(tmp_path)) and os.path.isdir(workdir) else None
-    code, err = run_cli(*args, timeout=120)
+    code, err = run_train(*args, timeout=120)
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("train.py: error: "), err
@@ -392,7 +374,7 @@ def test_a_command_line_mistake_is_one_line_and_exit_2(tmp_path, make_args, expe
 
 def test_a_refused_nan_leaves_the_workdir_usable(tmp_path):
     workdir = str(tmp_path / "run")
-    code, _ = run_cli(*TINY, "--config.train.momentum=nan", "--workdir", workdir, timeout=120)
+    code, _ = run_train(*TINY, "--config.train.momentum=nan", "--workdir", workdir, timeout=120)
     assert code == 2 and not os.path.exists(os.path.join(workdir, "config.json"))
     config = tiny_config()
     trainer.check_workdir(workdir, config)   # a valid run may use it

@@ -1,6 +1,4 @@
 """Population layout: sharded over 8 fake devices (with padding) equals one device; vmap equals loop."""
-import os
-import tempfile
 
 import jax
 import numpy as np
@@ -11,7 +9,7 @@ from cka_jax import trainer
 import tiny
 
 # Runs here compile the same small programs again and again: keep them across runs.
-jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "cka_jax_test_xla"))
+jax.config.update("jax_compilation_cache_dir", tiny.CACHE_DIR)
 
 
 def tiny_config(size, strategy):

@@ -3,9 +3,6 @@ import importlib.util
 import json
 import os
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 
 import numpy as np
@@ -13,19 +10,7 @@ import pytest
 
 from cka_jax import population, trainer
 from cka_jax.run_config import validate_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config", os.path.join(ROOT, "configs", "digits.py") + ":depth=8,width=0.25,size=2",
-        "--config.data.fraction=0.1", "--config.train.batch_size=32",
-        "--config.train.eval_batch_size=360"]
-CACHE = "--compilation_cache=" + os.path.join(tempfile.gettempdir(), "cka_jax_test_xla")
-
-
-def run_cli(*args, **kwargs):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), CACHE, *args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kwargs)
+from tiny import ROOT, TINY_FLAGS as TINY, run_train, start_train
 
 
 @pytest.mark.parametrize("args, message", [
@@ -34,9 +19,8 @@ def run_cli(*args, **kwargs):
     (["--config.data.name=mnist"], "unknown data set 'mnist'"),
 ])
 def test_bad_runs_fail_with_one_clear_line(tmp_path, args, message):
-    proc = run_cli(*TINY, "--workdir", str(tmp_path / "run"), *args)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and err.count("\n") == 1 and message in err, err
+    code, err = run_train(*TINY, "--workdir", str(tmp_path / "run"), *args, timeout=120)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "run").exists()
 
 
@@ -44,7 +28,7 @@ def test_bad_runs_fail_with_one_clear_line(tmp_path, args, message):
 def test_sigterm_checkpoints_and_rerun_resumes_to_the_outputs(tmp_path):
     workdir = str(tmp_path / "run")
     args = [*TINY, "--config.train.epochs=20", "--workdir", workdir]
-    proc = run_cli(*args)
+    proc = start_train(*args)
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 120
     while not (os.path.exists(metrics) and os.path.getsize(metrics)) and proc.poll() is None:
@@ -57,7 +41,7 @@ def test_sigterm_checkpoints_and_rerun_resumes_to_the_outputs(tmp_path):
     stopped_at = max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert 0 < stopped_at < 20 * 4
 
-    proc = run_cli(*args)
+    proc = start_train(*args)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     predictions = np.load(os.path.join(workdir, "predictions", "test.npz"))

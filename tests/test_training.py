@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import tempfile
 
 import jax
 import numpy as np
@@ -13,7 +12,7 @@ from cka_jax.run_config import base_config, validate_config
 
 import tiny
 
-jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "cka_jax_test_xla"))
+jax.config.update("jax_compilation_cache_dir", tiny.CACHE_DIR)
 ONE_DEVICE = jax.devices()[:1]
 
 

@@ -1,5 +1,19 @@
-"""The tiny training runs the tests use: ResNet-8 populations on 144 digits, 4 steps per epoch."""
+"""The tiny training runs the tests use: ResNet-8 populations on 144 digits, 4 steps per epoch,
+in this process (`tiny_config`) or through train.py (`TINY_FLAGS`, `start_train`, `run_train`)."""
+import os
+import subprocess
+import sys
+import tempfile
+
 from cka_jax.run_config import base_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "configs", "digits.py")
+# The tests compile the same small programs again and again: keep them across tests and runs.
+CACHE_DIR = os.path.join(tempfile.gettempdir(), "cka_jax_test_xla")
+# train.py's flags for 2 models of ResNet-8 (1/4 width) on 144 digits: 4 steps per epoch.
+TINY_FLAGS = ["--config", DIGITS + ":depth=8,width=0.25,size=2", "--config.data.fraction=0.1",
+              "--config.train.batch_size=32", "--config.train.eval_batch_size=360"]
 
 
 def tiny_config(size=2, epochs=1, *, width=0.25, strategy="loop", eval_batch_size=180, milestones=None,
@@ -17,3 +31,27 @@ def tiny_config(size=2, epochs=1, *, width=0.25, strategy="loop", eval_batch_siz
     if milestones is not None:
         c.checkpoint.keep_at_fractions = milestones
     return c
+
+
+def _train_command(args, script):
+    program = ["-c", script] if script else [os.path.join(ROOT, "train.py")]
+    return [sys.executable, *program, "--compilation_cache=" + CACHE_DIR, *args]
+
+
+def _one_cpu_device_env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # not the tests' 8 devices
+
+
+def start_train(*args, script=None):
+    """train.py with `args` in a subprocess on one CPU device (stdout and stderr piped, as text),
+    with the tests' compilation cache. `script`: Python code run instead, which runs train.py
+    itself (after making something fail, say)."""
+    return subprocess.Popen(_train_command(args, script), cwd=ROOT, env=_one_cpu_device_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_train(*args, script=None, timeout=300):
+    """(exit status, stderr) of `start_train(*args, script=script)` run to its end."""
+    done = subprocess.run(_train_command(args, script), cwd=ROOT, env=_one_cpu_device_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stderr

@@ -11,20 +11,13 @@ from typing import IO, Any
 
 import numpy as np
 
+from cka_jax import atomic_file
 from cka_jax.analysis.undefined import strict_json
 
 
 def _atomic(path: str, write: Callable[[IO[bytes]], None]) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
-                               suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_file.write(path, write)
     return path
 
 
