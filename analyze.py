@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cka_jax.analysis import runner
 from cka_jax.analysis.context import AnalysisOptions
-from cka_jax.analysis.workdir import AnalysisInputError, check_workdir, has_test_images, load_config
+from cka_jax.analysis.workdir import AnalysisInputError, check_workdir, has_test_images
 
 DEFAULTS = AnalysisOptions()
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "Trained workdir to analyse (train.py output).")
@@ -85,8 +85,7 @@ def main(argv: list[str]) -> None:
     logger.propagate = False
     options = analysis_options()
     try:
-        check_workdir(_WORKDIR.value)
-        has_images = has_test_images(load_config(_WORKDIR.value))
+        has_images = has_test_images(check_workdir(_WORKDIR.value))
         names = runner.choose_analyses(_ANALYSES.value, bool(_COMPARE.value), has_images)
         with logging_redirect_tqdm([logger]):
             outdir = _OUTDIR.value or (None if flags.FLAGS["workdir"].present else "analysis")

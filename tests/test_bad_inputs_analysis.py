@@ -42,48 +42,53 @@ def _nan(logits, labels):
     return logits, labels
 
 
+def bad_flags(*flags, says=None):
+    """A row for flags that are bad on intact workdirs: the line names the first flag (or `says`)."""
+    return list(flags), None, says or flags[0]
+
+
+def bad_compared_predictions(change, says):
+    """A row for predictions/test.npz of the compared workdir changed by `change`, read by the
+    disagreement analysis."""
+    return ["--analyses=disagreement"], ("compare", changed_predictions(change)), says
+
+
 # id: (flags (the main workdir, the outdir and the compared workdir are filled in), what to do to
 # a copy of the main or compared workdir, text the one stderr line must hold)
 ROWS = {
-    "passes=0": (["--passes=0"], None, "--passes=0"),
-    "passes=abc": (["--passes=abc"], None, "--passes=abc"),
-    "batch_size=-5": (["--batch_size=-5"], None, "--batch_size=-5"),
-    "batch_size=0": (["--batch_size=0"], None, "--batch_size=0"),
-    "batch_size=3": (["--batch_size=3"], None, "--batch_size=3"),
-    "max_models=0": (["--max_models=0"], None, "--max_models=0"),
-    "max_models=1-seeds": (["--max_models=1", "--analyses=seeds"], None, "--max_models=1"),
-    "max_examples=0": (["--max_examples=0"], None, "--max_examples=0"),
-    "max_examples=10-cca": (["--max_examples=10", "--analyses=cca"], None, "--max_examples=10"),
-    "block_threshold=0": (["--block_threshold=0"], None, "--block_threshold=0.0"),
-    "block_threshold=1.5": (["--block_threshold=1.5"], None, "--block_threshold=1.5"),
-    "block_threshold=nan": (["--block_threshold=nan"], None, "--block_threshold=nan"),
-    "alpha=0": (["--alpha=0"], None, "--alpha=0.0"),
-    "alpha=1": (["--alpha=1"], None, "--alpha=1.0"),
-    "alpha=inf": (["--alpha=inf"], None, "--alpha=inf"),
-    "num_bootstrap=0": (["--num_bootstrap=0"], None, "--num_bootstrap=0"),
-    "probe_steps=0": (["--probe_steps=0"], None, "--probe_steps=0"),
-    "seed=-1": (["--seed=-1"], None, "--seed=-1"),
-    "analyses=bogus": (["--analyses=bogus"], None, "['bogus']"),
-    "workdir-is-a-file": (["--workdir={file}"], None, "is a file, not a directory"),
-    "workdir-missing": (["--workdir={missing}"], None, "does not exist"),
+    "passes=0": bad_flags("--passes=0"),
+    "passes=abc": bad_flags("--passes=abc"),
+    "batch_size=-5": bad_flags("--batch_size=-5"),
+    "batch_size=0": bad_flags("--batch_size=0"),
+    "batch_size=3": bad_flags("--batch_size=3"),
+    "max_models=0": bad_flags("--max_models=0"),
+    "max_models=1-seeds": bad_flags("--max_models=1", "--analyses=seeds"),
+    "max_examples=0": bad_flags("--max_examples=0"),
+    "max_examples=10-cca": bad_flags("--max_examples=10", "--analyses=cca"),
+    "block_threshold=0": bad_flags("--block_threshold=0", says="--block_threshold=0.0"),
+    "block_threshold=1.5": bad_flags("--block_threshold=1.5"),
+    "block_threshold=nan": bad_flags("--block_threshold=nan"),
+    "alpha=0": bad_flags("--alpha=0", says="--alpha=0.0"),
+    "alpha=1": bad_flags("--alpha=1", says="--alpha=1.0"),
+    "alpha=inf": bad_flags("--alpha=inf"),
+    "num_bootstrap=0": bad_flags("--num_bootstrap=0"),
+    "probe_steps=0": bad_flags("--probe_steps=0"),
+    "seed=-1": bad_flags("--seed=-1"),
+    "analyses=bogus": bad_flags("--analyses=bogus", says="['bogus']"),
+    "workdir-is-a-file": bad_flags("--workdir={file}", says="is a file, not a directory"),
+    "workdir-missing": bad_flags("--workdir={missing}", says="does not exist"),
     "workdir-without-checkpoints": ([], ("main", without_checkpoints), "has no checkpoint"),
     "config-unparseable": ([], ("main", damaged_config("{not json")), "config.json"),
     "config-not-an-object": ([], ("main", damaged_config("[1, 2]")), "config.json"),
     "config-unknown-field": ([], ("main", damaged_config('{"model.colour": "red"}')), "model.colour"),
     "predictions-0-bytes": ([], ("main", empty_predictions), "test.npz cannot be read"),
-    "outdir-below-a-file": (["--outdir={file}/analysis"], None, "--outdir"),
-    "outdir-in-proc": (["--outdir=/proc/self/no_such/analysis"], None, "--outdir"),
-    "compare-nan-logits": (["--analyses=disagreement"], ("compare", changed_predictions(_nan)),
-                           "not all finite"),
-    "compare-5-classes": (["--analyses=disagreement"],
-                          ("compare", changed_predictions(lambda g, y: (g[..., :5], y))),
-                          "logits over 5 classes, but the data set has 10"),
-    "compare-labels-out-of-range": (["--analyses=disagreement"],
-                                    ("compare", changed_predictions(lambda g, y: (g, y + 10))),
-                                    "outside the 10 classes"),
-    "compare-integer-logits": (["--analyses=disagreement"],
-                               ("compare", changed_predictions(lambda g, y: (g.astype(np.int64), y))),
-                               "logits of dtype int64"),
+    "outdir-below-a-file": bad_flags("--outdir={file}/analysis", says="--outdir"),
+    "outdir-in-proc": bad_flags("--outdir=/proc/self/no_such/analysis", says="--outdir"),
+    "compare-nan-logits": bad_compared_predictions(_nan, "not all finite"),
+    "compare-5-classes": bad_compared_predictions(lambda g, y: (g[..., :5], y),
+                                                  "logits over 5 classes, but the data set has 10"),
+    "compare-labels-out-of-range": bad_compared_predictions(lambda g, y: (g, y + 10), "outside the 10 classes"),
+    "compare-integer-logits": bad_compared_predictions(lambda g, y: (g.astype(np.int64), y), "logits of dtype int64"),
 }
 
 

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from cka_jax.analysis.plots import add_note, heatmap_grid, short_name
-from cka_jax.analysis.undefined import mean_of_defined
+from cka_jax.analysis.undefined import mean_of_defined, measurable
 from cka_jax.cca import pwcca, svcca
 from cka_jax.cka import linear_cka
 
@@ -33,18 +33,12 @@ MEASURES: dict[str, Measure] = {
 _BATCHED = {name: jax.jit(jax.vmap(fn)) for name, fn in MEASURES.items()}
 
 
-def _measurable(a: np.ndarray) -> np.ndarray:
-    """(K, n, ...) -> (K,) bool: finite and not constant over the n examples."""
-    flat = a.reshape(a.shape[:2] + (-1,))
-    return np.isfinite(flat).all((1, 2)) & (flat != flat[:, :1]).any((1, 2))
-
-
 def similarity(measure: str, xs: np.ndarray, ys: np.ndarray, chunk: int = 256) -> np.ndarray:
     """MEASURES[measure] of each pair xs[k] (n, ...), ys[k] (n, ...): (K,) floats; NaN (undefined)
     for a pair with a non-finite or constant side, and (logged) when CCA is degenerate for the
     shapes. Jitted and vmapped over chunks of `chunk` pairs (the last chunk padded), so each
     shape compiles once."""
-    ok = _measurable(xs) & _measurable(ys)
+    ok = measurable(xs) & measurable(ys)
     return np.where(ok, _similarity(measure, xs, ys, chunk), np.nan)
 
 

@@ -9,15 +9,14 @@ import numpy as np
 
 from cka_jax.analysis.plots import add_note, finish_layer_axis
 from cka_jax.analysis.representations import Progress, no_progress, test_logits
-from cka_jax.analysis.undefined import mean_of_defined
+from cka_jax.analysis.undefined import defined_rows, mean_of_defined
 from cka_jax.analysis.workdir import Population, TestSet
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Top-1 accuracy (M,) of logits (M, N, C) against labels (N,); NaN (undefined) for a model
     whose logits are not all finite (argmax would silently pick class 0)."""
-    finite = np.isfinite(logits).reshape(len(logits), -1).all(1)
-    return np.where(finite, (np.argmax(logits, -1) == labels[None]).mean(-1), np.nan)
+    return np.where(defined_rows(logits), (np.argmax(logits, -1) == labels[None]).mean(-1), np.nan)
 
 
 def deletion_accuracy(population: Population, test: TestSet, deletions: Sequence[tuple[str, ...]],

@@ -65,7 +65,7 @@ def plot_probes(accuracy: np.ndarray, layer_names: Sequence[str], title: str, in
     x = np.arange(len(layer_names))
     for row in accuracy:
         ax.plot(x, row, color="tab:green", alpha=0.25, lw=1)
-    mean, defined = mean_of_defined(accuracy)
+    mean = mean_of_defined(accuracy)[0]
     ax.plot(x, mean, color="tab:green", lw=2)
     pre = np.array(["pre_residual" in n for n in layer_names])
     ax.scatter(x[~pre], mean[~pre], color="tab:green", zorder=3, label="post-residual / other")

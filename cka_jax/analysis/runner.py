@@ -22,8 +22,8 @@ from cka_jax.analysis.context import AnalysisContext, AnalysisOptions
 from cka_jax.analysis.outputs import Section, check_writable_directory
 from cka_jax.analysis.representations import Progress, no_progress
 from cka_jax.analysis.workdir import (AnalysisInputError, Population, check_comparable, check_workdir,
-                                      checkpoint_steps, load_config, load_labels, load_population, load_test_labels,
-                                      load_test_set, population_name)
+                                      checkpoint_steps, load_labels, load_population, load_test_labels, load_test_set,
+                                      population_name)
 from cka_jax.models import representation_shapes
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ class Inapplicable(AnalysisInputError):
 
 
 Check = Callable[[AnalysisContext], None]
+_MAIN = lambda ctx: [ctx.main]
+_ALL = lambda ctx: ctx.populations
 
 
 def _check_models(populations: Callable[[AnalysisContext], Sequence[Population]], what: str,
@@ -90,7 +92,7 @@ def _check_checkpoints(ctx: AnalysisContext) -> None:
 
 def _check_predictions(ctx: AnalysisContext) -> None:
     """Reads and checks every population's predictions (cached for the analysis)."""
-    _check_models(lambda c: c.populations, "per-class disagreement", use_max_models=False)(ctx)
+    _check_models(_ALL, "per-class disagreement", use_max_models=False)(ctx)
     for p in ctx.populations:
         ctx.correct(p)
 
@@ -100,10 +102,6 @@ def _all_checks(*checks: Check) -> Check:
         for c in checks:
             c(ctx)
     return check
-
-
-_MAIN = lambda ctx: [ctx.main]
-_ALL = lambda ctx: ctx.populations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,9 +182,7 @@ def load_context(workdir: str, compare: Sequence[str] = (), outdir: str | None =
     workdirs = [workdir, *compare]
     if len({os.path.abspath(w) for w in workdirs}) != len(workdirs):
         raise AnalysisInputError(f"each workdir may appear once; got {workdirs}")
-    for w in workdirs:
-        check_workdir(w)
-    check_comparable(workdirs, [load_config(w) for w in workdirs])
+    check_comparable(workdirs, [check_workdir(w) for w in workdirs])
     outdir = outdir or os.path.join(workdir, "analysis")
     try:
         check_writable_directory(outdir)
@@ -205,11 +201,12 @@ def load_context(workdir: str, compare: Sequence[str] = (), outdir: str | None =
                 raise AnalysisInputError(
                     f"the test set of {population.workdir!r} ({labels.shape[0]} labels in predictions/test.npz) "
                     f"is not the {test.dataset} test set of {workdir!r} ({test.labels.shape[0]} labels)")
+    ctx = AnalysisContext(populations, test, outdir, options, progress)
     for population in populations:
-        status = training_status(population)
+        status = _training_status(ctx, population)
         if status:
             logger.warning("%s%s", population.workdir, status)
-    return AnalysisContext(populations, test, outdir, options, progress)
+    return ctx
 
 
 def check_analyses(ctx: AnalysisContext, names: Sequence[str], skip_inapplicable: bool = True) -> list[str]:
@@ -250,9 +247,18 @@ def training_status(population: Population) -> str:
             f"{population.step}, not a trained population")
 
 
+def _training_status(ctx: AnalysisContext, population: Population) -> str:
+    """`training_status` of `population`, read once per run (the report's intro is rebuilt after
+    every analysis)."""
+    key = ("training_status", population.workdir, population.step)
+    if key not in ctx.cache:
+        ctx.cache[key] = training_status(population)
+    return ctx.cache[key]
+
+
 def report_intro(ctx: AnalysisContext) -> str:
     lines = [f"{p.name}: {p.describe()}; checkpoint step {p.step}; workdir {os.path.abspath(p.workdir)}"
-             f"{training_status(p)}" for p in ctx.populations]
+             f"{_training_status(ctx, p)}" for p in ctx.populations]
     source = (" Heatmaps put the first layer at the bottom left." if ctx.test.images is not None else
               " These analyses read the populations' predictions/test.npz, not their models or the test images.")
     caveat = ("\n\nDigits is easy enough that every layer of every network looks alike (a ceiling effect): "

@@ -380,11 +380,10 @@ def seeds(ctx: AnalysisContext) -> Section:
     same = across_lib.same_layer_across_seeds(pairs)
     note = ""
     if not np.isfinite(pairs).all():
-        status = ctx.status(p)
-        heat_note = left_out(defined_rows(np.stack([pairs[i, j] for i, j in index])),
-                             _pair_why(status, status, "the CKA estimate is not finite", index), "seed pair",
-                             _pair_name(index))
-        note = heat_note
+        status = ctx.status(p)   # only when needed: it runs the within-model CKA
+        note = left_out(defined_rows(np.stack([pairs[i, j] for i, j in index])),
+                        _pair_why(status, status, "the CKA estimate is not finite", index), "seed pair",
+                        _pair_name(index))
     figures = [_figure(ctx, across_lib.plot_seeds(pairs, names, f"{p.name}: CKA across seeds", _figure_note(note)),
                        "cka_seeds"),
                _figure(ctx, across_lib.plot_same_layer(pairs, names, f"{p.name}: same layer, different seeds",

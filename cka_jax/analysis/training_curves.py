@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from cka_jax import metrics_log
-from cka_jax.analysis.undefined import model_list
+from cka_jax.analysis.undefined import mean_of_defined, model_list
 
 METRICS = ("train_loss", "train_accuracy", "test_accuracy")
 UNDER_TRAINED_RULE = ("under-trained: final accuracy less than halfway from chance to the population median "
@@ -122,7 +122,7 @@ def describe(curves: TrainingCurves) -> dict[str, Any]:
     """Summary numbers of `curves` (NaN where undefined) and the seeds marked."""
     test, train = curves.final("test_accuracy"), curves.final("train_accuracy")
     ok = ~curves.diverged
-    mean = lambda v: float(np.mean(v[ok & np.isfinite(v)])) if (ok & np.isfinite(v)).any() else math.nan
+    mean = lambda v: float(mean_of_defined(v[ok])[0])   # over the finite values of seeds that did not diverge
     return {"epochs": int(curves.epochs[-1]), "num_models": len(ok),
             "final_train_loss_mean": mean(curves.final("train_loss")), "final_train_accuracy_mean": mean(train),
             "final_test_accuracy_mean": mean(test), "final_test_accuracy": test,

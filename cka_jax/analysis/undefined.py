@@ -31,8 +31,8 @@ class LayerStatus:
     @classmethod
     def of(cls, reps: Mapping[str, np.ndarray]) -> "LayerStatus":
         """Status of representations name -> (M, n, ...)."""
-        finite = np.stack([np.isfinite(r).reshape(r.shape[0], -1).all(1) for r in reps.values()], 1)
-        varying = np.stack([(r != r[:, :1]).reshape(r.shape[0], -1).any(1) for r in reps.values()], 1)
+        finite = np.stack([_finite(r) for r in reps.values()], 1)
+        varying = np.stack([_varying(r) for r in reps.values()], 1)
         return cls(finite, varying, tuple(reps))
 
     @property
@@ -64,6 +64,23 @@ class LayerStatus:
             if constant:
                 parts.append(f"constant layer {short_name(name)} in {model_list(constant, label)}")
         return "; ".join(shorten(parts))
+
+
+def _finite(r: np.ndarray) -> np.ndarray:
+    """(M, n, ...) -> (M,) bool: every value of the model is finite."""
+    return np.isfinite(r).reshape(r.shape[0], -1).all(1)
+
+
+def _varying(r: np.ndarray) -> np.ndarray:
+    """(M, n, ...) -> (M,) bool: the model's values differ between the n examples."""
+    return (r != r[:, :1]).reshape(r.shape[0], -1).any(1)
+
+
+def measurable(reps: np.ndarray) -> np.ndarray:
+    """(M, n, ...) -> (M,) bool: a similarity with each model's values can be defined (they are
+    all finite and not constant over the n examples; see `LayerStatus`)."""
+    reps = np.asarray(reps)
+    return _finite(reps) & _varying(reps)
 
 
 def status_update(finite: jax.Array, varying: jax.Array, reps: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:

@@ -15,21 +15,22 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from cka_jax.analysis.plots import add_note, short_name
+from cka_jax.analysis.undefined import measurable
 from cka_jax.matching import MATCHING_METHODS, match_units, sparse_prediction_loss
 
 DEFAULT_L1_PENALTIES = (0.003, 0.01, 0.03, 0.1, 0.3)
 
 
-def measurable(x: np.ndarray) -> bool:
-    """Whether units (n, ...) can be correlated: all finite and not all constant."""
-    x = np.asarray(x)
-    return bool(np.isfinite(x).all() and (x != x[:1]).any())
+def _correlatable(x: np.ndarray, y: np.ndarray) -> bool:
+    """Whether units x and y (n, ...) of two models can be correlated: each side all finite and
+    not all constant (see `undefined.measurable`)."""
+    return bool(measurable(np.asarray(x)[None])[0] and measurable(np.asarray(y)[None])[0])
 
 
 def matched_correlations(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
     """Per matching method, the matched pairs' correlations sorted in descending order; empty
     (undefined) when either side is non-finite or constant."""
-    if not (measurable(x) and measurable(y)):
+    if not _correlatable(x, y):
         return {m: np.zeros(0) for m in MATCHING_METHODS}
     return {m: np.sort(match_units(x, y, m).correlations)[::-1] for m in MATCHING_METHODS}
 
@@ -59,7 +60,7 @@ def sparse_losses(reps_a: Mapping[str, np.ndarray], reps_b: Mapping[str, np.ndar
     """(L, P) held-out loss of predicting each layer of b from the same layer of a, per L1 penalty;
     NaN (undefined) for a layer with a non-finite or constant side."""
     def one(x, y):
-        if not (measurable(x) and measurable(y)):
+        if not _correlatable(x, y):
             return np.full(len(penalties), np.nan)
         return sparse_prediction_loss(x, y, penalties, seed=seed)
     return np.stack([one(reps_a[n], reps_b[n]) for n in reps_a])

@@ -107,16 +107,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         raise AnalysisInputError(f"the config of workdir {workdir!r} cannot be used: {error}") from error
 
 
-def check_workdir(workdir: str, step: int | None = None) -> None:
-    """Raises AnalysisInputError unless `workdir` holds a train.py run with a readable config and a
-    checkpoint (at `step`)."""
+def check_workdir(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+    """The config of `workdir`; AnalysisInputError unless `workdir` holds a train.py run with a
+    readable config and a checkpoint (at `step`)."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise AnalysisInputError(f"workdir {workdir!r} is a file, not a directory: pass the directory "
                                  "train.py wrote (--workdir of train.py)")
     if not os.path.isdir(workdir):
         raise AnalysisInputError(f"workdir {workdir!r} does not exist; train it first with "
                                  f"`python train.py --workdir {workdir}`")
-    load_config(workdir)
+    config = load_config(workdir)
     steps = checkpoint_steps(workdir)
     if not steps:
         raise AnalysisInputError(f"workdir {workdir!r} has no checkpoint under checkpoints/; train it "
@@ -124,16 +124,16 @@ def check_workdir(workdir: str, step: int | None = None) -> None:
                                  f"{workdir}` first")
     if step is not None and step not in steps:
         raise AnalysisInputError(f"workdir {workdir!r} has no checkpoint at step {step}; kept steps: {steps}")
+    return config
 
 
 def load_population(workdir: str, step: int | None = None, name: str | None = None,
                     restore: bool = True) -> Population:
     """The population trained in `workdir`, at `step` (default: its latest checkpoint); with
     restore=False its variables are left on disk (for analyses of its predictions)."""
-    check_workdir(workdir, step)
+    config = check_workdir(workdir, step)
     name = name or population_name(workdir)
     if not restore:
-        config = load_config(workdir)
         step = checkpoint_steps(workdir)[-1] if step is None else step
         return Population(name, workdir, config, trainer.build_model(config), None, step)
     try:
