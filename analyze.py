@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cka_jax.analysis import runner
 from cka_jax.analysis.context import AnalysisOptions
-from cka_jax.analysis.workdir import AnalysisInputError, check_workdir, has_test_images
+from cka_jax.analysis.inputs import AnalysisInputError, check_workdir, has_test_images
 
 DEFAULTS = AnalysisOptions()
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "Trained workdir to analyse (train.py output).")

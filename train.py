@@ -42,7 +42,7 @@ from ml_collections import config_flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
-from cka_jax import checkpoints, data, run_config, trainer  # noqa: E402
+from cka_jax.train import checkpoints, data, config as run_config, loop as trainer  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py")
 EXIT_USAGE, EXIT_DIVERGED = 2, 3

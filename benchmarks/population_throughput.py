@@ -4,7 +4,7 @@ For each population size M this times, interleaved round by round so that machin
 all of them alike (median over rounds):
   * ``separate``: M separate single-model runs, i.e. one model's plain jitted step called for
     each of the M models in turn (no population machinery),
-  * ``loop`` and ``vmap``: one population step of cka_jax.population over all local devices,
+  * ``loop`` and ``vmap``: one population step of cka_jax.train.population over all local devices,
 and prints per-model images/s, the ratio to ``separate`` and each one's compile time; ``auto``
 marks the strategy the backend's default picks. Synthetic uint8 data, CIFAR ResNet of the
 chosen depth/width, batch per model as in training.
@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cka_jax import population as pop
-from cka_jax import training
+from cka_jax.train import population as pop
+from cka_jax.train import step as training
 from cka_jax.models import create_model
-from cka_jax.run_config import base_config
+from cka_jax.train.config import base_config
 
 
 def parse_args():

@@ -7,7 +7,7 @@ digits is too easy for the paper's width/depth findings (use configs/cifar10.py 
   python train.py --config configs/digits.py --workdir workdir/digits_r14
   python train.py --config configs/digits.py:depth=56,warmup=5 --workdir workdir/digits_r56
 """
-from cka_jax.run_config import base_config, parse_arg
+from cka_jax.train.config import base_config, parse_arg
 
 
 def get_config(arg=None):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cka_jax import report
+from cka_jax.analysis import report
 from cka_jax.analysis import blocks, cca_measures, disagreement, probes
 from cka_jax.analysis.bootstrap import bootstrap_mean
 from cka_jax.analysis.outputs import Section, Table, write_json, write_npz
@@ -377,7 +377,7 @@ def test_training_curves_mark_a_seed_whose_loss_exploded_as_diverged():
 
 
 def test_training_curves_read_through_metrics_log_with_a_torn_last_line(tmp_path):
-    from cka_jax import metrics_log
+    from cka_jax.workdir import metrics_log
     from cka_jax.analysis import training_curves
     path = metrics_log.path_in(str(tmp_path))
     metrics_log.append(path, metrics_rows(num_models=2, epochs=3))
@@ -393,7 +393,7 @@ def test_report_says_when_a_population_is_not_a_finished_run(tmp_path):
     report must say so instead of presenting that checkpoint as the trained population."""
     import types
 
-    from cka_jax import metrics_log
+    from cka_jax.workdir import metrics_log
     from cka_jax.analysis import runner
     population = types.SimpleNamespace(workdir=str(tmp_path), step=8)
     assert "has not finished" in runner.training_status(population)

@@ -10,11 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from cka_jax import trainer
+from cka_jax.train import loop as trainer
 from cka_jax.analysis import runner
 from cka_jax.analysis.deletion import deletion_accuracy
 from cka_jax.analysis.outputs import Section, write_npz
-from cka_jax.analysis.workdir import AnalysisInputError, load_correct
+from cka_jax.analysis.inputs import AnalysisInputError, load_correct
 import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

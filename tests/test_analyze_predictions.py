@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from cka_jax import trainer
+from cka_jax.train import loop as trainer
 from cka_jax.analysis import runner
-from cka_jax.analysis.workdir import AnalysisInputError, load_correct, load_labels
-from cka_jax.run_config import base_config
+from cka_jax.analysis.inputs import AnalysisInputError, load_correct, load_labels
+from cka_jax.train.config import base_config
 from test_analyze_cli import analyze
 
 

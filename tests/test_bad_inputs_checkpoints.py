@@ -13,9 +13,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cka_jax import checkpoints, trainer
-from cka_jax import population as pop
-from cka_jax.analysis import workdir as analysis_workdir
+from cka_jax.train import checkpoints, loop as trainer
+from cka_jax.train import population as pop
+from cka_jax.analysis import inputs as analysis_workdir
 import tiny
 
 jax.config.update("jax_compilation_cache_dir", tiny.CACHE_DIR)
@@ -342,7 +342,7 @@ def test_disk_full_on_a_real_filesystem(tmp_path, capfd):
 
 CLI_DISK_FULL = """
 import errno, os, runpy, sys
-from cka_jax import checkpoints
+from cka_jax.train import checkpoints
 calls = []
 def full(item_dir):
     calls.append(item_dir)
@@ -357,7 +357,7 @@ runpy.run_path("train.py", run_name="__main__")
 
 CLI_METRICS_DISK_FULL = """
 import errno, os, runpy, sys
-from cka_jax import metrics_log
+from cka_jax.workdir import metrics_log
 def full(path, rows):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 metrics_log.append = full

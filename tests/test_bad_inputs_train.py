@@ -18,7 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from cka_jax import metrics_log, trainer
+from cka_jax.workdir import metrics_log
+from cka_jax.train import loop as trainer
 import tiny
 from tiny import DIGITS, ROOT, TINY_FLAGS as TINY, run_train, start_train
 
@@ -139,7 +140,7 @@ def test_every_config_field_is_checked(field, value, message):
 
 # --- 2. the workdir lock ----------------------------------------------------------------------
 
-HOLD_LOCK = ("import sys, time\nfrom cka_jax import workdir_lock\n"
+HOLD_LOCK = ("import sys, time\nfrom cka_jax.workdir import lock as workdir_lock\n"
              "workdir_lock.acquire(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(600)\n")
 
 

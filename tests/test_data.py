@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from cka_jax import data
+from cka_jax.train import data
 
 
 def test_digits_split_is_fixed_stratified_and_uint8():
@@ -72,8 +72,8 @@ def test_augmentation_shapes_determinism_and_effect():
 
 
 def test_imagenet_stream_batches_are_resumable_and_padded():
-    from cka_jax.imagenet_stream import ImageNetStream
-    from cka_jax.run_config import base_config
+    from cka_jax.train.imagenet_stream import ImageNetStream
+    from cka_jax.train.config import base_config
     config = base_config()
     config.data.name, config.data.image_size, config.data.num_workers = "imagenet2012", 24, 2
     with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):

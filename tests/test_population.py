@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from cka_jax import population as pop
-from cka_jax import trainer
+from cka_jax.train import population as pop
+from cka_jax.train import loop as trainer
 import tiny
 
 # Runs here compile the same small programs again and again: keep them across runs.

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from cka_jax import population, trainer
-from cka_jax.run_config import validate_config
+from cka_jax.train import population, loop as trainer
+from cka_jax.train.config import validate_config
 from tiny import ROOT, TINY_FLAGS as TINY, run_train, start_train
 
 

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from cka_jax import checkpoints, trainer
-from cka_jax.run_config import base_config, validate_config
+from cka_jax.train import checkpoints, loop as trainer
+from cka_jax.train.config import base_config, validate_config
 
 import tiny
 

@@ -20,7 +20,7 @@ from cka_jax.analysis.probes import probe_accuracy
 from cka_jax.analysis.runner import ANALYSES, choose_analyses, load_context, run_analyses
 from cka_jax.analysis.unit_matching import matching_curves, sparse_losses
 from cka_jax.analysis.within import LayerHeatmaps, within_cka
-from cka_jax.analysis.workdir import (AnalysisInputError, Population, TestSet, load_correct, load_population,
+from cka_jax.analysis.inputs import (AnalysisInputError, Population, TestSet, load_correct, load_population,
                                       load_test_set)
 
 __all__ = [

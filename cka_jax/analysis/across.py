@@ -11,7 +11,7 @@ import numpy as np
 from cka_jax.analysis.plots import add_note, heatmap, heatmap_grid, shared_colorbar, short_name
 from cka_jax.analysis.undefined import mean_of_defined
 from cka_jax.analysis.representations import Progress, apply_fn, batch_indices, no_progress
-from cka_jax.analysis.workdir import Population, TestSet
+from cka_jax.analysis.inputs import Population, TestSet
 from cka_jax.minibatch import MinibatchCKA
 from cka_jax.models import CaptureSpec, representation_names
 

@@ -13,7 +13,7 @@ import numpy as np
 from cka_jax.analysis.representations import Progress, collect, no_progress
 from cka_jax.analysis.undefined import LayerStatus
 from cka_jax.analysis.within import LayerHeatmaps, within_cka
-from cka_jax.analysis.workdir import Population, TestSet, load_correct
+from cka_jax.analysis.inputs import Population, TestSet, load_correct
 from cka_jax.models import representation_names
 
 

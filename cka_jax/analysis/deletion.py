@@ -10,7 +10,7 @@ import numpy as np
 from cka_jax.analysis.plots import add_note, finish_layer_axis
 from cka_jax.analysis.representations import Progress, no_progress, test_logits
 from cka_jax.analysis.undefined import defined_rows, mean_of_defined
-from cka_jax.analysis.workdir import Population, TestSet
+from cka_jax.analysis.inputs import Population, TestSet
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

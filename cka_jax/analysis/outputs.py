@@ -1,5 +1,5 @@
 """Atomic output files (temp file + rename), so a failed analysis never leaves a half-written or
-deleted output behind, and the report section each analysis hands to `cka_jax.report`."""
+deleted output behind, and the report section each analysis hands to `cka_jax.analysis.report`."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +11,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from cka_jax import atomic_file
+from cka_jax.workdir import atomic as atomic_file
 from cka_jax.analysis.undefined import strict_json
 
 

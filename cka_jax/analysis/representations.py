@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cka_jax import data as data_lib
-from cka_jax.analysis.workdir import Population, TestSet
+from cka_jax.train import data as data_lib
+from cka_jax.analysis.inputs import Population, TestSet
 from cka_jax.models import CaptureSpec, ResNetTrunk
 
 Progress = Callable[..., Iterable]

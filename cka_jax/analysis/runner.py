@@ -16,12 +16,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from cka_jax import metrics_log, report, trainer
+from cka_jax.workdir import metrics_log
+from cka_jax.analysis import report
+from cka_jax.train import loop as trainer
 from cka_jax.analysis import sections
 from cka_jax.analysis.context import AnalysisContext, AnalysisOptions
 from cka_jax.analysis.outputs import Section, check_writable_directory
 from cka_jax.analysis.representations import Progress, no_progress
-from cka_jax.analysis.workdir import (AnalysisInputError, Population, check_comparable, check_workdir,
+from cka_jax.analysis.inputs import (AnalysisInputError, Population, check_comparable, check_workdir,
                                       checkpoint_steps, load_labels, load_population, load_test_labels, load_test_set,
                                       population_name)
 from cka_jax.models import representation_shapes

@@ -30,7 +30,7 @@ from cka_jax.analysis.representations import collect
 from cka_jax.analysis.undefined import (LayerStatus, defined_rows, is_defined, left_out, mean_of_defined, model_list,
                                         number)
 from cka_jax.analysis.within import plot_within, summary_rows
-from cka_jax.analysis.workdir import Population, checkpoint_steps, class_names, load_population, load_train_set
+from cka_jax.analysis.inputs import Population, checkpoint_steps, class_names, load_population, load_train_set
 from cka_jax.matching import MATCHING_METHODS
 from cka_jax.models import representation_names
 

@@ -1,7 +1,7 @@
 """How well a population trained: its curves from metrics.jsonl, diverged and under-trained seeds.
 
 The report opens with these, so that its similarity figures are read knowing whether every seed
-learned. Rows are read through `cka_jax.metrics_log` (a torn last line is dropped; non-finite
+learned. Rows are read through `cka_jax.workdir.metrics_log` (a torn last line is dropped; non-finite
 numbers are stored as null).
 
 Diverged: a seed with a null (non-finite) train loss or accuracy in any epoch, or a row that
@@ -24,7 +24,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
-from cka_jax import metrics_log
+from cka_jax.workdir import metrics_log
 from cka_jax.analysis.undefined import mean_of_defined, model_list
 
 METRICS = ("train_loss", "train_accuracy", "test_accuracy")

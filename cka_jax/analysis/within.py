@@ -16,7 +16,7 @@ from cka_jax.analysis.plots import UNDEFINED_KEY, add_note, heatmap_grid
 from cka_jax.analysis.representations import Progress, apply_fn, batch_indices, no_progress
 from cka_jax.analysis.undefined import (LayerStatus, defined_rows, left_out, mean_of_defined, number,
                                         status_update)
-from cka_jax.analysis.workdir import Population, TestSet
+from cka_jax.analysis.inputs import Population, TestSet
 from cka_jax.minibatch import MinibatchCKA
 from cka_jax.models import CaptureSpec, representation_names
 from cka_jax.models.capture import select_names

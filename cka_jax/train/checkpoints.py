@@ -1,6 +1,6 @@
 """Orbax checkpoints of a population, verified by checksums; corruption fallback; stop-on-signal.
 
-The checkpointed pytree is the padded, stacked population :class:`~cka_jax.training.TrainState`
+The checkpointed pytree is the padded, stacked population :class:`~cka_jax.train.step.TrainState`
 (params, batch stats, optimizer state, step, data keys, epoch metric sums), sharded over the
 population axis. The latest ``max_to_keep`` checkpoints are kept, and milestone steps (e.g.
 0, 35, 75, 100% of training) forever, for learning-dynamics analyses.
@@ -45,7 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
-from cka_jax import atomic_file
+from cka_jax.workdir import atomic as atomic_file
 
 PyTree = Any
 logger = logging.getLogger(__name__)

@@ -6,9 +6,9 @@ Workdir layout::
     checkpoints/config.json  a copy of it, so that deleting one copy never unlocks the run
     checkpoints/<step>/    orbax checkpoints of the whole population (resumed automatically)
     metrics.jsonl          one line per (epoch, model): train loss/accuracy, test accuracy
-                           (strict JSON, see :mod:`cka_jax.metrics_log`)
+                           (strict JSON, see :mod:`cka_jax.workdir.metrics_log`)
     predictions/test.npz   logits (M, N, C) and labels (N,) of every model on the test set
-    .lock                  held by the run writing here (see :mod:`cka_jax.workdir_lock`)
+    .lock                  held by the run writing here (see :mod:`cka_jax.workdir.lock`)
 
 A run that diverges (a non-finite loss or parameter, or an exploded loss) stops with
 :class:`TrainingDiverged`; it saves no checkpoint of the diverged state and no predictions.
@@ -30,14 +30,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cka_jax import atomic_file
-from cka_jax import checkpoints as ckpt_lib
-from cka_jax import data as data_lib
-from cka_jax import metrics_log
-from cka_jax import population as pop
-from cka_jax import run_config
-from cka_jax import training
-from cka_jax import workdir_lock
+from cka_jax.workdir import atomic as atomic_file
+from cka_jax.train import checkpoints as ckpt_lib
+from cka_jax.train import data as data_lib
+from cka_jax.workdir import metrics_log
+from cka_jax.train import population as pop
+from cka_jax.train import config as run_config
+from cka_jax.train import step as training
+from cka_jax.workdir import lock as workdir_lock
 from cka_jax.models import create_model
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def _check_is_directory(workdir: str) -> None:
 
 @contextlib.contextmanager
 def lock_workdir(workdir: str) -> Iterator[None]:
-    """Hold ``workdir``'s lock (:mod:`cka_jax.workdir_lock`; process 0 of a multi-process run
+    """Hold ``workdir``'s lock (:mod:`cka_jax.workdir.lock`; process 0 of a multi-process run
     only) while the body runs. Creates the workdir. :class:`RunConfigError` if another run holds
     it or it cannot be created or written."""
     if jax.process_index() != 0:
@@ -187,7 +187,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Refuse a workdir holding another run, then write the config's copies (:data:`CONFIG_COPIES`).
 
     Refused (:class:`RunConfigError`, nothing written): a file; a damaged copy; a copy that differs
-    from ``config`` outside :data:`~cka_jax.run_config.RESUMABLE_FIELDS`; a run (checkpoints,
+    from ``config`` outside :data:`~cka_jax.train.config.RESUMABLE_FIELDS`; a run (checkpoints,
     metrics, predictions) with neither copy. A missing copy is restored.
     """
     _check_is_directory(workdir)
@@ -352,7 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Train ``config.population.size`` models, resuming from ``workdir`` if it holds a run.
 
     Args:
-      config: a validated-on-entry run config (see :mod:`cka_jax.run_config`).
+      config: a validated-on-entry run config (see :mod:`cka_jax.train.config`).
       workdir: output directory (layout in the module docstring), locked while the run writes.
       progress: receives one ``update`` per epoch and a postfix with images/s and test accuracy.
       should_stop: polled once setup is done (data, initialisation or restore) and after every
@@ -384,7 +384,7 @@ def train_checked(config: ml_collections.ConfigDict, workdir: str, model,
 
     streamed = config.data.name in STREAMED_DATASETS
     if streamed:
-        from cka_jax import imagenet_stream
+        from cka_jax.train import imagenet_stream
         source = imagenet_stream.ImageNetStream(config)
         num_train, mean, std = source.num_train, imagenet_stream.MEAN, imagenet_stream.STD
     else:
@@ -477,8 +477,8 @@ def load_trained_population(workdir: str, step: int | None = None):
     defaults to the latest checkpoint (see ``checkpoint.keep_at_fractions`` for others). The
     checkpoint is verified against its checksums; a training still running on ``workdir`` may
     write and delete checkpoints meanwhile. Raises
-    :class:`~cka_jax.checkpoints.DamagedCheckpointError` or
-    :class:`~cka_jax.checkpoints.CheckpointGoneError` (see :meth:`PopulationCheckpoints.read`).
+    :class:`~cka_jax.train.checkpoints.DamagedCheckpointError` or
+    :class:`~cka_jax.train.checkpoints.CheckpointGoneError` (see :meth:`PopulationCheckpoints.read`).
     """
     config = load_config(workdir)
     model = build_model(config)
@@ -501,7 +501,7 @@ def load_trained_population(workdir: str, step: int | None = None):
 
 
 def model_state_shape(config: ml_collections.ConfigDict, model) -> training.TrainState:
-    """ShapeDtypeStructs of one model's :class:`~cka_jax.training.TrainState` (nothing is run)."""
+    """ShapeDtypeStructs of one model's :class:`~cka_jax.train.step.TrainState` (nothing is run)."""
     tx = training.make_optimizer(config, 1)
     sample = jnp.zeros((1,) + image_shape(config), jnp.float32)
     return jax.eval_shape(lambda: training.create_train_state(
@@ -531,7 +531,7 @@ def _nbytes(tree) -> int:
 
 def _restore_or_init(population: _Population, checkpoints: ckpt_lib.PopulationCheckpoints) -> int:
     """Resume from the newest checkpoint that verifies (damaged ones are set aside, see
-    :meth:`~cka_jax.checkpoints.PopulationCheckpoints.restore_latest`), else initialise."""
+    :meth:`~cka_jax.train.checkpoints.PopulationCheckpoints.restore_latest`), else initialise."""
     restored = checkpoints.restore_latest(population.abstract_state)
     if restored is not None:
         step, state = restored

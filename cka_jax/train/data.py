@@ -2,7 +2,7 @@
 
 Small data sets (digits, CIFAR) are loaded once as uint8 arrays and held on device; each
 model's batches are gathered and augmented there with ``jax.random`` (see
-:func:`augment_images`). ImageNet is streamed from host (:mod:`cka_jax.imagenet_stream`).
+:func:`augment_images`). ImageNet is streamed from host (:mod:`cka_jax.train.imagenet_stream`).
 Images are ``(N, H, W, C)`` uint8, labels ``(N,)`` int32.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One model's training math: state, optimizer, train step, evaluation (pure functions).
 
-Everything here is written for a single model; :mod:`cka_jax.population` maps it over the
+Everything here is written for a single model; :mod:`cka_jax.train.population` maps it over the
 population (vmap or loop) and shards it over devices. A step depends only on the state it is
 given (its data order and augmentation come from the state's own key and step), so a model
 computes the same numbers however the population is laid out, interrupted or resumed.
@@ -17,7 +17,7 @@ import ml_collections
 import optax
 from flax import struct
 
-from cka_jax import data as data_lib
+from cka_jax.train import data as data_lib
 
 PyTree = Any
 EPOCH_SUMS = ("loss", "correct", "count")  # TrainState.epoch_sums columns

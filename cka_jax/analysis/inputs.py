@@ -1,6 +1,6 @@
 """Trained workdirs as analysis inputs: the restored population, its test set and predictions.
 
-A workdir is what `train.py` writes (see `cka_jax.trainer`): config.json, checkpoints/,
+A workdir is what `train.py` writes (see `cka_jax.train.loop`): config.json, checkpoints/,
 predictions/test.npz. Populations of in-memory data sets are analysed on their test images;
 streamed ones (ImageNet) from their predictions alone, without restoring the models. Every
 problem with the inputs raises `AnalysisInputError` naming the workdir and what is wrong.
@@ -17,9 +17,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from cka_jax import checkpoints
-from cka_jax import data as data_lib
-from cka_jax import trainer
+from cka_jax.train import checkpoints
+from cka_jax.train import data as data_lib
+from cka_jax.train import loop as trainer
 from cka_jax.models import ResNetTrunk
 
 PyTree = Any
