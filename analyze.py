@@ -5,8 +5,8 @@ r"""Turn trained populations into the paper's figures, numbers and one HTML repo
   python analyze.py --workdir workdir/c10_r14 --analyses=within,blocks --passes=10
   python analyze.py --workdir workdir/in_deeper --compare workdir/in_wider --fdr   # ImageNet
 
-Outputs go to <workdir>/analysis/ (analysis/ for the default run; or --outdir): one .npz/.json of numbers and one PNG+PDF
-figure per analysis, and report.html to read top to bottom. `cka_within.npz` holds `cka`
+Outputs go to <workdir>/analysis/ (analysis/ for the default run; or --outdir): one .npz/.json of numbers and one
+PNG+PDF figure per analysis, and report.html to read top to bottom. `cka_within.npz` holds `cka`
 (M, L, L) over the stem and block outputs and `layer_names` (L,). Analyses that compare
 populations (architectures, disagreement, convergence) run when --compare is given.
 The report opens with the training curves from metrics.jsonl (diverged and under-trained seeds
@@ -16,9 +16,11 @@ residual connections, a single checkpoint) are skipped with a note unless named 
 Exit status: 0 on success, 1 if an analysis failed (the others' outputs are written),
 2 for bad input: flags, workdirs, config, predictions, --outdir (one line; nothing is written).
 """
+
 import logging
 import sys
 
+import matplotlib
 from absl import app, flags
 from absl import logging as absl_logging
 from tqdm import tqdm
@@ -31,18 +33,23 @@ from cka_jax.analysis.inputs import AnalysisInputError, check_workdir, has_test_
 DEFAULTS = AnalysisOptions()
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "Trained workdir to analyse (train.py output).")
 _COMPARE = flags.DEFINE_multi_string("compare", [], "Further workdirs to compare with (repeatable).")
-_OUTDIR = flags.DEFINE_string("outdir", None, "Output directory (default: <workdir>/analysis, or analysis/ "
-                              "when --workdir is not given).")
-_ANALYSES = flags.DEFINE_list("analyses", [], f"Analyses to run (default: all that apply): "
-                              f"{', '.join(runner.ANALYSES)}.")
+_OUTDIR = flags.DEFINE_string(
+    "outdir", None, "Output directory (default: <workdir>/analysis, or analysis/ when --workdir is not given)."
+)
+_ANALYSES = flags.DEFINE_list(
+    "analyses", [], f"Analyses to run (default: all that apply): {', '.join(runner.ANALYSES)}."
+)
 _BATCH = flags.DEFINE_integer("batch_size", DEFAULTS.batch_size, "CKA minibatch size (at most).")
 _PASSES = flags.DEFINE_integer("passes", DEFAULTS.passes, "Passes over the test set for CKA (paper: 10).")
-_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", DEFAULTS.max_examples,
-                                     "Test examples for PCs, CCA, unit matching and sparse prediction.")
-_MAX_MODELS = flags.DEFINE_integer("max_models", DEFAULTS.max_models,
-                                   "Models per population for pairwise cross-seed analyses.")
-_THRESHOLD = flags.DEFINE_float("block_threshold", DEFAULTS.block_threshold,
-                                "Pairwise CKA every pair of layers in a block structure reaches.")
+_MAX_EXAMPLES = flags.DEFINE_integer(
+    "max_examples", DEFAULTS.max_examples, "Test examples for PCs, CCA, unit matching and sparse prediction."
+)
+_MAX_MODELS = flags.DEFINE_integer(
+    "max_models", DEFAULTS.max_models, "Models per population for pairwise cross-seed analyses."
+)
+_THRESHOLD = flags.DEFINE_float(
+    "block_threshold", DEFAULTS.block_threshold, "Pairwise CKA every pair of layers in a block structure reaches."
+)
 _PROBE_STEPS = flags.DEFINE_integer("probe_steps", DEFAULTS.probe_steps, "Optimizer steps per linear probe.")
 _ALPHA = flags.DEFINE_float("alpha", DEFAULTS.alpha, "Significance level of the per-class tests.")
 _FDR = flags.DEFINE_bool("fdr", DEFAULTS.fdr, "Benjamini-Hochberg correct the per-class tests.")
@@ -67,9 +74,17 @@ def analysis_options() -> AnalysisOptions:
     """The options from the flags (which share their names); exit 2 naming the first bad one."""
     try:
         return AnalysisOptions(
-            batch_size=_BATCH.value, passes=_PASSES.value, max_examples=_MAX_EXAMPLES.value,
-            max_models=_MAX_MODELS.value, block_threshold=_THRESHOLD.value, probe_steps=_PROBE_STEPS.value,
-            alpha=_ALPHA.value, fdr=_FDR.value, num_bootstrap=_BOOTSTRAP.value, seed=_SEED.value)
+            batch_size=_BATCH.value,
+            passes=_PASSES.value,
+            max_examples=_MAX_EXAMPLES.value,
+            max_models=_MAX_MODELS.value,
+            block_threshold=_THRESHOLD.value,
+            probe_steps=_PROBE_STEPS.value,
+            alpha=_ALPHA.value,
+            fdr=_FDR.value,
+            num_bootstrap=_BOOTSTRAP.value,
+            seed=_SEED.value,
+        )
     except ValueError as error:
         fail(f"--{error}")
 
@@ -79,18 +94,22 @@ def main(argv: list[str]) -> None:
         fail(f"unexpected arguments {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-restore INFO lines
     logger = logging.getLogger("cka_jax")
-    logger.setLevel(logging.WARNING)   # data loading's INFO lines would precede a one-line input error
+    logger.setLevel(logging.WARNING)  # data loading's INFO lines would precede a one-line input error
     logging.getLogger("cka_jax.analysis").setLevel(logging.INFO)
     logger.addHandler(logging.StreamHandler(sys.stderr))
     logger.propagate = False
     options = analysis_options()
+    # Figures only go to files: never load a backend inherited from the environment (MPLBACKEND,
+    # e.g. a notebook's inline one when this script runs from a notebook cell).
+    matplotlib.use("Agg")
     try:
         has_images = has_test_images(check_workdir(_WORKDIR.value))
         names = runner.choose_analyses(_ANALYSES.value, bool(_COMPARE.value), has_images)
         with logging_redirect_tqdm([logger]):
             outdir = _OUTDIR.value or (None if flags.FLAGS["workdir"].present else "analysis")
-            ctx = runner.load_context(_WORKDIR.value, _COMPARE.value, outdir, options, tqdm,
-                                      images=runner.needs_images(names))
+            ctx = runner.load_context(
+                _WORKDIR.value, _COMPARE.value, outdir, options, tqdm, images=runner.needs_images(names)
+            )
             runner.run_analyses(ctx, names, tqdm, skip_inapplicable=not _ANALYSES.value)
     except AnalysisInputError as error:
         fail(str(error))

@@ -1,6 +1,6 @@
 """All-layer-pairs minibatch CKA throughput: cka_jax against the alternatives, in one process.
 
-    python benchmarks/cka_throughput.py            # full run (several minutes on 2 CPU cores)
+    python benchmarks/cka_throughput.py            # full run (half an hour on 2 loaded CPU cores)
     python benchmarks/cka_throughput.py --quick    # smaller sizes, a smoke run
 
 Workloads (one shared set of activations per workload; slow peers see its first batches only,
@@ -12,7 +12,13 @@ throughput is per example so the numbers compare):
 Peers: a NumPy port of the paper's MinibatchCKA (efficient_CKA.py), a naive per-pair loop (a gram
 for each layer pair, jitted), torch-cka and ckatorch (CPU; `pip install -e ".[bench]"`), and the
 device's own float32 matmul peak. "pair-batches/s" counts (layer pair, minibatch) HSIC entries.
+
+Eager vs jit: `MinibatchCKA.update` compiles itself; each workload also times a plain (eager)
+loop of `acc.update(...)` against the same loop of `jax.jit(MinibatchCKA.update)`, step by step
+in turn on the same minibatches (so load on a shared machine hits both alike), and prints the
+ratio of their times.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cka_jax import MinibatchCKA
-from cka_jax.hsic import HIGHEST, center_gram
+from cka_jax import MinibatchCKA, center_gram
+
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -38,13 +45,17 @@ def timed(fn, repeat: int = 1) -> float:
     return (time.perf_counter() - start) / repeat
 
 
+@jax.jit
+def _square(x):
+    return jnp.matmul(x, x, precision=HIGHEST)
+
+
 def matmul_peak() -> float:
     """Best float32 GFLOP/s of a square matmul on the default device."""
     best = 0.0
     for size in (2048, 4096):
         a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
-        mm = jax.jit(lambda x: jnp.matmul(x, x, precision=HIGHEST))
-        best = max(best, 2 * size**3 / timed(lambda: mm(a).block_until_ready(), 3) / 1e9)
+        best = max(best, 2 * size**3 / timed(lambda a=a: _square(a).block_until_ready(), 3) / 1e9)
     return best
 
 
@@ -65,18 +76,27 @@ def gram_gflop(widths_a, widths_b, batch, models_a=1, models_b=1):
 # ----------------------------------------------------------------------------------------------
 # The implementations, each consuming the same minibatches.
 
-def run_cka_jax(batches_a, batches_b, num_batches, population=False):
+
+def _empty_accumulator(batches_a, batches_b, population):
     la, lb = len(batches_a[0]), len(batches_b[0])
     models = dict(num_models_a=batches_a[0][0].shape[0], num_models_b=batches_b[0][0].shape[0]) if population else {}
-    dev_a = [[jnp.asarray(x) for x in b] for b in batches_a]
-    dev_b = [[jnp.asarray(x) for x in b] for b in batches_b]
+    return MinibatchCKA.create(la, lb, **models)
+
+
+def _on_device(batches):
+    return [[jnp.asarray(x) for x in b] for b in batches]
+
+
+def run_cka_jax(batches_a, batches_b, num_batches, population=False):
+    """A jax.jit(MinibatchCKA.update) loop over num_batches minibatches: (seconds, compile seconds, heatmap)."""
+    dev_a, dev_b = _on_device(batches_a), _on_device(batches_b)
     update = jax.jit(MinibatchCKA.update)
     start = time.perf_counter()
-    jax.block_until_ready(update(MinibatchCKA.create(la, lb, **models), dev_a[0], dev_b[0]))
+    jax.block_until_ready(update(_empty_accumulator(batches_a, batches_b, population), dev_a[0], dev_b[0]))
     compile_s = time.perf_counter() - start
 
     def run():
-        acc = MinibatchCKA.create(la, lb, **models)
+        acc = _empty_accumulator(batches_a, batches_b, population)
         for i in range(num_batches):
             acc = update(acc, dev_a[i % len(dev_a)], dev_b[i % len(dev_b)])
         return np.asarray(acc.result())
@@ -84,6 +104,28 @@ def run_cka_jax(batches_a, batches_b, num_batches, population=False):
     start = time.perf_counter()
     result = run()
     return time.perf_counter() - start, compile_s, result
+
+
+def eager_vs_jit(batches_a, batches_b, num_batches, population=False):
+    """Seconds of num_batches steps of an eager `acc.update` loop and of a jax.jit(MinibatchCKA.update)
+    loop, timed step by step in turn on the same minibatches after one warm-up step each, and the
+    largest difference of their heatmaps."""
+    dev_a, dev_b = _on_device(batches_a), _on_device(batches_b)
+    jitted = jax.jit(MinibatchCKA.update)
+    steps = {"eager": lambda acc, a, b: acc.update(a, b), "jit": jitted}
+    accs = {
+        name: step(_empty_accumulator(batches_a, batches_b, population), dev_a[0], dev_b[0])
+        for name, step in steps.items()
+    }
+    jax.block_until_ready(accs)
+    seconds = dict.fromkeys(steps, 0.0)
+    for i in range(num_batches):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            accs[name] = jax.block_until_ready(step(accs[name], dev_a[i % len(dev_a)], dev_b[i % len(dev_b)]))
+            seconds[name] += time.perf_counter() - start
+    diff = float(np.max(np.abs(np.asarray(accs["eager"].result()) - np.asarray(accs["jit"].result()))))
+    return seconds["eager"], seconds["jit"], diff
 
 
 def _numpy_ucentred(x):
@@ -157,7 +199,7 @@ class _Replay:
 
             def forward(self, idx):
                 acts = batches[int(idx.reshape(-1)[0]) % len(batches)]
-                for layer, a in zip(self.layers, acts):
+                for layer, a in zip(self.layers, acts, strict=True):
                     t = torch.from_numpy(a)
                     layer(t[None] if as_sequence else t)
                 return idx
@@ -189,8 +231,7 @@ def run_ckatorch(batches_a, batches_b, num_batches):
     batch = batches_a[0][0].shape[0]
     a, b = _Replay(torch, batches_a, True), _Replay(torch, batches_b, True)
     loader = DataLoader(TensorDataset(torch.arange(num_batches).repeat_interleave(batch)), batch_size=batch)
-    cka = CKA(a.model, b.model, layers=a.names, second_layers=b.names, first_name="a", second_name="b",
-              device="cpu")
+    cka = CKA(a.model, b.model, layers=a.names, second_layers=b.names, first_name="a", second_name="b", device="cpu")
     start = time.perf_counter()
     result = cka(loader, epochs=1)
     return time.perf_counter() - start, result.numpy()
@@ -198,19 +239,70 @@ def run_ckatorch(batches_a, batches_b, num_batches):
 
 # ----------------------------------------------------------------------------------------------
 
+
+def pick(batches, k):
+    """Model k's activations of population minibatches."""
+    return [[x[k] for x in b] for b in batches]
+
+
 def report(title, rows, batch, pairs, reference="cka_jax"):
     """rows: name -> (seconds, examples, gflop or None, max |difference| from cka_jax or None)."""
     ours = rows[reference][1] / rows[reference][0]
     print(f"\n### {title}")
-    print("| implementation | examples | seconds | examples/s | pair-batches/s | GFLOP/s | max abs diff | "
-          "cka_jax speed-up |")
+    print(
+        "| implementation | examples | seconds | examples/s | pair-batches/s | GFLOP/s | max abs diff | "
+        "cka_jax speed-up |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, (seconds, examples, gflop, diff) in rows.items():
         rate = examples / seconds
         flops = f"{gflop / seconds:.1f}" if gflop else "-"
         diff = "-" if diff is None else f"{diff:.1e}"
-        print(f"| {name} | {examples} | {seconds:.2f} | {rate:.1f} | {rate / batch * pairs:.1f} | {flops} | {diff} | "
-              f"{ours / rate:.1f}x |")
+        print(
+            f"| {name} | {examples} | {seconds:.2f} | {rate:.1f} | {rate / batch * pairs:.1f} | {flops} | {diff} | "
+            f"{ours / rate:.1f}x |"
+        )
+
+
+def report_eager_vs_jit(title, eager_s, jit_s, diff, steps, batch):
+    print(f"\n{title}: eager vs jitted update loop, {steps} minibatches timed in turn")
+    print("| loop | seconds | examples/s | eager / jit time |")
+    print("|---|---:|---:|---:|")
+    print(f"| `acc.update(...)` (eager) | {eager_s:.2f} | {steps * batch / eager_s:.1f} | {eager_s / jit_s:.2f} |")
+    print(f"| `jax.jit(MinibatchCKA.update)` | {jit_s:.2f} | {steps * batch / jit_s:.1f} | 1.00 |")
+    print(f"max abs diff of the two heatmaps: {diff:.1e}")
+
+
+def compare_with_peers(title, widths, batches_a, batches_b, models, peers, peak, args):
+    """The jitted cka_jax loop over every minibatch, and the peers on the first ones."""
+    batch = args.batch
+    num_batches = args.examples // batch
+    m = models or 1
+    pairs = m * m * len(widths) ** 2
+    gflop = gram_gflop(widths, widths, batch, m, m)
+    seconds, compile_s, ours = run_cka_jax(batches_a, batches_b, num_batches, population=models is not None)
+    rows = {"cka_jax": (seconds, num_batches * batch, num_batches * gflop, None)}
+    print(
+        f"\n{title}: cka_jax compile {compile_s:.1f} s; heatmap reaches "
+        f"{100 * num_batches * gflop / seconds / peak:.0f}% of the matmul peak"
+    )
+    if models is None:
+        _, _, same_batches = run_cka_jax(batches_a, batches_b, args.peer_batches)
+        for name, fn in peers.items():
+            seconds, result = fn(batches_a, batches_b, args.peer_batches)
+            # ckatorch returns the last minibatch's CKA rather than the minibatch estimator
+            diff = None if name.startswith("ckatorch") else float(np.max(np.abs(result - same_batches)))
+            rows[name] = (seconds, args.peer_batches * batch, None, diff)
+    else:
+        seconds, diffs = 0.0, []
+        _, _, same_batches = run_cka_jax(batches_a, batches_b, args.peer_batches, population=True)
+        for i in range(m):
+            for j in range(m):
+                pair_s, _, result = run_cka_jax(pick(batches_a, i), pick(batches_b, j), args.peer_batches)
+                seconds += pair_s
+                diffs.append(np.max(np.abs(result - same_batches[i, j])))
+        rows["per-model-pair loop of cka_jax"] = (seconds, args.peer_batches * batch, None, float(max(diffs)))
+    report(title, rows, batch, pairs)
 
 
 def main():
@@ -218,23 +310,27 @@ def main():
     parser.add_argument("--examples", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--peer-batches", type=int, default=2, help="minibatches the slow peers run")
+    parser.add_argument("--eager-batches", type=int, default=8, help="minibatches of the eager vs jit comparison")
+    parser.add_argument("--only-eager-vs-jit", action="store_true", help="skip everything but that comparison")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     parser.add_argument("--skip-torch", action="store_true")
     args = parser.parse_args()
     scale = 8 if args.quick else 1
     batch = args.batch
-    num_batches = args.examples // batch
-    print(f"# CKA throughput — {platform.node()} ({platform.machine()}, {jax.devices()[0].device_kind}, "
-          f"{jax.local_device_count()} device(s)), {os.cpu_count()} CPU cores, load average "
-          f"{os.getloadavg()[0]:.1f}, jax {jax.__version__}, {datetime.date.today()}")
+    print(
+        f"# CKA throughput — {platform.node()} ({platform.machine()}, {jax.devices()[0].device_kind}, "
+        f"{jax.local_device_count()} device(s)), {os.cpu_count()} CPU cores, load average "
+        f"{os.getloadavg()[0]:.1f}, jax {jax.__version__}, {datetime.date.today()}"
+    )
 
-    peak = matmul_peak()
+    peak = 0.0 if args.only_eager_vs_jit else matmul_peak()
     print(f"float32 matmul peak: {peak:.1f} GFLOP/s")
     peers = {"NumPy port of the paper's MinibatchCKA": run_numpy_port, "naive per-pair loop (JAX)": run_naive_pairs}
     if not args.skip_torch:
         try:
             import ckatorch  # noqa: F401
             import torch_cka  # noqa: F401
+
             peers.update({"torch-cka (CPU)": run_torch_cka, "ckatorch (CPU, float64)": run_ckatorch})
         except ImportError:
             print("torch-cka / ckatorch not installed: pip install -e '.[bench]'")
@@ -248,31 +344,10 @@ def main():
         widths = [max(w // scale, 16) for w in widths]
         batches_a = make_batches(widths, batch, 2, models, seed=0)
         batches_b = make_batches(widths[::-1], batch, 2, models, seed=1)
-        m = models or 1
-        pairs = m * m * len(widths) ** 2
-        gflop = gram_gflop(widths, widths, batch, m, m)
-        seconds, compile_s, ours = run_cka_jax(batches_a, batches_b, num_batches, population=models is not None)
-        rows = {"cka_jax": (seconds, num_batches * batch, num_batches * gflop, None)}
-        print(f"\n{title}: cka_jax compile {compile_s:.1f} s; heatmap reaches "
-              f"{100 * num_batches * gflop / seconds / peak:.0f}% of the matmul peak")
-        if models is None:
-            _, _, same_batches = run_cka_jax(batches_a, batches_b, args.peer_batches)
-            for name, fn in peers.items():
-                seconds, result = fn(batches_a, batches_b, args.peer_batches)
-                # ckatorch returns the last minibatch's CKA rather than the minibatch estimator
-                diff = None if name.startswith("ckatorch") else float(np.max(np.abs(result - same_batches)))
-                rows[name] = (seconds, args.peer_batches * batch, None, diff)
-        else:
-            seconds, diffs = 0.0, []
-            pick = lambda bs, k: [[x[k] for x in b] for b in bs]
-            _, _, same_batches = run_cka_jax(batches_a, batches_b, args.peer_batches, population=True)
-            for i in range(m):
-                for j in range(m):
-                    pair_s, _, result = run_cka_jax(pick(batches_a, i), pick(batches_b, j), args.peer_batches)
-                    seconds += pair_s
-                    diffs.append(np.max(np.abs(result - same_batches[i, j])))
-            rows["per-model-pair loop of cka_jax"] = (seconds, args.peer_batches * batch, None, float(max(diffs)))
-        report(title, rows, batch, pairs)
+        if not args.only_eager_vs_jit:  # first: its compile time is measured on a cold cache
+            compare_with_peers(title, widths, batches_a, batches_b, models, peers, peak, args)
+        eager_s, jit_s, diff = eager_vs_jit(batches_a, batches_b, args.eager_batches, population=models is not None)
+        report_eager_vs_jit(title, eager_s, jit_s, diff, args.eager_batches, batch)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ chosen depth/width, batch per model as in training.
   python benchmarks/population_throughput.py                          # M = 1, 8, 32, 100, 32x32x3
   python benchmarks/population_throughput.py --sizes 1,8 --rounds 3 --image_size 8 --channels 1
 """
+
 import argparse
 import json
 import statistics
@@ -21,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cka_jax import models
 from cka_jax.train import population as pop
 from cka_jax.train import step as training
-from cka_jax.models import create_model
 from cka_jax.train.config import base_config
 
 
@@ -51,19 +52,21 @@ class Bench:
         config.model.depth, config.model.width, config.model.dtype = args.depth, args.width, args.dtype
         self.shape = (args.image_size, args.image_size, args.channels)
         num_train = 8 * args.batch_size
-        self.model = create_model("cifar_resnet", num_classes=10, depth=args.depth,
-                                  width=args.width, residual=True, dtype=jnp.dtype(args.dtype))
+        self.model = models.from_config(config.model, num_classes=10)
         self.tx = training.make_optimizer(config, num_train // args.batch_size)
-        self.step = training.make_in_memory_train_step(self.model, self.tx, config, 10, num_train,
-                                                       args.batch_size)
+        self.step = training.make_in_memory_train_step(self.model, self.tx, config, 10, num_train, args.batch_size)
         rng = np.random.default_rng(0)
-        self.data = (rng.integers(0, 256, (num_train,) + self.shape, dtype=np.uint8),
-                     rng.integers(0, 10, num_train).astype(np.int32),
-                     np.full(args.channels, 0.5, np.float32), np.full(args.channels, 0.25, np.float32))
+        self.data = (
+            rng.integers(0, 256, (num_train,) + self.shape, dtype=np.uint8),
+            rng.integers(0, 10, num_train).astype(np.int32),
+            np.full(args.channels, 0.5, np.float32),
+            np.full(args.channels, 0.25, np.float32),
+        )
 
     def init(self, keys):
-        return training.create_train_state(self.model, self.tx, keys[0], keys[1],
-                                           jnp.zeros((1,) + self.shape, jnp.float32))
+        return training.create_train_state(
+            self.model, self.tx, keys[0], keys[1], jnp.zeros((1,) + self.shape, jnp.float32)
+        )
 
 
 def compiled_timed(fn, *args):
@@ -77,7 +80,7 @@ def separate_runner(bench, size):
 
     The single-model step is compiled once (its compile time is reported at every M).
     """
-    init = jax.jit(bench.init)   # one jit object: traced once for all M models
+    init = jax.jit(bench.init)  # one jit object: traced once for all M models
     states = [init(np.stack([k, k])) for k in pop.model_keys(0, size)]
     data = tuple(jnp.asarray(a) for a in bench.data)
     if not hasattr(bench, "separate_step"):
@@ -88,6 +91,7 @@ def separate_runner(bench, size):
         for i in range(size):
             states[i] = step(states[i], *data)
         jax.block_until_ready(states)
+
     return run, compile_s
 
 
@@ -96,15 +100,14 @@ def population_runner(bench, size, strategy):
     keys = pop.model_keys(0, layout.padded_size)
     keys = np.stack([keys, keys], axis=1)
     init = pop.map_models(bench.init, layout)
-    chunks = [init(pop.host_to_sharded(keys[layout.chunk_models(k)], layout.sharded))
-              for k in range(layout.num_chunks)]
+    chunks = [init(pop.host_to_sharded(keys[layout.chunk_models(k)], layout.sharded)) for k in range(layout.num_chunks)]
     shared = tuple(pop.host_to_sharded(a, layout.replicated) for a in bench.data)
-    step, compile_s = compiled_timed(pop.map_models(bench.step, layout, donate=True),
-                                     chunks[0], *shared)
+    step, compile_s = compiled_timed(pop.map_models(bench.step, layout, donate=True), chunks[0], *shared)
 
     def run():
         chunks[:] = [step(c, *shared) for c in chunks]
         jax.block_until_ready(chunks)
+
     return run, compile_s
 
 
@@ -113,17 +116,19 @@ def main():
     bench = Bench(args)
     auto = pop.resolve_strategy("auto")
     strategies = args.strategies.split(",")
-    print(f"backend {jax.default_backend()}, {jax.device_count()} device(s) "
-          f"({jax.devices()[0].device_kind}); ResNet-{args.depth} {args.width}x, "
-          f"{args.image_size}x{args.image_size}x{args.channels}, batch {args.batch_size} per model, "
-          f"median of {args.rounds} rounds; auto = {auto}")
+    print(
+        f"backend {jax.default_backend()}, {jax.device_count()} device(s) "
+        f"({jax.devices()[0].device_kind}); ResNet-{args.depth} {args.width}x, "
+        f"{args.image_size}x{args.image_size}x{args.channels}, batch {args.batch_size} per model, "
+        f"median of {args.rounds} rounds; auto = {auto}"
+    )
     print(f"{'M':>4} {'strategy':>9} {'img/s/model':>12} {'vs separate':>11} {'compile s':>9}")
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         runners = {"separate": separate_runner(bench, size)}
         for strategy in strategies:
             runners[strategy] = population_runner(bench, size, strategy)
-        for run, _ in runners.values():   # warm-up
+        for run, _ in runners.values():  # warm-up
             run()
         seconds = {name: [] for name in runners}
         for _ in range(args.rounds):
@@ -134,16 +139,34 @@ def main():
         base = size * args.batch_size / statistics.median(seconds["separate"])
         for name, (_, compile_s) in runners.items():
             per_model = size * args.batch_size / statistics.median(seconds[name])
-            rows.append(dict(size=size, strategy=name, per_model_images_per_s=per_model,
-                             ratio_vs_separate=per_model / base, compile_s=compile_s,
-                             round_seconds=seconds[name]))
+            rows.append(
+                dict(
+                    size=size,
+                    strategy=name,
+                    per_model_images_per_s=per_model,
+                    ratio_vs_separate=per_model / base,
+                    compile_s=compile_s,
+                    round_seconds=seconds[name],
+                )
+            )
             marker = " (auto)" if name == auto else ""
-            print(f"{size:>4} {name:>9} {per_model:>12.0f} {per_model / base:>10.2f}x "
-                  f"{compile_s:>9.1f}{marker}", flush=True)
+            print(
+                f"{size:>4} {name:>9} {per_model:>12.0f} {per_model / base:>10.2f}x {compile_s:>9.1f}{marker}",
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "backend": jax.default_backend(),
-                       "devices": jax.device_count(), "auto": auto, "rows": rows}, f, indent=2)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "backend": jax.default_backend(),
+                    "devices": jax.device_count(),
+                    "auto": auto,
+                    "rows": rows,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

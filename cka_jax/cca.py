@@ -18,6 +18,9 @@ is `n ≥ 10·(p + q)`. For wide layers use `svcca` with an integer `keep`.
 
 Non-finite inputs give NaN results.
 """
+
+from __future__ import annotations
+
 import math
 import numbers
 import warnings
@@ -25,8 +28,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
-from cka_jax.hsic import HIGHEST, check_pair, scaled_centred, times_pow2
+from cka_jax.checks import Array, all_finite, check_number, check_pair, float_matrix, nan_unless
+from cka_jax.scaling import HIGHEST, scaled_centred, times_pow2
 
 
 class CCAResult(NamedTuple):
@@ -47,14 +52,16 @@ class CCAResult(NamedTuple):
     x_weights: jax.Array
 
 
-def _matrices(x: jax.Array, y: jax.Array, epsilon) -> tuple[jax.Array, jax.Array]:
-    """`x: (n, ...)`, `y: (n, ...)` -> checked float `(n, p)`, `(n, q)`; ValueError unless both are
-    real arrays with at least one example and feature and the same n, and epsilon is >= 0."""
-    xm, ym = check_pair(x, y)
-    if not isinstance(epsilon, jax.core.Tracer) and (
-            isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not 0 <= epsilon < math.inf):
-        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
-    return xm, ym
+def _checked(x: ArrayLike, y: ArrayLike, epsilon: float) -> tuple[Array, Array]:
+    """`x: (n, ...)`, `y: (n, ...)` checked (see `cka_jax.checks.check_pair`) and epsilon >= 0."""
+    xc, yc = check_pair(x, y)
+    check_number(epsilon, "epsilon", lambda e: 0 <= e < math.inf, "must be a finite number >= 0", traced=True)
+    return xc, yc
+
+
+def _features(a: Array) -> int:
+    """p of a checked (n, ...) array."""
+    return math.prod(a.shape[1:])
 
 
 def _check_directions(x: jax.Array, y: jax.Array, dx: int, dy: int, what: str, could: bool = False) -> None:
@@ -77,7 +84,7 @@ def _check_directions(x: jax.Array, y: jax.Array, dx: int, dy: int, what: str, c
 
 
 def _basis(
-    xc: jax.Array, epsilon: jax.Array, keep_count: jax.Array, keep_fraction: jax.Array
+    xc: jax.Array, epsilon: ArrayLike, keep_count: ArrayLike, keep_fraction: ArrayLike
 ) -> tuple[jax.Array, jax.Array]:
     """Orthonormal basis `u: (n, k)` of centred `xc: (n, p)` and the mask `(k,)` of kept directions.
 
@@ -92,16 +99,16 @@ def _basis(
     return u, (s > tol) & top
 
 
-@jax.jit
 def _cca(
-    x: jax.Array, y: jax.Array, epsilon: jax.Array, keep_count: jax.Array, keep_fraction: jax.Array
+    x: jax.Array, y: jax.Array, epsilon: ArrayLike, keep_count: ArrayLike, keep_fraction: ArrayLike
 ) -> tuple[CCAResult, jax.Array]:
-    """CCA between the spans of the kept directions of centred x: (n, p) and y: (n, q) (see `_basis`).
+    """CCA between the spans of the kept directions of centred x: (n, ...) and y: (n, ...) (see
+    `_basis`), traced.
 
     The inputs are rescaled by exact powers of two first; x_weights stay in the rescaled units
-    2^-kx of x, and kx is returned with them.
+    2^-kx of x (PWCCA's ratio of them cannot overflow there), and kx is returned with them.
     """
-    (xc, kx), (yc, _) = scaled_centred(x), scaled_centred(y)
+    (xc, kx), (yc, _) = scaled_centred(float_matrix(x)), scaled_centred(float_matrix(y))
     ux, mx = _basis(xc, epsilon, keep_count, keep_fraction)
     uy, my = _basis(yc, epsilon, keep_count, keep_fraction)
     a, b = ux * mx, uy * my
@@ -111,15 +118,34 @@ def _cca(
     rho = jnp.where(valid, jnp.clip(rho, 0.0, 1.0), 0.0)
     hx = jnp.where(valid, jnp.matmul(a, wa, precision=HIGHEST), 0.0)
     hy = jnp.where(valid, jnp.matmul(b, wbt.T, precision=HIGHEST), 0.0)
-    finite = jnp.all(jnp.isfinite(xc)) & jnp.all(jnp.isfinite(yc))
+    weights = jnp.abs(jnp.matmul(hx.T, xc, precision=HIGHEST)).sum(axis=1)
+    finite = all_finite(xc, yc)
     result = CCAResult(
-        rho=jnp.where(finite, rho, jnp.nan),
+        rho=nan_unless(finite, rho),
         num_valid=num_valid,
-        x_variates=jnp.where(finite, hx, jnp.nan),
-        y_variates=jnp.where(finite, hy, jnp.nan),
-        x_weights=jnp.where(finite, jnp.abs(jnp.matmul(hx.T, xc, precision=HIGHEST)).sum(axis=1), jnp.nan),
+        x_variates=nan_unless(finite, hx),
+        y_variates=nan_unless(finite, hy),
+        x_weights=nan_unless(finite, weights),
     )
     return result, kx[0, 0]
+
+
+# One compiled program per input shape: epsilon and keep are traced, new values do not recompile.
+@jax.jit
+def _cca_in_x_units(
+    x: jax.Array, y: jax.Array, epsilon: jax.Array, keep_count: jax.Array, keep_fraction: jax.Array
+) -> CCAResult:
+    result, kx = _cca(x, y, epsilon, keep_count, keep_fraction)
+    return result._replace(x_weights=times_pow2(result.x_weights, kx))
+
+
+@jax.jit
+def _mean_cca(
+    x: jax.Array, y: jax.Array, epsilon: jax.Array, keep_count: jax.Array, keep_fraction: jax.Array
+) -> jax.Array:
+    """Mean of the valid canonical correlations."""
+    result, _ = _cca(x, y, epsilon, keep_count, keep_fraction)
+    return jnp.sum(result.rho) / result.num_valid
 
 
 def cca(x: jax.Array, y: jax.Array, epsilon: float = 1e-6) -> CCAResult:
@@ -129,19 +155,16 @@ def cca(x: jax.Array, y: jax.Array, epsilon: float = 1e-6) -> CCAResult:
     treated as absent (floored at `max(n, p)·eps_dtype`). Raises `ValueError` unless
     `p, q < n − 1` (see the module docstring).
     """
-    xm, ym = _matrices(x, y, epsilon)
-    _check_directions(x, y, xm.shape[1], ym.shape[1], "features")
-    result, kx = _cca(xm, ym, epsilon, xm.shape[0], math.inf)
-    return result._replace(x_weights=times_pow2(result.x_weights, kx))
-
-
-def _mean_rho(result: CCAResult) -> jax.Array:
-    return jnp.sum(result.rho) / result.num_valid
+    xc, yc = _checked(x, y, epsilon)
+    _check_directions(x, y, _features(xc), _features(yc), "features")
+    return _cca_in_x_units(xc, yc, epsilon, xc.shape[0], math.inf)
 
 
 def mean_cca(x: jax.Array, y: jax.Array, epsilon: float = 1e-6) -> jax.Array:
     """Mean canonical correlation ρ̄ = (1/r) Σᵢ ρᵢ over the r valid pairs: scalar (NaN if r = 0)."""
-    return _mean_rho(cca(x, y, epsilon))
+    xc, yc = _checked(x, y, epsilon)
+    _check_directions(x, y, _features(xc), _features(yc), "features")
+    return _mean_cca(xc, yc, epsilon, xc.shape[0], math.inf)
 
 
 def svcca(x: jax.Array, y: jax.Array, keep: float | int = 0.99, epsilon: float = 1e-6) -> jax.Array:
@@ -160,8 +183,8 @@ def svcca(x: jax.Array, y: jax.Array, keep: float | int = 0.99, epsilon: float =
     `cca`, raising `ValueError` otherwise (e.g. for wide layers with more features than examples;
     pass an integer keep there), and warns if p + q ≥ n. Rule of thumb: n ≥ 10 × kept directions.
     """
-    xm, ym = _matrices(x, y, epsilon)
-    n, p, q = xm.shape[0], xm.shape[1], ym.shape[1]
+    xc, yc = _checked(x, y, epsilon)
+    n, p, q = xc.shape[0], _features(xc), _features(yc)
     if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
         raise ValueError(f"keep must be a float in (0, 1] or an int >= 1; got {keep!r}")
     if isinstance(keep, numbers.Integral):
@@ -171,11 +194,11 @@ def svcca(x: jax.Array, y: jax.Array, keep: float | int = 0.99, epsilon: float =
                 f"keep={keep} directions must be in [1, min(p, q)] for x {jnp.shape(x)} and y {jnp.shape(y)}"
             )
         _check_directions(x, y, keep, keep, "kept directions")
-        return _mean_rho(_cca(xm, ym, epsilon, keep, math.inf)[0])
+        return _mean_cca(xc, yc, epsilon, keep, math.inf)
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep={keep} must be a variance fraction in (0, 1] or an int >= 1")
     _check_directions(x, y, p, q, f"features (keep={keep} may keep all of them)", could=True)
-    return _mean_rho(_cca(xm, ym, epsilon, n, math.inf if keep == 1.0 else float(keep))[0])
+    return _mean_cca(xc, yc, epsilon, n, math.inf if keep == 1.0 else float(keep))
 
 
 def pwcca(x: jax.Array, y: jax.Array, epsilon: float = 1e-6) -> jax.Array:
@@ -199,9 +222,15 @@ def pwcca(x: jax.Array, y: jax.Array, epsilon: float = 1e-6) -> jax.Array:
       the uncentred x (the L1 norm of a canonical variate, not its projection on the units); it
       returns the distance 1 − PWCCA.
     """
-    xm, ym = _matrices(x, y, epsilon)
-    if xm.shape[1] > ym.shape[1]:
-        xm, ym, x, y = ym, xm, y, x
-    _check_directions(x, y, xm.shape[1], ym.shape[1], "features")
-    result, _ = _cca(xm, ym, epsilon, xm.shape[0], math.inf)
+    xc, yc = _checked(x, y, epsilon)
+    if _features(xc) > _features(yc):
+        xc, yc, x, y = yc, xc, y, x
+    _check_directions(x, y, _features(xc), _features(yc), "features")
+    return _pwcca(xc, yc, epsilon)
+
+
+@jax.jit
+def _pwcca(x: jax.Array, y: jax.Array, epsilon: jax.Array) -> jax.Array:
+    """PWCCA weighting the canonical variates of x (the side with fewer features)."""
+    result, _ = _cca(x, y, epsilon, x.shape[0], math.inf)
     return jnp.sum(result.x_weights * result.rho) / jnp.sum(result.x_weights)

@@ -4,29 +4,19 @@ CKA is undefined for a constant (zero-variance) representation: its centred gram
 result is NaN, never 0, 1 or inf. NaN or inf in the inputs gives NaN. CKA does not depend on the
 scale of either input, and neither does its computation: inputs are rescaled by exact powers of
 two before any product, so float32 gives the same value for activations of scale 1e-30 or 1e30.
+Each function checks its inputs on the host, then runs one compiled program per input shape.
 """
+
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 
-from cka_jax.hsic import HIGHEST, check_gram_pair, check_pair, check_threshold, gram_rbf, normalise, \
-    scaled_centred, ucenter
-
-
-def cka(gram_x: jax.Array, gram_y: jax.Array, debiased: bool = False) -> jax.Array:
-    """CKA between two symmetric grams, (n, n) each -> scalar.
-
-    debiased=True uses U-centering, i.e. the ratio of unbiased HSIC₁ estimates (needs n >= 4).
-    """
-    gram_x, gram_y = check_gram_pair(gram_x, gram_y)
-    if gram_x.ndim != 2:
-        raise ValueError(f"cka takes two (n, n) grams, got shape {gram_x.shape}")
-    if debiased and gram_x.shape[-1] < 4:
-        raise ValueError(f"debiased CKA needs n >= 4 examples, got grams of shape {gram_x.shape}")
-    kc = _centred_unit(gram_x, debiased)
-    lc = _centred_unit(gram_y, debiased)
-    return jnp.vdot(kc, lc) / (jnp.linalg.norm(kc) * jnp.linalg.norm(lc))
+from cka_jax.checks import check_gram_pair, check_pair, check_threshold, float_matrix, to_float
+from cka_jax.hsic import rbf_gram, ucenter
+from cka_jax.scaling import HIGHEST, normalise, scaled_centred
 
 
 def _centred_unit(gram: jax.Array, debiased: bool) -> jax.Array:
@@ -36,15 +26,40 @@ def _centred_unit(gram: jax.Array, debiased: bool) -> jax.Array:
     return normalise(ucenter(gram, debiased))[0]
 
 
-def _pair(x: jax.Array, y: jax.Array, debiased: bool) -> tuple[jax.Array, jax.Array]:
-    x, y = check_pair(x, y)
+def _gram_cka(gram_x: jax.Array, gram_y: jax.Array, debiased: bool) -> jax.Array:
+    """CKA of two float (n, n) grams -> scalar."""
+    kc = _centred_unit(gram_x, debiased)
+    lc = _centred_unit(gram_y, debiased)
+    return jnp.vdot(kc, lc) / (jnp.linalg.norm(kc) * jnp.linalg.norm(lc))
+
+
+@partial(jax.jit, static_argnames="debiased")
+def _cka(gram_x: jax.Array, gram_y: jax.Array, debiased: bool) -> jax.Array:
+    return _gram_cka(to_float(gram_x), to_float(gram_y), debiased)
+
+
+def _check_min_examples(n: int, debiased: bool, what: str) -> None:
     min_n = 4 if debiased else 2
-    if x.shape[0] < min_n:
-        raise ValueError(f"{'debiased' if debiased else 'biased'} CKA needs n >= {min_n} examples, got {x.shape[0]}")
-    return x, y
+    if n < min_n:
+        raise ValueError(f"{'debiased' if debiased else 'biased'} CKA needs n >= {min_n} examples, got {what}")
 
 
-def _debiased_dot(xty_sq, rows_x, rows_y, norm_x, norm_y, n):
+def cka(gram_x: jax.Array, gram_y: jax.Array, debiased: bool = False) -> jax.Array:
+    """CKA between two symmetric grams, (n, n) each -> scalar.
+
+    debiased=True uses U-centering, i.e. the ratio of unbiased HSIC₁ estimates (needs n >= 4).
+    """
+    checked_x, checked_y = check_gram_pair(gram_x, gram_y)
+    if checked_x.ndim != 2:
+        raise ValueError(f"cka takes two (n, n) grams, got shape {tuple(checked_x.shape)}")
+    if debiased:
+        _check_min_examples(checked_x.shape[-1], debiased, f"grams of shape {tuple(checked_x.shape)}")
+    return _cka(checked_x, checked_y, bool(debiased))
+
+
+def _debiased_dot(
+    xty_sq: jax.Array, rows_x: jax.Array, rows_y: jax.Array, norm_x: jax.Array, norm_y: jax.Array, n: int
+) -> jax.Array:
     """<U(K), U(L)> for linear grams of centred features, from feature-space statistics."""
     return xty_sq - n / (n - 2) * jnp.dot(rows_x, rows_y) + norm_x * norm_y / ((n - 1) * (n - 2))
 
@@ -61,7 +76,18 @@ def _feature_space_linear_cka(x: jax.Array, y: jax.Array, debiased: bool) -> jax
     norm_x, norm_y = jnp.sum(rows_x), jnp.sum(rows_y)
     return _debiased_dot(xty, rows_x, rows_y, norm_x, norm_y, n) / (
         jnp.sqrt(_debiased_dot(xtx, rows_x, rows_x, norm_x, norm_x, n))
-        * jnp.sqrt(_debiased_dot(yty, rows_y, rows_y, norm_y, norm_y, n)))
+        * jnp.sqrt(_debiased_dot(yty, rows_y, rows_y, norm_y, norm_y, n))
+    )
+
+
+@partial(jax.jit, static_argnames="debiased")
+def _linear_cka(x: jax.Array, y: jax.Array, debiased: bool) -> jax.Array:
+    (x, _), (y, _) = scaled_centred(float_matrix(x)), scaled_centred(float_matrix(y))
+    n, p = x.shape
+    q = y.shape[1]
+    if p * p + p * q + q * q < n * (p + q):
+        return _feature_space_linear_cka(x, y, debiased)
+    return _gram_cka(jnp.matmul(x, x.T, precision=HIGHEST), jnp.matmul(y, y.T, precision=HIGHEST), debiased)
 
 
 def linear_cka(x: jax.Array, y: jax.Array, debiased: bool = False) -> jax.Array:
@@ -70,17 +96,19 @@ def linear_cka(x: jax.Array, y: jax.Array, debiased: bool = False) -> jax.Array:
     Uses the feature-space form ‖yᵀx‖²_F / (‖xᵀx‖_F ‖yᵀy‖_F) (no n×n gram) when n·(p² + pq + q²)
     is below the gram cost n²·(p + q), and the gram form otherwise; both give the same value.
     """
-    x, y = _pair(x, y, debiased)
-    (x, _), (y, _) = scaled_centred(x), scaled_centred(y)
-    n, p = x.shape
-    q = y.shape[1]
-    if p * p + p * q + q * q < n * (p + q):
-        return _feature_space_linear_cka(x, y, debiased)
-    return cka(jnp.matmul(x, x.T, precision=HIGHEST), jnp.matmul(y, y.T, precision=HIGHEST), debiased)
+    xc, yc = check_pair(x, y)
+    _check_min_examples(xc.shape[0], debiased, str(xc.shape[0]))
+    return _linear_cka(xc, yc, bool(debiased))
+
+
+@partial(jax.jit, static_argnames="debiased")
+def _rbf_cka(x: jax.Array, y: jax.Array, threshold: jax.Array, debiased: bool) -> jax.Array:
+    return _gram_cka(rbf_gram(float_matrix(x), threshold), rbf_gram(float_matrix(y), threshold), debiased)
 
 
 def rbf_cka(x: jax.Array, y: jax.Array, threshold: float = 1.0, debiased: bool = False) -> jax.Array:
     """CKA with RBF kernels (bandwidth from the median distance, see `gram_rbf`) -> scalar."""
     check_threshold(threshold)
-    x, y = _pair(x, y, debiased)
-    return cka(gram_rbf(x, threshold), gram_rbf(y, threshold), debiased)
+    xc, yc = check_pair(x, y)
+    _check_min_examples(xc.shape[0], debiased, str(xc.shape[0]))
+    return _rbf_cka(xc, yc, threshold, bool(debiased))

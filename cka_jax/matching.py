@@ -9,6 +9,9 @@ prediction loss from damaged data is NaN as a whole (a matching keeps its pairs,
 correlation), never a shorter list of finite values. Each unit is rescaled by an exact power of
 two before its correlations, so they do not depend on any unit's scale.
 """
+
+from __future__ import annotations
+
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -16,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from sklearn.linear_model import Lasso
 
-from cka_jax.hsic import HIGHEST, check_pair, host_matrix, scaled_centred
+from cka_jax.checks import all_finite, check_count, check_pair, float_matrix, host_matrix, is_real
+from cka_jax.scaling import HIGHEST, scaled_centred
 
 MATCHING_METHODS = ("bipartite", "semi")
 
@@ -36,13 +39,22 @@ class UnitMatching(NamedTuple):
     correlations: np.ndarray
 
 
-@jax.jit
 def _correlations(x: jax.Array, y: jax.Array) -> jax.Array:
-    """Pearson correlations of the columns of x: (n, p) and y: (n, q), each column rescaled exactly."""
-    (xc, _), (yc, _) = scaled_centred(x, axis=0), scaled_centred(y, axis=0)
+    """Pearson correlations of the units of checked x: (n, ...) and y: (n, ...) -> (p, q), each
+    unit rescaled exactly."""
+    (xc, _), (yc, _) = scaled_centred(float_matrix(x), axis=0), scaled_centred(float_matrix(y), axis=0)
     xs = xc / jnp.linalg.norm(xc, axis=0)
     ys = yc / jnp.linalg.norm(yc, axis=0)
     return jnp.clip(jnp.matmul(xs.T, ys, precision=HIGHEST), -1.0, 1.0)
+
+
+_unit_correlations = jax.jit(_correlations)
+
+
+@jax.jit
+def _correlations_and_finite(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`_correlations` and whether x and y hold no NaN or inf."""
+    return _correlations(x, y), all_finite(x, y)
 
 
 def unit_correlations(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -50,7 +62,7 @@ def unit_correlations(x: jax.Array, y: jax.Array) -> jax.Array:
 
     Entries involving a zero-variance unit, or a unit with NaN or inf, are NaN.
     """
-    return _correlations(*check_pair(x, y))
+    return _unit_correlations(*check_pair(x, y))
 
 
 def match_units(x: jax.Array, y: jax.Array, method: str = "bipartite") -> UnitMatching:
@@ -64,8 +76,8 @@ def match_units(x: jax.Array, y: jax.Array, method: str = "bipartite") -> UnitMa
     """
     if method not in MATCHING_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {MATCHING_METHODS}")
-    xm, ym = check_pair(x, y)
-    corr = np.asarray(_correlations(xm, ym), dtype=np.float64)
+    corr, finite = _correlations_and_finite(*check_pair(x, y))
+    corr = np.asarray(corr, dtype=np.float64)
     defined = np.isfinite(corr)
     if method == "bipartite":
         # With m = min(p, q) pairs, any assignment using a NaN pair (scored -2m) totals at most
@@ -75,7 +87,7 @@ def match_units(x: jax.Array, y: jax.Array, method: str = "bipartite") -> UnitMa
     else:
         rows = np.arange(corr.shape[0])
         cols = np.argmax(np.where(defined, corr, -np.inf), axis=1)
-    if not (jnp.all(jnp.isfinite(xm)) & jnp.all(jnp.isfinite(ym))):
+    if not finite:
         return UnitMatching(rows, cols, np.full(len(rows), np.nan))
     keep = defined[rows, cols]
     return UnitMatching(rows[keep], cols[keep], corr[rows, cols][keep])
@@ -112,18 +124,16 @@ def sparse_prediction_loss(
     NaN. Returns `(len(l1_penalties),)` losses in standardised units (predicting 0 scores
     about 1).
     """
-    xa, ya = check_pair(x, y, host_matrix)
+    xa, ya = (host_matrix(a) for a in check_pair(x, y))
     try:
         penalties = np.asarray(l1_penalties, dtype=np.float64)
     except (TypeError, ValueError):
         penalties = np.empty(0)
     if penalties.ndim != 1 or penalties.size == 0 or not np.all((penalties > 0) & np.isfinite(penalties)):
         raise ValueError(f"l1_penalties must be a non-empty sequence of positive finite floats; got {l1_penalties!r}")
-    if isinstance(holdout, bool) or not isinstance(holdout, (int, float, np.integer, np.floating)) \
-            or not 0.0 <= holdout < 1.0:
+    if not (is_real(holdout) and 0.0 <= holdout < 1.0):
         raise ValueError(f"holdout={holdout!r} must be a number in [0, 1)")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    check_count(seed, "seed", None)
     shape_x, n = np.shape(x), xa.shape[0]
     test = np.zeros(n, dtype=bool)
     test[np.random.default_rng(seed).permutation(n)[: round(holdout * n)]] = True
@@ -138,6 +148,9 @@ def sparse_prediction_loss(
         return np.full_like(penalties, np.nan)
     xs, ys = _standardise(xa, train), _standardise(ya, train)
     evaluate = test if test.any() else train
+    # Imported here, not at the top: `import cka_jax` stays light (scikit-learn takes 0.85 s to import).
+    from sklearn.linear_model import Lasso
+
     model = Lasso(fit_intercept=False, warm_start=True, max_iter=10_000)
     losses = np.empty_like(penalties)
     for i in np.argsort(-penalties):

@@ -29,218 +29,54 @@ has undefined CKA and its entries are NaN. NaN or inf activations make the affec
 Accumulators are pytrees: save them with orbax or `np.savez(path, *jax.tree.leaves(acc))`, and
 combine runs, hosts or devices with `merge`. Sums are kept in float32 (float64 with
 `jax_enable_x64`); bool, integer and 16-bit float activations are upcast before the grams.
+
+Speed: every method checks its arguments on the host (shapes and dtypes only, so errors come at
+once, also inside a caller's jit or vmap) and then runs one compiled program, cached per input
+shapes: an eager loop of `update` runs as fast as the same loop under jax.jit (eager/jit time
+0.97-0.98 on the three workloads of benchmarks/cka_throughput.py on 2 CPU cores, 1.6-1.8 when each
+operation was dispatched on its own). `update(acts, acts)` (the same arrays for both models)
+builds each layer's gram once.
 """
+
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from typing import Union
+import dataclasses
+from functools import partial
+from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh
 
-from cka_jax.hsic import (HIGHEST, check_array, check_input, check_threshold, float_dtype, gram_rbf, pow2,
-                          scale_exponent, times_pow2, ucenter)
+from cka_jax.checks import (
+    Activations,
+    Array,
+    Layout,
+    check_count,
+    check_minibatch,
+    check_minibatch_grams,
+    check_number,
+    check_stacked,
+    check_threshold,
+    check_within,
+    named_layers,
+    to_float,
+)
+from cka_jax.hsic_sums import NO_SCALE, HsicSums, Scales, Totals, batch_hsic, cka_ratio, combine, weighted
+from cka_jax.layer_grams import KERNELS, GramKind, batch_totals, fit_grams, minibatch_grams
+from cka_jax.sharded_sums import sharded_totals
 
-Activations = Union[Sequence[jax.Array], Mapping[str, jax.Array]]
-KERNELS = ("linear", "rbf")
-NO_SCALE = -(2**20)  # log2 scale of a layer not yet seen varying: below every real exponent
-MAX_SHIFT = 400  # cap on a log2-scale increase: above any real one (exponents span < 300), and 4x it fits int32
-
-
-def _named_layers(acts: Activations, side: str) -> list[tuple[str, jax.Array]]:
-    if isinstance(acts, Mapping):
-        items = [(f"{side}[{name!r}]", a) for name, a in acts.items()]
-    elif isinstance(acts, (list, tuple)):
-        items = [(f"{side}[{i}]", a) for i, a in enumerate(acts)]
-    else:
-        raise ValueError(f"{side} must be a list or a mapping of per-layer arrays, got {type(acts).__name__}")
-    if not items:
-        raise ValueError(f"{side} is empty: pass one activation array per layer")
-    for name, a in items:
-        check_input(a, name, min_ndim=0)  # dtype and empty axes; _check_layers checks the layout
-    return items
+__all__ = ["MinibatchCKA", "minibatch_grams"]
 
 
-def _check_layers(items: list[tuple[str, jax.Array]], num_models: int | None) -> int:
-    """Validates shapes (at trace time) and returns the batch size."""
-    lead = 1 if num_models is None else 2
-    expected = "(batch, ...)" if num_models is None else f"({num_models} models, batch, ...)"
-    sizes = []
-    for name, a in items:
-        shape = jnp.shape(a)
-        if len(shape) < lead + 1 or (num_models is not None and shape[0] != num_models):
-            raise ValueError(f"{name} must have shape {expected} with at least one feature axis, got {shape}")
-        sizes.append((name, shape, shape[lead - 1]))
-    first_name, first_shape, n = sizes[0]
-    for name, shape, size in sizes[1:]:
-        if size != n:
-            raise ValueError(
-                f"all layers need the same examples: {first_name} has shape {first_shape} but {name} has shape {shape}")
-    if n < 4:
-        raise ValueError(f"HSIC₁ needs at least 4 examples per minibatch, got {n} ({first_name} has shape {first_shape})")
-    return n
+def _static(default: Any) -> Any:
+    """A dataclass field that is part of the pytree structure (hashable, fixed under jit)."""
+    return dataclasses.field(default=default, metadata={"static": True})
 
 
-CHUNK_ELEMENTS = 2**24  # largest feature slice (models x batch x features) copied at once: 64 MB in float32
-
-
-def _as_models(a: jax.Array, population: bool) -> jax.Array:
-    """Layer activations -> (M, n, p) (M = 1 outside population mode), dtype unchanged."""
-    a = jnp.asarray(a)
-    if not population:
-        a = a[None]
-    return a.reshape(a.shape[0], a.shape[1], math.prod(a.shape[2:]))
-
-
-def _applied(log2_scale: jax.Array) -> jax.Array:
-    """The log2 scales activations are divided by: NO_SCALE (a layer not yet seen varying) by 2^0."""
-    return jnp.where(log2_scale == NO_SCALE, 0, log2_scale)
-
-
-def _spread_exponents(x: jax.Array) -> jax.Array:
-    """log2 scales (M,) of x: (M, n, p): the largest feature range over the examples, which
-    bounds max|x - x[:, :1]|, brought into [2, 4); NO_SCALE where it is zero or not finite.
-
-    Two reductions that read x once and write only (M, p): an elementwise pass over x before
-    them (e.g. halving x) was materialised by XLA:CPU, 8 GB for 100 models x 20 layers. Halving
-    the reduced extremes keeps their difference finite for any finite x.
-    """
-    dtype = float_dtype(x.dtype)
-    high, low = jnp.max(x, axis=1).astype(dtype), jnp.min(x, axis=1).astype(dtype)
-    k, valid = scale_exponent(jnp.max(high * 0.5 - low * 0.5, axis=1))
-    return jnp.where(valid, k + 1, NO_SCALE)
-
-
-def _shifted_linear_gram(x: jax.Array, log2_scale: jax.Array) -> jax.Array:
-    """Grams of (x - x[:, :1])·2^-log2_scale, x: (M, n, p), log2_scale: (M,) -> (M, n, n), over
-    feature chunks of bounded size.
-
-    Subtracting the first example removes the features' common offset (so constant features are
-    exact zeros and large means don't cost float32 precision); U-centering removes the rest, as
-    it removes any a1ᵀ + 1aᵀ + c11ᵀ. Chunking keeps one shifted slice in memory at a time.
-    """
-    m, n, p = x.shape
-    dtype = float_dtype(x.dtype)
-    factor = pow2(-log2_scale, dtype)[:, None, None]
-
-    def gram(part):
-        part = part.astype(dtype) * factor
-        part = part - part[:, :1]
-        return jnp.einsum("mnp,mkp->mnk", part, part, precision=HIGHEST)
-
-    chunk = max(128, CHUNK_ELEMENTS // (m * n) // 128 * 128)
-    if p <= chunk:
-        return gram(x)
-    full = p // chunk
-
-    def step(acc, i):
-        return acc + gram(jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=2)), None
-
-    acc, _ = jax.lax.scan(step, jnp.zeros((m, n, n), dtype), jnp.arange(full))
-    return acc if p == full * chunk else acc + gram(x[:, :, full * chunk:])
-
-
-def _linear_grams(items: list[tuple[str, jax.Array]], population: bool,
-                  log2_scale: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """U-centred linear grams (M, L, n, n) in the units of max(log2_scale (M, L), this batch's
-    own scale), and those log2 scales."""
-    xs = [_as_models(a, population) for _, a in items]
-    scale = jnp.maximum(log2_scale, jnp.stack([_spread_exponents(x) for x in xs], axis=1))
-    applied = _applied(scale)
-    grams = [ucenter(_shifted_linear_gram(x, applied[:, i]), unbiased=True) for i, x in enumerate(xs)]
-    return jnp.stack(grams, axis=1), scale
-
-
-def _rbf_grams(items: list[tuple[str, jax.Array]], population: bool, threshold: float) -> jax.Array:
-    """U-centred RBF grams (M, L, n, n); gram_rbf rescales exactly and upcasts to >= float32."""
-    grams = [jax.vmap(lambda xi: gram_rbf(xi, threshold))(_as_models(a, population)) for _, a in items]
-    return ucenter(jnp.stack(grams, axis=1), unbiased=True)
-
-
-def _fit_grams(grams: jax.Array, log2_scale: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """U-centred grams (M, L, n, n) of any finite scale -> the same in the units of
-    max(log2_scale, the grams' own scale), and those log2 scales (M, L).
-
-    A gram scales as its activations squared: log2 scale ceil(e / 2) for a largest entry of 2^e
-    leaves entries of at most 1 after division by 4^scale (exact, a power of two).
-    """
-    k, valid = scale_exponent(jnp.max(jnp.abs(grams), axis=(-2, -1)))
-    own = jnp.where(valid, (k + 3) // 2, NO_SCALE)  # largest entry < 2^(k + 2)
-    scale = jnp.maximum(log2_scale, own)
-    return times_pow2(grams, -2 * _applied(scale)[..., None, None]), scale
-
-
-def minibatch_grams(acts: Activations, *, population: bool = False, kernel: str = "linear",
-                    threshold: float = 1.0) -> jax.Array:
-    """U-centred grams of one minibatch, for `MinibatchCKA.update_grams`.
-
-    acts: per-layer arrays (batch, ...), or (models, batch, ...) with population=True.
-    Returns (L, batch, batch), or (M, L, batch, batch) in population mode. Computing these for
-    chunks of a population and concatenating them on axis 0 bounds the activation memory.
-    Linear grams are in the activations' units squared (computed from exactly rescaled
-    activations, then scaled back): in float32 they leave float32's range for activations beyond
-    about 1e±19; `update_grams` itself accepts grams of any finite scale.
-    """
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
-    check_threshold(threshold)
-    items = _named_layers(acts, "acts")
-    _check_layers(items, (jnp.shape(items[0][1]) or (0,))[0] if population else None)
-    if kernel == "linear":
-        models = jnp.shape(items[0][1])[0] if population else 1
-        grams, scale = _linear_grams(items, population, jnp.full((models, len(items)), NO_SCALE, jnp.int32))
-        grams = times_pow2(grams, 2 * _applied(scale)[..., None, None])
-    else:
-        grams = _rbf_grams(items, population, threshold)
-    return grams if population else grams[0]
-
-
-def _batch_hsic(ga: jax.Array, gb: jax.Array | None):
-    """U-centred grams (Ma, La, n, n) [, (Mb, Lb, n, n)] -> HSIC₁ of all pairs (Ma, Mb, La, Lb), (Ma, La), (Mb, Lb)."""
-    ma, la, n, _ = ga.shape
-    fa = ga.reshape(ma * la, n * n)
-    scale = 1.0 / (n * (n - 3))
-    if gb is None:
-        xy = jnp.matmul(fa, fa.T, precision=HIGHEST) * scale
-        xx = jnp.diagonal(xy)
-        yy, (mb, lb) = xx, (ma, la)
-    else:
-        mb, lb = gb.shape[:2]
-        fb = gb.reshape(mb * lb, n * n)
-        xy = jnp.matmul(fa, fb.T, precision=HIGHEST) * scale
-        xx = jnp.sum(fa * fa, axis=1) * scale
-        yy = jnp.sum(fb * fb, axis=1) * scale
-    xy = xy.reshape(ma, la, mb, lb).transpose(0, 2, 1, 3)
-    return xy, xx.reshape(ma, la), yy.reshape(mb, lb)
-
-
-def _rescale(sums, shift_a: jax.Array, shift_b: jax.Array):
-    """Sums (xy, xx, yy, boot_xy, boot_xx, boot_yy) -> the same after the log2 scales of model a's
-    layers grow by shift_a (Ma, La) and model b's by shift_b (Mb, Lb), both >= 0.
-
-    HSIC₁(K, L) is quadratic in each side's activations, so xy gains 2^-2(shift_a + shift_b) and
-    xx 2^-4·shift_a: exact powers of two. A sum kept under NO_SCALE is zero (or NaN) and stays so.
-    """
-    shift_a, shift_b = jnp.minimum(shift_a, MAX_SHIFT), jnp.minimum(shift_b, MAX_SHIFT)
-    k_xy = -2 * (shift_a[:, None, :, None] + shift_b[None, :, None, :])
-    xy, xx, yy, bxy, bxx, byy = sums
-    return (times_pow2(xy, k_xy), times_pow2(xx, -4 * shift_a), times_pow2(yy, -4 * shift_b),
-            times_pow2(bxy, k_xy), times_pow2(bxx, -4 * shift_a), times_pow2(byy, -4 * shift_b))
-
-
-def _combine(sums_1, scales_1, sums_2, scales_2):
-    """Sums of two sets of minibatches, each with its log2 scales (a, b), in common units."""
-    scale_a, scale_b = (jnp.maximum(s1, s2) for s1, s2 in zip(scales_1, scales_2))
-    one = _rescale(sums_1, scale_a - scales_1[0], scale_b - scales_1[1])
-    two = _rescale(sums_2, scale_a - scales_2[0], scale_b - scales_2[1])
-    return tuple(s + t for s, t in zip(one, two)), (scale_a, scale_b)
-
-
-@flax.struct.dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class MinibatchCKA:
     """Running sums of HSIC₁ over minibatches for every layer pair (and model pair).
 
@@ -251,7 +87,10 @@ class MinibatchCKA:
       (online Bayesian bootstrap over minibatches). key: raw PRNG key of those weights.
       log2_scale_a: (Ma, La) int32, log2_scale_b: (Mb, Lb) int32: each layer's power-of-two scale
       (see the module docstring); NO_SCALE until the layer varies.
+    population, kernel, threshold: static (part of the pytree structure, fixed under jit).
+    `totals` gives the sums, bootstrap sums and scales as one named pytree.
     """
+
     xy: jax.Array
     xx: jax.Array
     yy: jax.Array
@@ -262,14 +101,23 @@ class MinibatchCKA:
     key: jax.Array
     log2_scale_a: jax.Array
     log2_scale_b: jax.Array
-    population: bool = flax.struct.field(pytree_node=False, default=False)
-    kernel: str = flax.struct.field(pytree_node=False, default="linear")
-    threshold: float = flax.struct.field(pytree_node=False, default=1.0)
+    population: bool = _static(False)
+    kernel: str = _static("linear")
+    threshold: float = _static(1.0)
 
     @classmethod
-    def create(cls, num_layers_a: int, num_layers_b: int | None = None, *, num_models_a: int | None = None,
-               num_models_b: int | None = None, kernel: str = "linear", threshold: float = 1.0,
-               num_bootstrap: int = 0, seed: int = 0) -> "MinibatchCKA":
+    def create(
+        cls,
+        num_layers_a: int,
+        num_layers_b: int | None = None,
+        *,
+        num_models_a: int | None = None,
+        num_models_b: int | None = None,
+        kernel: str = "linear",
+        threshold: float = 1.0,
+        num_bootstrap: int = 0,
+        seed: int = 0,
+    ) -> MinibatchCKA:
         """An empty accumulator.
 
         num_layers_b=None compares model a with itself (`update(acts_a)`). Passing num_models_a
@@ -278,129 +126,125 @@ class MinibatchCKA:
         num_bootstrap > 0 keeps that many bootstrap replicates for `bootstrap_interval`; give
         accumulators that will be merged different seeds.
         """
-        for name, value in (("num_layers_a", num_layers_a), ("num_layers_b", num_layers_b),
-                            ("num_models_a", num_models_a), ("num_models_b", num_models_b)):
-            if value is not None and (not _is_int(value) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_count(num_layers_a, "num_layers_a", 1)
+        optional = {"num_layers_b": num_layers_b, "num_models_a": num_models_a, "num_models_b": num_models_b}
+        for name, value in optional.items():
+            if value is not None:
+                check_count(value, name, 1)
         if num_models_b is not None and num_models_a is None:
             raise ValueError("num_models_b needs num_models_a: population mode is set by num_models_a")
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
         check_threshold(threshold)
-        if not _is_int(num_bootstrap) or num_bootstrap < 0:
-            raise ValueError(f"num_bootstrap must be a non-negative integer, got {num_bootstrap!r}")
-        if not _is_int(seed):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        check_count(num_bootstrap, "num_bootstrap", 0)
+        check_count(seed, "seed", None)
         la, lb = num_layers_a, num_layers_a if num_layers_b is None else num_layers_b
         ma = 1 if num_models_a is None else num_models_a
         mb = ma if num_models_b is None else num_models_b
         dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
-        zeros = lambda *shape: jnp.zeros(shape, dtype)
-        return cls(xy=zeros(ma, mb, la, lb), xx=zeros(ma, la), yy=zeros(mb, lb),
-                   count=jnp.zeros((), jnp.int32), boot_xy=zeros(num_bootstrap, ma, mb, la, lb),
-                   boot_xx=zeros(num_bootstrap, ma, la), boot_yy=zeros(num_bootstrap, mb, lb),
-                   key=jax.random.key_data(jax.random.key(seed)),
-                   log2_scale_a=jnp.full((ma, la), NO_SCALE, jnp.int32),
-                   log2_scale_b=jnp.full((mb, lb), NO_SCALE, jnp.int32),
-                   population=num_models_a is not None, kernel=kernel, threshold=float(threshold))
+
+        def zeros(*lead: int) -> HsicSums:
+            return HsicSums(*(jnp.zeros(lead + shape, dtype) for shape in ((ma, mb, la, lb), (ma, la), (mb, lb))))
+
+        sums, boot = zeros(), zeros(num_bootstrap)
+        return cls(
+            xy=sums.xy,
+            xx=sums.xx,
+            yy=sums.yy,
+            count=jnp.zeros((), jnp.int32),
+            boot_xy=boot.xy,
+            boot_xx=boot.xx,
+            boot_yy=boot.yy,
+            key=jax.random.key_data(jax.random.key(seed)),
+            log2_scale_a=jnp.full((ma, la), NO_SCALE, jnp.int32),
+            log2_scale_b=jnp.full((mb, lb), NO_SCALE, jnp.int32),
+            population=num_models_a is not None,
+            kernel=kernel,
+            threshold=float(threshold),
+        )
+
+    # ---- views of the state ----
 
     @property
     def num_bootstrap(self) -> int:
         return self.boot_xy.shape[0]
 
     @property
-    def _sums(self):
-        return self.xy, self.xx, self.yy, self.boot_xy, self.boot_xx, self.boot_yy
+    def totals(self) -> Totals:
+        """The sums, their bootstrap copies and their log2 scales."""
+        return Totals(
+            HsicSums(self.xy, self.xx, self.yy),
+            HsicSums(self.boot_xy, self.boot_xx, self.boot_yy),
+            Scales(self.log2_scale_a, self.log2_scale_b),
+        )
 
     @property
-    def _scales(self):
-        return self.log2_scale_a, self.log2_scale_b
+    def gram_kind(self) -> GramKind:
+        return GramKind(self.population, self.kernel, self.threshold)
 
-    def _grams(self, items: list[tuple[str, jax.Array]], side: str, log2_scale: jax.Array):
-        """One side's U-centred grams in the units of its updated log2 scales, those scales and n."""
-        models, layers = self.xy.shape[0::2] if side == "acts_a" else self.xy.shape[1::2]
-        if len(items) != layers:
-            raise ValueError(f"{side} has {len(items)} layers, the accumulator expects {layers}")
-        n = _check_layers(items, models if self.population else None)
-        if self.kernel == "linear":
-            grams, scale = _linear_grams(items, self.population, log2_scale)
-        else:
-            grams, scale = _fit_grams(_rbf_grams(items, self.population, self.threshold), log2_scale)
-        return grams, scale, n
+    @property
+    def layouts(self) -> tuple[Layout, Layout]:
+        """(models, layers) of model a and of model b."""
+        ma, mb, la, lb = self.xy.shape
+        return (ma, la), (mb, lb)
 
-    def _check_within(self, side: str) -> None:
-        if self.xy.shape[0::2] != self.xy.shape[1::2]:
-            raise ValueError(f"{side} is required: this accumulator compares two different models "
-                             f"(heatmap shape {self.xy.shape})")
+    # ---- traced building blocks of the compiled operations below ----
 
-    def _batch_stats(self, items_a, items_b, weights: jax.Array, scales):
-        """HSIC₁ sums of one minibatch and their bootstrap-weighted copies, in the units of the
-        returned log2 scales (scales grown to cover this minibatch)."""
-        ga, scale_a, n = self._grams(items_a, "acts_a", scales[0])
-        if items_b is None:
-            self._check_within("acts_b")
-            gb, scale_b = None, scale_a
-        else:
-            gb, scale_b, nb = self._grams(items_b, "acts_b", scales[1])
-            if nb != n:
-                raise ValueError(f"acts_a and acts_b need the same minibatch: {n} vs {nb} examples")
-        return self._weighted(_batch_hsic(ga, gb), weights), (scale_a, scale_b)
+    def plus(self, totals: Totals, batches: jax.Array | int) -> MinibatchCKA:
+        """This accumulator plus `totals` of `batches` more minibatches."""
+        (xy, xx, yy), (boot_xy, boot_xx, boot_yy), (scale_a, scale_b) = combine(self.totals, totals)
+        return dataclasses.replace(
+            self,
+            xy=xy,
+            xx=xx,
+            yy=yy,
+            count=self.count + batches,
+            boot_xy=boot_xy,
+            boot_xx=boot_xx,
+            boot_yy=boot_yy,
+            log2_scale_a=scale_a,
+            log2_scale_b=scale_b,
+        )
 
-    def _bootstrap_weights(self, first: jax.Array, k: int) -> jax.Array:
-        """Exponential(1) weights (k, B) of minibatches first .. first + k - 1, fixed by seed and index."""
+    def bootstrap_weights(self, k: int) -> jax.Array:
+        """Exponential(1) weights (k, B) of the next k minibatches, fixed by seed and index."""
         key = jax.random.wrap_key_data(self.key)
-        draw = lambda i: jax.random.exponential(jax.random.fold_in(key, i), (self.num_bootstrap,), self.xy.dtype)
-        return jax.vmap(draw)(first + jnp.arange(k))
 
-    def _weighted(self, stats, weights: jax.Array):
-        """stats of one minibatch and their copies weighted by weights: (B,)."""
-        stats = tuple(s.astype(self.xy.dtype) for s in stats)
-        return stats + tuple(jnp.tensordot(weights, s, axes=0) for s in stats)
+        def draw(i: jax.Array) -> jax.Array:
+            return jax.random.exponential(jax.random.fold_in(key, i), (self.num_bootstrap,), self.xy.dtype)
 
-    def _add(self, sums, scales, batches) -> "MinibatchCKA":
-        """This accumulator plus `sums` of `batches` minibatches kept in units of `scales`."""
-        (xy, xx, yy, bxy, bxx, byy), (scale_a, scale_b) = _combine(self._sums, self._scales, sums, scales)
-        return self.replace(xy=xy, xx=xx, yy=yy, count=self.count + batches, boot_xy=bxy, boot_xx=bxx,
-                            boot_yy=byy, log2_scale_a=scale_a, log2_scale_b=scale_b)
+        return jax.vmap(draw)(self.count + jnp.arange(k))
 
-    def update(self, acts_a: Activations, acts_b: Activations | None = None) -> "MinibatchCKA":
+    # ---- the public operations: host-side checks, then one compiled call ----
+
+    def update(self, acts_a: Activations, acts_b: Activations | None = None) -> MinibatchCKA:
         """Adds one minibatch. acts_*: list or ordered mapping of per-layer arrays (batch, ...),
         (models, batch, ...) in population mode; acts_b=None compares model a with itself."""
-        items_b = None if acts_b is None else _named_layers(acts_b, "acts_b")
-        weights = self._bootstrap_weights(self.count, 1)[0]
-        stats, scales = self._batch_stats(_named_layers(acts_a, "acts_a"), items_b, weights, self._scales)
-        return self._add(stats, scales, 1)
+        items_b = None if acts_b is None else named_layers(acts_b, "acts_b")
+        items_a = named_layers(acts_a, "acts_a")
+        check_minibatch(items_a, items_b, self.layouts, self.population)
+        arrays_a, arrays_b, b_is_a = _arrays(items_a, items_b)
+        return _update(self, arrays_a, arrays_b, b_is_a)
 
-    def update_grams(self, grams_a: jax.Array, grams_b: jax.Array | None = None) -> "MinibatchCKA":
+    def update_grams(self, grams_a: jax.Array, grams_b: jax.Array | None = None) -> MinibatchCKA:
         """Adds one minibatch from `minibatch_grams` outputs, (L, n, n) or (M, L, n, n), of any
         finite scale (each gram is rescaled exactly by a power of two per layer and model)."""
-        grams, scales = [], []
-        for name, g, (models, layers), scale in (("grams_a", grams_a, self.xy.shape[0::2], self.log2_scale_a),
-                                                 ("grams_b", grams_b, self.xy.shape[1::2], self.log2_scale_b)):
-            if g is None:
-                continue
-            g = check_array(g, name, min_ndim=0)
-            expected = (models, layers) if self.population else (layers,)
-            shape = g.shape
-            if len(shape) != len(expected) + 2 or shape[:-2] != expected or shape[-1] != shape[-2]:
-                raise ValueError(f"{name} must have shape {expected + ('n', 'n')}, got {shape}")
-            if shape[-1] < 4:
-                raise ValueError(f"HSIC₁ needs at least 4 examples per minibatch, got {name} of shape {shape}")
-            fitted, scale = _fit_grams(g if self.population else g[None], scale)
-            grams.append(fitted)
-            scales.append(scale)
+        layout_a, layout_b = self.layouts
+        checked_a = check_minibatch_grams(grams_a, "grams_a", layout_a, self.population)
         if grams_b is None:
-            self._check_within("grams_b")
-            grams.append(None)
-            scales.append(scales[0])
-        elif grams[0].shape[-1] != grams[1].shape[-1]:
-            raise ValueError(f"grams_a and grams_b need the same minibatch, got {jnp.shape(grams_a)} and "
-                             f"{jnp.shape(grams_b)}")
-        stats = self._weighted(_batch_hsic(*grams), self._bootstrap_weights(self.count, 1)[0])
-        return self._add(stats, tuple(scales), 1)
+            check_within(self.layouts, "grams_b")
+            return _update_grams(self, checked_a, None)
+        checked_b = check_minibatch_grams(grams_b, "grams_b", layout_b, self.population)
+        if checked_a.shape[-1] != checked_b.shape[-1]:
+            raise ValueError(
+                f"grams_a and grams_b need the same minibatch, got {tuple(checked_a.shape)} and "
+                f"{tuple(checked_b.shape)}"
+            )
+        return _update_grams(self, checked_a, checked_b)
 
-    def update_sharded(self, acts_a: Activations, acts_b: Activations | None = None, *, mesh: Mesh,
-                       axis_name: str = "batch") -> "MinibatchCKA":
+    def update_sharded(
+        self, acts_a: Activations, acts_b: Activations | None = None, *, mesh: Mesh, axis_name: str = "batch"
+    ) -> MinibatchCKA:
         """Adds k minibatches spread over the devices of one mesh axis.
 
         acts_*: per-layer arrays with a leading minibatch axis, (k, batch, ...) or
@@ -408,46 +252,18 @@ class MinibatchCKA:
         minibatches with its own log2 scales; the devices then agree on the largest scales (one
         pmax), rescale their sums exactly and one psum combines them. Equals k calls of `update`.
         """
-        items_a = _named_layers(acts_a, "acts_a")
-        items_b = None if acts_b is None else _named_layers(acts_b, "acts_b")
-        items = items_a + (items_b or [])
-        devices = mesh.shape[axis_name]
-        k = jnp.shape(items[0][1])[0] if jnp.ndim(items[0][1]) else 0
-        if k == 0 or k % devices or any(jnp.shape(a)[:1] != (k,) for _, a in items):
-            shapes = ", ".join(f"{name}: {jnp.shape(a)}" for name, a in items)
-            raise ValueError(f"update_sharded needs every layer stacked as (k, ...) with the same k, a multiple of "
-                             f"the {devices} devices on mesh axis {axis_name!r}; got {shapes}")
-        labels_a = [name for name, _ in items_a]
-        labels_b = None if items_b is None else [name for name, _ in items_b]
-
-        def local(weights, arrays_a, arrays_b):
-            def body(carry, i):
-                sums, scales = carry
-                batch_a = [(name, a[i]) for name, a in zip(labels_a, arrays_a)]
-                batch_b = None if labels_b is None else [(name, b[i]) for name, b in zip(labels_b, arrays_b)]
-                stats, new = self._batch_stats(batch_a, batch_b, weights[i], scales)
-                sums = _rescale(sums, new[0] - scales[0], new[1] - scales[1])
-                return (tuple(s + t for s, t in zip(sums, stats)), new), None
-
-            zero = tuple(jnp.zeros_like(x) for x in self._sums)
-            unset = tuple(jnp.full_like(s, NO_SCALE) for s in self._scales)
-            start = jax.lax.pcast((zero, unset), (axis_name,), to="varying")
-            (sums, scales), _ = jax.lax.scan(body, start, jnp.arange(weights.shape[0]))
-            agreed = tuple(jax.lax.pmax(s, axis_name) for s in scales)
-            sums = _rescale(sums, agreed[0] - scales[0], agreed[1] - scales[1])
-            return jax.lax.psum(sums, axis_name), agreed
-
+        items_a = named_layers(acts_a, "acts_a")
+        items_b = None if acts_b is None else named_layers(acts_b, "acts_b")
+        check_stacked(items_a + (items_b or []), mesh.shape[axis_name], axis_name)
+        check_minibatch(
+            _one_minibatch(items_a), None if items_b is None else _one_minibatch(items_b), self.layouts, self.population
+        )
+        arrays_a, arrays_b, b_is_a = _arrays(items_a, items_b)
         # Auto axes: the result is an ordinary replicated array, usable outside any mesh context.
         mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-        specs = (P(axis_name),) * 3
-        args = (self._bootstrap_weights(self.count, k), [a for _, a in items_a],
-                [] if items_b is None else [a for _, a in items_b])
-        args = jax.device_put(args, tuple(NamedSharding(mesh, spec) for spec in specs))
-        sharded = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())
-        sums, scales = sharded(*args)
-        return self._add(sums, scales, k)
+        return _update_sharded(self, arrays_a, arrays_b, b_is_a, mesh, axis_name)
 
-    def merge(self, other: "MinibatchCKA") -> "MinibatchCKA":
+    def merge(self, other: MinibatchCKA) -> MinibatchCKA:
         """Sums of two accumulators of the same shape (other hosts, runs or devices); sums kept at
         different log2 scales are rescaled exactly to the larger ones."""
         if not isinstance(other, MinibatchCKA):
@@ -455,29 +271,26 @@ class MinibatchCKA:
         mine = (self.xy.shape, self.boot_xy.shape, self.population, self.kernel, self.threshold)
         theirs = (other.xy.shape, other.boot_xy.shape, other.population, other.kernel, other.threshold)
         if mine != theirs:
-            raise ValueError(f"cannot merge accumulators of different layouts: (heatmap, bootstrap, population, "
-                             f"kernel, threshold) = {mine} vs {theirs}")
-        if (self.num_bootstrap and not isinstance(self.key, jax.core.Tracer)
-                and not isinstance(other.key, jax.core.Tracer)
-                and np.array_equal(self.key, other.key)):
-            raise ValueError("both accumulators draw bootstrap weights from the same seed; create them with "
-                             "different seeds (e.g. the host index) so their replicates are independent")
-        return self._add(other._sums, other._scales, other.count)
-
-    def _ratio(self, xy, xx, yy):
-        """xy / (sqrt(xx)·sqrt(yy)): the roots are taken before the product, so it cannot overflow."""
-        out = xy / (jnp.sqrt(xx)[..., :, None, :, None] * jnp.sqrt(yy)[..., None, :, None, :])
-        return out if self.population else out[..., 0, 0, :, :]
+            raise ValueError(
+                "cannot merge accumulators of different layouts: (heatmap, bootstrap, population, kernel, threshold)"
+                f" = {mine} vs {theirs}"
+            )
+        concrete = not isinstance(self.key, jax.core.Tracer) and not isinstance(other.key, jax.core.Tracer)
+        if self.num_bootstrap and concrete and np.array_equal(self.key, other.key):
+            raise ValueError(
+                "both accumulators draw bootstrap weights from the same seed; create them with different seeds "
+                "(e.g. the host index) so their replicates are independent"
+            )
+        return _merge(self, other)
 
     def result(self) -> jax.Array:
         """CKA heatmap (La, Lb), or (Ma, Mb, La, Lb) in population mode; NaN where undefined."""
-        return self._ratio(self.xy, self.xx, self.yy)
+        return _result(self)
 
     def bootstrap_samples(self) -> jax.Array:
         """CKA of each bootstrap replicate, (B, *result().shape)."""
-        if not self.num_bootstrap:
-            raise ValueError("this accumulator keeps no bootstrap replicates: create it with num_bootstrap > 0")
-        return self._ratio(self.boot_xy, self.boot_xx, self.boot_yy)
+        self._check_bootstrap()
+        return _bootstrap_samples(self)
 
     def bootstrap_interval(self, level: float = 0.95) -> tuple[jax.Array, jax.Array]:
         """Percentile bootstrap confidence interval over minibatches: (low, high), each like result().
@@ -489,15 +302,94 @@ class MinibatchCKA:
         the interval is finite from 2 minibatches on. With fewer than 2 minibatches the spread
         over minibatches is unknown and the interval is NaN; NaN in the data gives NaN too.
         """
-        if isinstance(level, bool) or not isinstance(level, (int, float, np.integer, np.floating)) \
-                or not 0 < level < 1:
-            raise ValueError(f"level must lie in (0, 1), got {level!r}")
-        samples = self.bootstrap_samples()
-        alpha = (1 - level) / 2
-        enough = self.count >= 2
-        return tuple(jnp.where(enough, jnp.quantile(samples, q, axis=0), jnp.nan) for q in (alpha, 1 - alpha))
+        check_number(level, "level", lambda x: 0 < x < 1, "must lie in (0, 1)")
+        self._check_bootstrap()
+        return _bootstrap_interval(self, float(level))
+
+    def _check_bootstrap(self) -> None:
+        if not self.num_bootstrap:
+            raise ValueError("this accumulator keeps no bootstrap replicates: create it with num_bootstrap > 0")
 
 
-def _is_int(value) -> bool:
-    """A Python or NumPy integer, not a bool (True is not a layer count)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+def _arrays(
+    items_a: list[tuple[str, Array]], items_b: list[tuple[str, Array]] | None
+) -> tuple[list[Array], list[Array] | None, bool]:
+    """Both sides' arrays, without their labels, and whether b's are a's very arrays (then b's
+    list is None and their grams are built once)."""
+    arrays_a = [a for _, a in items_a]
+    if items_b is None:
+        return arrays_a, None, False
+    arrays_b = [b for _, b in items_b]
+    if len(arrays_a) == len(arrays_b) and all(a is b for a, b in zip(arrays_a, arrays_b, strict=True)):
+        return arrays_a, None, True
+    return arrays_a, arrays_b, False
+
+
+def _one_minibatch(items: list[tuple[str, Array]]) -> list[tuple[str, jax.ShapeDtypeStruct]]:
+    """Stand-ins (shape and dtype only) for one minibatch of layers stacked as (k, ...)."""
+    return [(label, jax.ShapeDtypeStruct(a.shape[1:], a.dtype)) for label, a in items]
+
+
+# ---- compiled operations: pure functions of the accumulator (a pytree) and the arrays. Module-level
+# jit caches one program per input shapes; inside a caller's jit or vmap they are inlined. ----
+
+
+@partial(jax.jit, static_argnames="b_is_a")
+def _update(
+    acc: MinibatchCKA, arrays_a: list[jax.Array], arrays_b: list[jax.Array] | None, b_is_a: bool
+) -> MinibatchCKA:
+    weights = acc.bootstrap_weights(1)[0]
+    totals = batch_totals(acc.gram_kind, arrays_a, arrays_b, b_is_a, weights, acc.totals.scales, acc.xy.dtype)
+    return acc.plus(totals, 1)
+
+
+@jax.jit
+def _update_grams(acc: MinibatchCKA, grams_a: jax.Array, grams_b: jax.Array | None) -> MinibatchCKA:
+    def fitted(grams: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+        grams = to_float(grams)
+        return fit_grams(grams if acc.population else grams[None], scale)
+
+    scales = acc.totals.scales
+    ga, scale_a = fitted(grams_a, scales.a)
+    gb, scale_b = (None, scale_a) if grams_b is None else fitted(grams_b, scales.b)
+    weights = acc.bootstrap_weights(1)[0]
+    return acc.plus(weighted(batch_hsic(ga, gb), weights, Scales(scale_a, scale_b), acc.xy.dtype), 1)
+
+
+@partial(jax.jit, static_argnames=("b_is_a", "mesh", "axis_name"))
+def _update_sharded(
+    acc: MinibatchCKA,
+    arrays_a: list[jax.Array],
+    arrays_b: list[jax.Array] | None,
+    b_is_a: bool,
+    mesh: Mesh,
+    axis_name: str,
+) -> MinibatchCKA:
+    k = arrays_a[0].shape[0]
+    weights = acc.bootstrap_weights(k)
+    totals = sharded_totals(acc.gram_kind, acc.totals, weights, arrays_a, arrays_b, b_is_a, mesh, axis_name)
+    return acc.plus(totals, k)
+
+
+@jax.jit
+def _merge(acc: MinibatchCKA, other: MinibatchCKA) -> MinibatchCKA:
+    return acc.plus(other.totals, other.count)
+
+
+@jax.jit
+def _result(acc: MinibatchCKA) -> jax.Array:
+    return cka_ratio(acc.totals.sums, acc.population)
+
+
+@jax.jit
+def _bootstrap_samples(acc: MinibatchCKA) -> jax.Array:
+    return cka_ratio(acc.totals.boot, acc.population)
+
+
+@partial(jax.jit, static_argnames="level")
+def _bootstrap_interval(acc: MinibatchCKA, level: float) -> tuple[jax.Array, jax.Array]:
+    samples = cka_ratio(acc.totals.boot, acc.population)
+    alpha = (1 - level) / 2
+    enough = acc.count >= 2
+    low, high = (jnp.where(enough, jnp.quantile(samples, q, axis=0), jnp.nan) for q in (alpha, 1 - alpha))
+    return low, high

@@ -6,14 +6,19 @@ cheaper of the `n×n` gram matrix and the `p×p` covariance (`jnp.linalg.eigh`),
 stay static and everything is jit-compatible. A constant representation (zero variance) has
 no first principal component: every result is NaN; so does NaN or inf in the input. The input is
 first rescaled by an exact power of two, so no result depends on its scale (`remove_first_pc`
-returns the input's units).
+returns the input's units). Each function checks its input on the host, then runs one compiled
+program per input shape.
 """
+
+from __future__ import annotations
+
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from cka_jax.hsic import HIGHEST, as_matrix, scaled_centred, times_pow2
+from cka_jax.checks import all_finite, check_input, float_matrix, nan_unless
+from cka_jax.scaling import HIGHEST, scaled_centred, times_pow2
 
 
 def _first_pc(xc: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -36,18 +41,22 @@ def _first_pc(xc: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return lam[-1], sign * u, sign * v
 
 
-@jax.jit
 def _first_pc_summary(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Variance fraction, scores `(n,)` and direction `(p,)` of the first PC of checked `x: (n, p)`."""
-    xc, _ = scaled_centred(x)
+    """Variance fraction, scores `(n,)` and direction `(p,)` of the first PC of checked `x: (n, ...)`."""
+    xc, _ = scaled_centred(float_matrix(x))
     lam1, u, v = _first_pc(xc)
-    finite = jnp.all(jnp.isfinite(xc))
-    return tuple(jnp.where(finite, a, jnp.nan) for a in (lam1 / jnp.sum(xc**2), u, v))
+    finite = all_finite(xc)
+    return nan_unless(finite, lam1 / jnp.sum(xc**2)), nan_unless(finite, u), nan_unless(finite, v)
+
+
+_variance_fraction = jax.jit(lambda x: _first_pc_summary(x)[0])
+_scores = jax.jit(lambda x: _first_pc_summary(x)[1])
+_direction = jax.jit(lambda x: _first_pc_summary(x)[2])
 
 
 def first_pc_variance_fraction(x: jax.Array) -> jax.Array:
     """Fraction of the total variance of `x: (n, ...)` explained by its first PC: scalar in [0, 1]."""
-    return _first_pc_summary(as_matrix(x))[0]
+    return _variance_fraction(check_input(x))
 
 
 def first_pc_scores(x: jax.Array) -> jax.Array:
@@ -57,7 +66,7 @@ def first_pc_scores(x: jax.Array) -> jax.Array:
     so it is comparable across layers of different widths. Sign: its largest-magnitude entry
     is positive.
     """
-    return _first_pc_summary(as_matrix(x))[1]
+    return _scores(check_input(x))
 
 
 def first_pc_direction(x: jax.Array) -> jax.Array:
@@ -65,22 +74,22 @@ def first_pc_direction(x: jax.Array) -> jax.Array:
 
     Sign matches `first_pc_scores`: centred `x @ direction` is a positive multiple of the scores.
     """
-    return _first_pc_summary(as_matrix(x))[2]
+    return _direction(check_input(x))
 
 
 @jax.jit
 def _remove_first_pc(x: jax.Array) -> jax.Array:
-    """Centred checked `x: (n, p)` with its first PC projected out, in x's units."""
-    xc, k = scaled_centred(x)
+    """Centred checked `x: (n, ...)` with its first PC projected out, same shape and in x's units."""
+    xc, k = scaled_centred(float_matrix(x))
     _, u, _ = _first_pc(xc)
     removed = times_pow2(xc - jnp.outer(u, jnp.matmul(u, xc, precision=HIGHEST)), k)
-    return jnp.where(jnp.all(jnp.isfinite(xc)), removed, jnp.nan)
+    return nan_unless(all_finite(xc), removed).reshape(x.shape)
 
 
 def remove_first_pc(x: jax.Array) -> jax.Array:
     """Centred `x: (n, ...)` with its first PC projected out, same shape as `x` and in its units
     (equivariant: remove_first_pc(c·x) = c·remove_first_pc(x))."""
-    return _remove_first_pc(as_matrix(x)).reshape(jnp.shape(x))
+    return _remove_first_pc(check_input(x))
 
 
 def first_pc_cosine_similarity(xs: Sequence[jax.Array]) -> jax.Array:
@@ -92,8 +101,14 @@ def first_pc_cosine_similarity(xs: Sequence[jax.Array]) -> jax.Array:
     if not isinstance(xs, (list, tuple)) or not xs:
         got = f"an empty {type(xs).__name__}" if isinstance(xs, (list, tuple)) else f"a {type(xs).__name__}"
         raise ValueError(f"xs must be a list of at least one (n, ...) array, one per layer; got {got}")
-    mats = [as_matrix(x, f"xs[{i}]") for i, x in enumerate(xs)]
-    if len({m.shape[0] for m in mats}) != 1:
+    checked = [check_input(x, f"xs[{i}]") for i, x in enumerate(xs)]
+    if len({x.shape[0] for x in checked}) != 1:
         raise ValueError(f"representations must be (n, ...) with the same n; got shapes {[jnp.shape(x) for x in xs]}")
-    scores = jnp.stack([_first_pc_summary(m)[1] for m in mats])
+    return _cosine_similarity(checked)
+
+
+@jax.jit
+def _cosine_similarity(xs: list[jax.Array]) -> jax.Array:
+    """|cos| of the first-PC scores of checked layers xs[i]: (n, ...) -> (L, L)."""
+    scores = jnp.stack([_first_pc_summary(x)[1] for x in xs])
     return jnp.abs(jnp.matmul(scores, scores.T, precision=HIGHEST))

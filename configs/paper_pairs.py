@@ -7,6 +7,7 @@ Two runs, one per architecture; compare their predictions/test.npz with analyze.
 
 Options after the name: size (default 100), epochs (default 300), e.g. `deep,size=16`.
 """
+
 import os
 import sys
 
@@ -17,12 +18,11 @@ ARCHITECTURES = {"deep": "depth=62,width=1", "wide": "depth=14,width=2"}
 
 
 def get_config(arg="deep"):
-  name, _, rest = (arg or "deep").partition(",")
-  if name not in ARCHITECTURES:
-    raise ValueError(f"paper_pairs takes one of {sorted(ARCHITECTURES)}, got '{name}'")
-  options = dict(size=100)
-  for item in filter(None, rest.split(",")):
-    key, _, value = item.partition("=")
-    options[key] = value
-  return cifar_config("cifar10", ",".join(
-      [ARCHITECTURES[name]] + [f"{k}={v}" for k, v in options.items()]))
+    name, _, rest = (arg or "deep").partition(",")
+    if name not in ARCHITECTURES:
+        raise ValueError(f"paper_pairs takes one of {sorted(ARCHITECTURES)}, got '{name}'")
+    options = dict(size=100)
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = value
+    return cifar_config("cifar10", ",".join([ARCHITECTURES[name]] + [f"{k}={v}" for k, v in options.items()]))

@@ -1,5 +1,6 @@
 """Float64 NumPy references written from the formulas (Gretton et al. 2005; Song et al. 2012;
 Kornblith et al. 2019; Nguyen et al. 2021), independent of the library's code paths."""
+
 import numpy as np
 
 
@@ -32,8 +33,11 @@ def hsic1(k, l):
     kt = k - np.diag(np.diag(k))
     lt = l - np.diag(np.diag(l))
     one = np.ones(n)
-    return (np.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
-            - 2 / (n - 2) * one @ kt @ lt @ one) / (n * (n - 3))
+    return (
+        np.trace(kt @ lt)
+        + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+        - 2 / (n - 2) * one @ kt @ lt @ one
+    ) / (n * (n - 3))
 
 
 def cka(k, l, debiased=False):
@@ -47,7 +51,7 @@ def minibatch_cka(batches_a, batches_b, gram=gram_linear):
     batches_*: list over minibatches of lists over layers of (n, ...) arrays -> (La, Lb)."""
     la, lb = len(batches_a[0]), len(batches_b[0])
     xy, xx, yy = np.zeros((la, lb)), np.zeros(la), np.zeros(lb)
-    for acts_a, acts_b in zip(batches_a, batches_b):
+    for acts_a, acts_b in zip(batches_a, batches_b, strict=True):
         ks = [gram(a) for a in acts_a]
         ls = [gram(b) for b in acts_b]
         for i, k in enumerate(ks):

@@ -1,5 +1,6 @@
 """Analyses on planted data: block detection, disagreement statistics, probes, CCA padding,
 bootstrap intervals, atomic outputs and the report."""
+
 import os
 from collections import OrderedDict
 
@@ -7,8 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cka_jax.analysis import report
-from cka_jax.analysis import blocks, cca_measures, disagreement, probes
+from cka_jax.analysis import blocks, cca_measures, disagreement, probes, report
 from cka_jax.analysis.bootstrap import bootstrap_mean
 from cka_jax.analysis.outputs import Section, Table, write_json, write_npz
 from cka_jax.analysis.representations import batch_indices, even_batches
@@ -46,8 +46,11 @@ def test_block_detector_prefers_the_longest_block():
     assert sizes.tolist() == [[8, 14, 6], [5, 10, 5]]
 
 
-@pytest.mark.parametrize("cell, value", [((2, 3), np.nan), ((9, 10), np.nan), ((0, 15), np.inf), ((7, 7), np.nan)],
-                         ids=["nan-outside-block", "nan-inside-block", "inf-corner", "nan-diagonal"])
+@pytest.mark.parametrize(
+    "cell, value",
+    [((2, 3), np.nan), ((9, 10), np.nan), ((0, 15), np.inf), ((7, 7), np.nan)],
+    ids=["nan-outside-block", "nan-inside-block", "inf-corner", "nan-diagonal"],
+)
 def test_a_heatmap_with_an_undefined_cell_has_an_undefined_block(cell, value):
     h = planted_heatmap(num_layers=16)
     h[cell] = h[cell[::-1]] = value
@@ -121,7 +124,7 @@ def test_per_example_statistics():
 def test_per_example_panels_use_equal_groups_and_find_the_planted_difference():
     rng = np.random.default_rng(0)
     difficulty = rng.uniform(0.05, 0.95, 400)
-    flipped = np.arange(400) < 200          # B finds the first half of the examples hard where A finds them easy
+    flipped = np.arange(400) < 200  # B finds the first half of the examples hard where A finds them easy
     correct_a = rng.random((40, 400)) < difficulty
     correct_b = rng.random((10, 400)) < np.where(flipped, 1 - difficulty, difficulty)
     k, panels = disagreement.per_example_panels(correct_a, correct_b, seed=1)
@@ -204,8 +207,17 @@ def test_outputs_are_atomic(tmp_path):
 
 def test_report_keeps_sections_of_earlier_runs(tmp_path):
     out = str(tmp_path)
-    report.save_section(out, Section("within", "Within-model CKA", "First paragraph.\n\nSecond.", ["cka_within.png"],
-                                     [Table(["a", "b"], [[1, "<x>"]], "caption")], ["cka_within.npz"]))
+    report.save_section(
+        out,
+        Section(
+            "within",
+            "Within-model CKA",
+            "First paragraph.\n\nSecond.",
+            ["cka_within.png"],
+            [Table(["a", "b"], [[1, "<x>"]], "caption")],
+            ["cka_within.npz"],
+        ),
+    )
     report.write_report(out, "Analysis", "intro", order=["within", "blocks"])
     report.save_section(out, Section("blocks", "Block structure", "text"))
     page = open(report.write_report(out, "Analysis", "intro", order=["within", "blocks"])).read()
@@ -214,122 +226,56 @@ def test_report_keeps_sections_of_earlier_runs(tmp_path):
     assert "&lt;x&gt;" in page and "<p>Second.</p>" in page
 
 
-# Undefined values: NaN in, "undefined (reason)" out; never 0, "no block" or a plausible number.
-
-def test_bootstrap_leaves_out_rows_with_undefined_values():
-    values = np.random.default_rng(0).normal(0.5, 0.1, size=(6, 3))
-    values[2, 0] = np.nan
-    mean, low, high = bootstrap_mean(values, 200)
-    np.testing.assert_allclose(mean, np.delete(values, 2, 0).mean(0))
-    assert (low <= mean).all() and (mean <= high).all()
-    assert all(np.isnan(a).all() for a in bootstrap_mean(np.full((4, 2), np.nan)))
-
-
-@pytest.mark.parametrize("mean, expected", [(np.nan, "undefined (why)"), (np.inf, "undefined (why)"),
-                                            (0.5, "0.500 [0.400, 0.600]")], ids=["nan", "inf", "finite"])
-def test_intervals_say_undefined(mean, expected):
-    from cka_jax.analysis.bootstrap import format_interval
-    assert format_interval(mean, 0.4, 0.6, 3, "why") == expected
-
-
-def test_json_outputs_write_undefined_numbers_as_null(tmp_path):
-    import json
-    path = write_json(str(tmp_path / "x.json"), {"a": float("nan"), "b": np.array([1.0, np.inf]),
-                                                 "c": np.float32("nan"), "d": [0.5]})
-    text = open(path).read()
-    assert "NaN" not in text and "Infinity" not in text
-    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": None, "d": [0.5]}
-
-
-def test_layer_status_names_non_finite_models_and_constant_layers():
-    from cka_jax.analysis.undefined import LayerStatus, left_out
-    rng = np.random.default_rng(0)
-    reps = OrderedDict(stem=rng.normal(size=(3, 10, 4)), b1=rng.normal(size=(3, 10, 2, 2, 4)))
-    reps["stem"][1, 3, 0] = np.nan
-    reps["b1"][2] = 7.0
-    status = LayerStatus.of(reps)
-    assert status.defined.tolist() == [[True, True], [False, True], [True, False]]
-    assert status.why([0]) == "" and status.why([1]) == "non-finite activations in seed 1"
-    assert status.why([2]) == "constant layer b1 in seed 2"
-    note = left_out(status.defined.all(1), lambda m: status.why([m]))
-    assert note == ("mean over 1 of 3 seeds: seeds 1, 2 left out as undefined (non-finite activations in seed 1; "
-                    "constant layer b1 in seed 2)")
-    assert left_out(np.zeros(2, bool), lambda m: "x").startswith("undefined for every seed")
-
-
-def test_probes_of_non_finite_features_are_undefined_not_chance():
-    rng = np.random.default_rng(0)
-    train, test = rng.normal(size=(2, 60, 5)), rng.normal(size=(2, 30, 5))
-    train[1, 4, 2] = np.nan
-    acc = probes.probe_accuracy(train, rng.integers(0, 3, 60), test, rng.integers(0, 3, 30), 3, steps=5)
-    assert np.isfinite(acc[0]) and np.isnan(acc[1])
-
-
-def test_deletion_accuracy_of_non_finite_logits_is_undefined():
-    from cka_jax.analysis.deletion import accuracy
-    logits = np.zeros((2, 4, 3))
-    logits[:, :, 0] = 1
-    logits[1, 2, 1] = np.nan
-    np.testing.assert_array_equal(accuracy(logits, np.array([0, 0, 1, 2])), [0.5, np.nan])
-
-
-@pytest.mark.parametrize("damage", ["nan", "inf", "constant"])
-def test_cca_measures_of_a_non_finite_or_constant_layer_are_undefined(damage):
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(3, 80, 4)).astype(np.float32), rng.normal(size=(3, 80, 4)).astype(np.float32)
-    if damage == "constant":
-        x[1] = 2.0
-    else:
-        x[1, 5, 1] = np.nan if damage == "nan" else np.inf
-    for measure in ("svcca", "pwcca", "cka"):
-        values = cca_measures.similarity(measure, x, y)
-        assert np.isfinite(values[[0, 2]]).all() and np.isnan(values[1]), measure
-
-
-def test_unit_matching_and_sparse_prediction_of_undefined_layers_are_undefined():
-    from cka_jax.analysis import unit_matching
-    rng = np.random.default_rng(0)
-    a = OrderedDict(l1=rng.normal(size=(40, 3)), l2=rng.normal(size=(40, 3)))
-    b = OrderedDict(l1=a["l1"] + 0.1 * rng.normal(size=(40, 3)), l2=np.full((40, 3), np.nan))
-    curves = unit_matching.matching_curves(a, b)
-    assert unit_matching.mean_matched(curves["l1"]["bipartite"]) > 0.9
-    assert np.isnan(unit_matching.mean_matched(curves["l2"]["bipartite"]))
-    assert unit_matching.padded(curves, "semi").shape == (2, 3)
-    losses = unit_matching.sparse_losses(a, b, (0.01, 0.1))
-    assert np.isfinite(losses[0]).all() and np.isnan(losses[1]).all()
-
-
-def test_principal_components_of_undefined_layers_are_undefined():
-    from cka_jax.analysis.pcs import principal_components
-    rng = np.random.default_rng(0)
-    reps = OrderedDict(a=rng.normal(size=(2, 30, 6)).astype(np.float32),
-                       b=rng.normal(size=(2, 30, 6)).astype(np.float32))
-    reps["b"][1] = 0.0
-    pcs = principal_components(reps)
-    assert np.isfinite(pcs.variance_fraction[0]).all() and np.isnan(pcs.variance_fraction[1, 1])
-    assert np.isfinite(pcs.cka[1, 0, 0]) and np.isnan(pcs.cka[1, 0, 1]) and np.isnan(pcs.cosine[1, 1, 1])
-
-
 BAD_OPTIONS = [
-    ("passes", 0), ("passes", -1), ("batch_size", -5), ("batch_size", 0), ("batch_size", 3), ("batch_size", 4.5),
-    ("max_models", 0), ("max_examples", 0), ("max_examples", 3), ("block_threshold", 0.0),
-    ("block_threshold", 1.5), ("block_threshold", float("nan")), ("block_threshold", float("inf")),
-    ("alpha", 0.0), ("alpha", 1.0), ("alpha", float("nan")), ("num_bootstrap", 0), ("num_bootstrap", 10**9),
-    ("probe_steps", 0), ("level", 1.0), ("seed", -1), ("fdr", "yes"), ("passes", True), ("block_min_layers", 1),
+    ("passes", 0),
+    ("passes", -1),
+    ("batch_size", -5),
+    ("batch_size", 0),
+    ("batch_size", 3),
+    ("batch_size", 4.5),
+    ("max_models", 0),
+    ("max_examples", 0),
+    ("max_examples", 3),
+    ("block_threshold", 0.0),
+    ("block_threshold", 1.5),
+    ("block_threshold", float("nan")),
+    ("block_threshold", float("inf")),
+    ("alpha", 0.0),
+    ("alpha", 1.0),
+    ("alpha", float("nan")),
+    ("num_bootstrap", 0),
+    ("num_bootstrap", 10**9),
+    ("probe_steps", 0),
+    ("level", 1.0),
+    ("seed", -1),
+    ("fdr", "yes"),
+    ("passes", True),
+    ("block_min_layers", 1),
 ]
 
 
 @pytest.mark.parametrize("name, value", BAD_OPTIONS, ids=[f"{n}={v}" for n, v in BAD_OPTIONS])
 def test_analysis_options_are_validated_up_front(name, value):
     from cka_jax.analysis.context import AnalysisOptions
+
     with pytest.raises(ValueError, match=f"^{name}="):
         AnalysisOptions(**{name: value})
 
 
 def test_analysis_options_accept_the_edges():
     from cka_jax.analysis.context import AnalysisOptions
-    AnalysisOptions(batch_size=4, passes=1, max_examples=4, max_models=1, block_threshold=1.0, alpha=0.5,
-                    num_bootstrap=1, probe_steps=1, seed=0)
+
+    AnalysisOptions(
+        batch_size=4,
+        passes=1,
+        max_examples=4,
+        max_models=1,
+        block_threshold=1.0,
+        alpha=0.5,
+        num_bootstrap=1,
+        probe_steps=1,
+        seed=0,
+    )
 
 
 def metrics_rows(num_models=4, epochs=6, diverged=(), weak=(), eval_every=2):
@@ -339,8 +285,15 @@ def metrics_rows(num_models=4, epochs=6, diverged=(), weak=(), eval_every=2):
     for epoch in range(1, epochs + 1):
         for m in range(num_models):
             accuracy = 0.3 if m in weak else 0.95 - 0.5 / epoch
-            row = {"epoch": epoch, "step": 10 * epoch, "model": m, "train_loss": 2.0 / epoch,
-                   "train_accuracy": accuracy, "learning_rate": 0.1, "images_per_second": 100.0}
+            row = {
+                "epoch": epoch,
+                "step": 10 * epoch,
+                "model": m,
+                "train_loss": 2.0 / epoch,
+                "train_accuracy": accuracy,
+                "learning_rate": 0.1,
+                "images_per_second": 100.0,
+            }
             if m in diverged and epoch >= 4:
                 row["train_loss"] = row["train_accuracy"] = None
             if epoch % eval_every == 0:
@@ -351,6 +304,7 @@ def metrics_rows(num_models=4, epochs=6, diverged=(), weak=(), eval_every=2):
 
 def test_training_curves_mark_diverged_and_under_trained_seeds():
     from cka_jax.analysis import training_curves
+
     curves = training_curves.curves_from_rows(metrics_rows(diverged=(1,), weak=(3,)), 4, 10)
     assert curves.diverged.tolist() == [False, True, False, False] and curves.diverged_at[1] == 4
     assert curves.under_trained().tolist() == [False, False, False, True]
@@ -367,9 +321,20 @@ def test_training_curves_mark_a_seed_whose_loss_exploded_as_diverged():
     """Training marks a finite but exploded loss `"diverged": true`: the curves must not read it as
     a trained seed."""
     from cka_jax.analysis import training_curves
+
     rows = metrics_rows(num_models=3, epochs=4)
-    rows.append({"epoch": 5, "step": 47, "model": 2, "train_loss": 1.7e15, "train_accuracy": 0.1,
-                 "learning_rate": 0.1, "images_per_second": None, "diverged": True})
+    rows.append(
+        {
+            "epoch": 5,
+            "step": 47,
+            "model": 2,
+            "train_loss": 1.7e15,
+            "train_accuracy": 0.1,
+            "learning_rate": 0.1,
+            "images_per_second": None,
+            "diverged": True,
+        }
+    )
     curves = training_curves.curves_from_rows(rows, 3, 10)
     assert curves.diverged.tolist() == [False, False, True] and curves.diverged_at[2] == 5
     assert np.isnan(curves.final("test_accuracy")[2])
@@ -377,9 +342,10 @@ def test_training_curves_mark_a_seed_whose_loss_exploded_as_diverged():
 
 
 def test_training_curves_read_through_metrics_log_with_a_torn_last_line(tmp_path):
-    from cka_jax.workdir import metrics_log
     from cka_jax.analysis import training_curves
-    path = metrics_log.path_in(str(tmp_path))
+    from cka_jax.workdir import Workdir, metrics_log
+
+    path = Workdir(str(tmp_path)).metrics
     metrics_log.append(path, metrics_rows(num_models=2, epochs=3))
     with open(path, "a") as f:
         f.write('{"epoch": 4, "step": 40, "model": 0, "train_lo')
@@ -393,14 +359,18 @@ def test_report_says_when_a_population_is_not_a_finished_run(tmp_path):
     report must say so instead of presenting that checkpoint as the trained population."""
     import types
 
-    from cka_jax.workdir import metrics_log
     from cka_jax.analysis import runner
+    from cka_jax.workdir import Workdir, metrics_log
+
     population = types.SimpleNamespace(workdir=str(tmp_path), step=8)
     assert "has not finished" in runner.training_status(population)
-    metrics_log.append(metrics_log.path_in(str(tmp_path)),
-                       [{"epoch": 1, "step": 8, "model": m, "train_loss": None, "diverged": True} for m in (0, 1)])
+    metrics_log.append(
+        Workdir(str(tmp_path)).metrics,
+        [{"epoch": 1, "step": 8, "model": m, "train_loss": None, "diverged": True} for m in (0, 1)],
+    )
     status = runner.training_status(population)
     assert "DIVERGED (models 0, 1)" in status and "step 8" in status
-    os.makedirs(tmp_path / "predictions")
-    (tmp_path / "predictions" / "test.npz").write_bytes(b"")
+    predictions = Workdir(str(tmp_path)).predictions
+    os.makedirs(os.path.dirname(predictions))
+    open(predictions, "wb").close()
     assert runner.training_status(population) == ""

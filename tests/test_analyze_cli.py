@@ -1,4 +1,5 @@
 """analyze.py end to end on tiny trained workdirs, and its errors on bad input."""
+
 import glob
 import json
 import os
@@ -9,13 +10,17 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tiny
 
-from cka_jax.train import loop as trainer
 from cka_jax.analysis import runner
 from cka_jax.analysis.deletion import deletion_accuracy
-from cka_jax.analysis.outputs import Section, write_npz
 from cka_jax.analysis.inputs import AnalysisInputError, load_correct
-import tiny
+from cka_jax.analysis.outputs import Section, write_npz
+from cka_jax.train import loop as trainer
+from cka_jax.workdir import Workdir
+
+# Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--max_examples=200", "--probe_steps=50", "--num_bootstrap=100"]
@@ -35,7 +40,7 @@ def workdirs(tmp_path_factory):
     paths = []
     for name, size, width in (("narrow", 3, 0.25), ("wide", 2, 0.5)):
         path = str(root / name)
-        if not os.path.exists(os.path.join(path, "predictions", "test.npz")):
+        if not os.path.exists(Workdir(path).predictions):
             trainer.train_and_evaluate(tiny_config(size, width), path, devices=jax.devices()[:1])
         paths.append(path)
     return paths
@@ -43,8 +48,14 @@ def workdirs(tmp_path_factory):
 
 def analyze(*args, cwd=ROOT):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "analyze.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "analyze.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -110,6 +121,7 @@ def test_a_failed_analysis_keeps_earlier_outputs(workdirs, tmp_path, monkeypatch
         def run(ctx):
             write_npz(ctx.path("numbers.npz"), x=np.arange(3))
             return Section(name, name.title(), "text", numbers=["numbers.npz"])
+
         return run
 
     def broken(ctx):
@@ -156,10 +168,10 @@ def test_workdir_without_checkpoint_is_an_error(workdirs, tmp_path):
 def test_populations_on_different_data_sets_are_refused(workdirs, tmp_path):
     other = tmp_path / "cifar"
     shutil.copytree(workdirs[1], other)
-    config = json.load(open(other / "config.json"))
+    config = json.load(open(Workdir(str(other)).config))
     config["data.name"] = "cifar10"
-    for copy in (other / "config.json", other / "checkpoints" / "config.json"):   # the run keeps both
-        if copy.exists():
+    for copy in Workdir(str(other)).config_copies:  # the run keeps both
+        if os.path.exists(copy):
             json.dump(config, open(copy, "w"))
     with pytest.raises(AnalysisInputError, match="data.name='digits' but .* data.name='cifar10'"):
         runner.load_context(workdirs[0], [str(other)])
@@ -168,9 +180,10 @@ def test_populations_on_different_data_sets_are_refused(workdirs, tmp_path):
 def test_populations_with_different_test_sets_are_refused(workdirs, tmp_path):
     other = tmp_path / "relabelled"
     shutil.copytree(workdirs[1], other)
-    with np.load(other / "predictions" / "test.npz") as f:
+    predictions = Workdir(str(other)).predictions
+    with np.load(predictions) as f:
         logits, labels = f["logits"], f["labels"]
-    np.savez(other / "predictions" / "test.npz", logits=logits[:, :-1], labels=labels[:-1])
+    np.savez(predictions, logits=logits[:, :-1], labels=labels[:-1])
     with pytest.raises(AnalysisInputError, match="is not the digits test set"):
         runner.load_context(workdirs[0], [str(other)])
 
@@ -223,6 +236,7 @@ def test_training_curves_of_missing_torn_or_diverged_metrics(workdirs, tmp_path,
 def with_models(population, change):
     """`population` with its variables changed per model: change(leaf (M, ...)) -> leaf."""
     import dataclasses
+
     return dataclasses.replace(population, variables=jax.tree.map(change, population.variables))
 
 
@@ -235,6 +249,7 @@ def test_undefined_models_are_reported_as_undefined_by_every_analysis(workdirs, 
     """Main population: seed 1 diverged (NaN parameters). Compared one: seed 1 all zero parameters
     (constant activations). No analysis may turn these into numbers, blocks or 'none found'."""
     from cka_jax.analysis.context import AnalysisOptions
+
     out = str(tmp_path / "out")
     options = AnalysisOptions(max_examples=100, probe_steps=5, num_bootstrap=50)
     ctx = runner.load_context(workdirs[0], [workdirs[1]], outdir=out, options=options)
@@ -262,10 +277,12 @@ def test_undefined_models_are_reported_as_undefined_by_every_analysis(workdirs, 
     assert "mean over 1 of 3 seed pairs" in seeds.text
     matching = Section.from_json(json.load(open(os.path.join(out, "sections", "matching.json"))))
     assert matching.tables[0].rows[0][1] == "undefined (non-finite activations in seed 1)"
-    assert "left out as undefined" in Section.from_json(json.load(open(os.path.join(out, "sections", "blocks.json")))
-                                                         ).tables[0].rows[0][-1]
+    assert (
+        "left out as undefined"
+        in Section.from_json(json.load(open(os.path.join(out, "sections", "blocks.json")))).tables[0].rows[0][-1]
+    )
     for path in glob.glob(os.path.join(out, "**", "*.json"), recursive=True):
-        json.loads(open(path).read(), parse_constant=pytest.fail)   # strict JSON: null, never NaN
+        json.loads(open(path).read(), parse_constant=pytest.fail)  # strict JSON: null, never NaN
 
 
 def test_inapplicable_analyses_are_skipped_when_chosen_by_default_and_refused_when_named(workdirs, tmp_path):

@@ -1,52 +1,61 @@
 """Analyses from predictions alone: streamed (ImageNet) workdirs, read without their models."""
+
 import json
 import os
+import pathlib
 import shutil
 
 import jax
 import numpy as np
 import pytest
+from test_analyze_cli import analyze
 
-from cka_jax.train import loop as trainer
 from cka_jax.analysis import runner
 from cka_jax.analysis.inputs import AnalysisInputError, load_correct, load_labels
+from cka_jax.train import loop as trainer
 from cka_jax.train.config import base_config
-from test_analyze_cli import analyze
+from cka_jax.workdir import Workdir
+
+# Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
+pytestmark = pytest.mark.slow
+
+
+def predictions_file(workdir) -> str:
+    """Path of the predictions file of `workdir`, its directory created."""
+    path = Workdir(str(workdir)).predictions
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_load_correct_equals_argmax_of_all_logits(tmp_path, dtype):
     rng = np.random.default_rng(0)
     logits, labels = rng.standard_normal((3, 50, 7)).astype(dtype), rng.integers(0, 7, 50)
-    (tmp_path / "predictions").mkdir()
-    np.savez(tmp_path / "predictions" / "test.npz", logits=logits, labels=labels)
+    np.savez(predictions_file(tmp_path), logits=logits, labels=labels)
     correct, read_labels = load_correct(str(tmp_path))
     np.testing.assert_array_equal(correct, logits.argmax(-1) == labels)
     np.testing.assert_array_equal(read_labels, labels)
 
 
 def test_load_correct_refuses_logits_that_do_not_match_the_labels(tmp_path):
-    (tmp_path / "predictions").mkdir()
-    np.savez(tmp_path / "predictions" / "test.npz", logits=np.zeros((2, 5, 3)), labels=np.zeros(4, int))
+    np.savez(predictions_file(tmp_path), logits=np.zeros((2, 5, 3)), labels=np.zeros(4, int))
     with pytest.raises(AnalysisInputError, match=r"\(2, 5, 3\).*4 labels"):
         load_correct(str(tmp_path))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_predictions_are_a_clear_error(tmp_path, damage):
-    (tmp_path / "predictions").mkdir()
-    path = tmp_path / "predictions" / "test.npz"
+    path = pathlib.Path(predictions_file(tmp_path))
     np.savez(path, logits=np.zeros((2, 5, 3), np.float16), labels=np.zeros(5, int))
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2] if damage == "truncate" else b"not an npz file" * 10)
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not an npz file" * 10)
     for load in (load_correct, load_labels):
         with pytest.raises(AnalysisInputError, match="test.npz cannot be read.*delete it and run `python train.py"):
             load(str(tmp_path))
 
 
 def save_predictions(directory, logits, labels):
-    (directory / "predictions").mkdir(exist_ok=True)
-    np.savez(directory / "predictions" / "test.npz", logits=logits, labels=labels)
+    np.savez(predictions_file(directory), logits=logits, labels=labels)
 
 
 def good_predictions():
@@ -94,8 +103,7 @@ def test_load_correct_accepts_good_predictions_with_class_and_model_counts(tmp_p
 
 
 def test_empty_predictions_file_is_a_clear_error(tmp_path):
-    (tmp_path / "predictions").mkdir()
-    (tmp_path / "predictions" / "test.npz").write_bytes(b"")
+    open(predictions_file(tmp_path), "wb").close()
     for load in (load_correct, load_labels):
         with pytest.raises(AnalysisInputError, match="test.npz cannot be read"):
             load(str(tmp_path))
@@ -106,7 +114,7 @@ def plant(workdir: str, labels: np.ndarray, wrong: np.ndarray, size: int) -> Non
     logits = np.zeros((size, len(labels), 1000), np.float16)
     logits[:, np.arange(len(labels)), labels] = 1
     logits[:, wrong, (labels[wrong] + 1) % 1000] = 2
-    np.savez(os.path.join(workdir, "predictions", "test.npz"), logits=logits, labels=labels)
+    np.savez(Workdir(workdir).predictions, logits=logits, labels=labels)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +122,7 @@ def imagenet_runs(tmp_path_factory):
     """Two ImageNet populations trained on tfds mock data; their predictions are replaced by planted
     ones: population B is wrong on every example of the classes of the first three examples."""
     import tensorflow_datasets as tfds
+
     c = base_config()
     c.data.name, c.data.image_size, c.data.num_workers = "imagenet2012", 32, 2
     c.model.name, c.model.stage_sizes, c.model.stage_widths = "imagenet_resnet", (1, 1, 1, 1), (0.125,) * 4
@@ -124,7 +133,7 @@ def imagenet_runs(tmp_path_factory):
     with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
         trainer.train_and_evaluate(c, deeper, devices=jax.devices()[:1])
     shutil.copytree(deeper, wider)
-    labels = np.load(os.path.join(deeper, "predictions", "test.npz"))["labels"]
+    labels = np.load(Workdir(deeper).predictions)["labels"]
     planted = np.unique(labels[:3])
     plant(deeper, labels, np.zeros(len(labels), bool), 2)
     plant(wider, labels, np.isin(labels, planted), 2)
@@ -139,6 +148,7 @@ def test_streamed_populations_are_compared_from_predictions(imagenet_runs, tmp_p
     record = json.load(open(os.path.join(out, "disagreement.json")))[0]
     assert record["classes_differing"] == planted.tolist()
     import tensorflow_datasets as tfds
+
     wnids = tfds.builder("imagenet2012").info.features["label"].names
     assert record["class_names_differing"] == [wnids[c] for c in planted]
     assert record["overall"]["mean_a"] == 1.0 and record["overall"]["mean_b"] < 1.0

@@ -1,39 +1,47 @@
 """analyze.py refuses bad input with one line naming it, exit status 2, no traceback, and nothing
 written: flags, workdirs, configs, predictions and output directories, one row each."""
+
 import os
 import shutil
 
 import numpy as np
 import pytest
-
 from test_analyze_cli import analyze, workdirs  # noqa: F401  (the session's trained tiny populations)
+
+from cka_jax.workdir import Workdir
+
+# Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
+pytestmark = pytest.mark.slow
 
 
 def damaged_config(text):
     def damage(workdir):
-        for copy in ("config.json", os.path.join("checkpoints", "config.json")):
-            if os.path.exists(os.path.join(workdir, copy)):
-                with open(os.path.join(workdir, copy), "w") as f:
+        for copy in Workdir(workdir).config_copies:
+            if os.path.exists(copy):
+                with open(copy, "w") as f:
                     f.write(text)
+
     return damage
 
 
 def empty_predictions(workdir):
-    open(os.path.join(workdir, "predictions", "test.npz"), "wb").close()
+    open(Workdir(workdir).predictions, "wb").close()
 
 
 def without_checkpoints(workdir):
-    for name in os.listdir(os.path.join(workdir, "checkpoints")):
+    checkpoints = Workdir(workdir).checkpoints
+    for name in os.listdir(checkpoints):
         if name.isdigit():
-            shutil.rmtree(os.path.join(workdir, "checkpoints", name))
+            shutil.rmtree(os.path.join(checkpoints, name))
 
 
 def changed_predictions(change):
     def damage(workdir):
-        path = os.path.join(workdir, "predictions", "test.npz")
+        path = Workdir(workdir).predictions
         with np.load(path) as f:
             logits, labels = f["logits"].copy(), f["labels"].copy()
-        np.savez(path, **dict(zip(("logits", "labels"), change(logits, labels))))
+        np.savez(path, **dict(zip(("logits", "labels"), change(logits, labels), strict=True)))
+
     return damage
 
 
@@ -85,8 +93,9 @@ ROWS = {
     "outdir-below-a-file": bad_flags("--outdir={file}/analysis", says="--outdir"),
     "outdir-in-proc": bad_flags("--outdir=/proc/self/no_such/analysis", says="--outdir"),
     "compare-nan-logits": bad_compared_predictions(_nan, "not all finite"),
-    "compare-5-classes": bad_compared_predictions(lambda g, y: (g[..., :5], y),
-                                                  "logits over 5 classes, but the data set has 10"),
+    "compare-5-classes": bad_compared_predictions(
+        lambda g, y: (g[..., :5], y), "logits over 5 classes, but the data set has 10"
+    ),
     "compare-labels-out-of-range": bad_compared_predictions(lambda g, y: (g, y + 10), "outside the 10 classes"),
     "compare-integer-logits": bad_compared_predictions(lambda g, y: (g.astype(np.int64), y), "logits of dtype int64"),
 }

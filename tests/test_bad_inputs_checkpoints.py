@@ -1,6 +1,7 @@
 """Checkpoints under attack: damaged files, reading beside a training, a full disk, a population
 that cannot fit in memory. Each is refused or fallen back from with one line, never restored
 silently, and nothing already written is lost."""
+
 import errno
 import json
 import os
@@ -12,11 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
-from cka_jax.train import checkpoints, loop as trainer
-from cka_jax.train import population as pop
-from cka_jax.analysis import inputs as analysis_workdir
 import tiny
+
+from cka_jax.analysis import inputs as analysis_workdir
+from cka_jax.train import checkpoint_manifest, checkpoints, loop
+from cka_jax.train import population as pop
+from cka_jax.train import run_checks as checks
+from cka_jax.train.trained import load_trained_population
+
+# Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
+pytestmark = pytest.mark.slow
 
 jax.config.update("jax_compilation_cache_dir", tiny.CACHE_DIR)
 ONE_DEVICE = jax.devices()[:1]
@@ -30,13 +36,18 @@ def tiny_config(size=2, epochs=2):
 
 # ----------------------------------------------------------------------------- damage
 
+
 def _item(directory, step):
     return os.path.join(directory, str(step), ITEM)
 
 
 def _largest_file(directory, step):
-    files = [os.path.join(root, name) for root, _, names in os.walk(_item(directory, step))
-             for name in names if name != MANIFEST]
+    files = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(_item(directory, step))
+        for name in names
+        if name != MANIFEST
+    ]
     return max(files, key=os.path.getsize)
 
 
@@ -143,9 +154,9 @@ def test_a_damaged_checkpoint_set_aside_twice_keeps_both_copies(saved):
 
 def test_every_checkpoint_carries_its_manifest(saved):
     manager, _ = saved
-    assert (checkpoints.ITEM, checkpoints.MANIFEST) == (ITEM, MANIFEST)
+    assert (checkpoint_manifest.ITEM, checkpoint_manifest.MANIFEST) == (ITEM, MANIFEST)
     for step in (1, 2):
-        assert checkpoints.manifest_problem(_item(manager.directory, step)) is None
+        assert checkpoint_manifest.manifest_problem(_item(manager.directory, step)) is None
 
 
 def test_checkpoints_ignore_other_files_in_their_directory(saved):
@@ -157,16 +168,17 @@ def test_checkpoints_ignore_other_files_in_their_directory(saved):
 
 # ----------------------------------------------------------------------------- training runs
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished tiny run (checkpoints at steps 0, 4, 8) and its final parameters."""
     workdir = str(tmp_path_factory.mktemp("trained") / "run")
-    trainer.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
+    loop.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
     return workdir, _params(workdir)
 
 
 def _params(workdir, step=None):
-    return jax.tree.leaves(trainer.load_trained_population(workdir, step)[2])
+    return jax.tree.leaves(load_trained_population(workdir, step)[2])
 
 
 def _copy(workdir, tmp_path):
@@ -178,7 +190,7 @@ def _copy(workdir, tmp_path):
 def test_resume_after_flipped_bytes_retrains_from_the_previous_checkpoint(trained, tmp_path, caplog):
     workdir = _copy(trained[0], tmp_path)
     flip_42_bytes(os.path.join(workdir, "checkpoints"), 8)
-    result = trainer.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
+    result = loop.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
     assert result.step == 8 and os.path.isdir(os.path.join(workdir, "checkpoints.corrupt", "8"))
     (line,) = _fallback_lines(caplog)
     assert "step 8" in line and "falling back to the checkpoint at step 4" in line
@@ -187,12 +199,12 @@ def test_resume_after_flipped_bytes_retrains_from_the_previous_checkpoint(traine
 
 
 @pytest.mark.parametrize("damage, reason", DAMAGES[:4])
-def test_analysis_of_a_damaged_checkpoint_is_refused_naming_step_and_file(trained, tmp_path,
-                                                                         damage, reason):
+def test_analysis_of_a_damaged_checkpoint_is_refused_naming_step_and_file(trained, tmp_path, damage, reason):
     workdir = _copy(trained[0], tmp_path)
     damage(os.path.join(workdir, "checkpoints"), 8)
-    with pytest.raises(analysis_workdir.AnalysisInputError,
-                       match=f"step 8 .*{reason}.*python train.py --workdir {workdir}"):
+    with pytest.raises(
+        analysis_workdir.AnalysisInputError, match=f"step 8 .*{reason}.*python train.py --workdir {workdir}"
+    ):
         analysis_workdir.load_population(workdir)
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "8"))  # a reader moves nothing
     for a, b in zip(_params(workdir, 4), _params(trained[0], 4), strict=True):  # others still read
@@ -210,7 +222,7 @@ def _delete_during(monkeypatch, workdir, where):
     """Delete step 8 the first time the reader reaches ``where`` (verifying or restoring)."""
     calls = []
     if where == "verifying":
-        original, owner, name = checkpoints._digest, checkpoints, "_digest"
+        original, owner, name = checkpoint_manifest._digest, checkpoint_manifest, "_digest"
     else:
         original, owner, name = ocp.CheckpointManager.restore, ocp.CheckpointManager, "restore"
 
@@ -224,11 +236,10 @@ def _delete_during(monkeypatch, workdir, where):
 
 
 @pytest.mark.parametrize("where", ["verifying", "restoring"])
-def test_reading_the_newest_checkpoint_while_training_deletes_it(trained, tmp_path, monkeypatch,
-                                                                 where):
+def test_reading_the_newest_checkpoint_while_training_deletes_it(trained, tmp_path, monkeypatch, where):
     workdir = _copy(trained[0], tmp_path)
     _delete_during(monkeypatch, workdir, where)
-    _, _, variables, step = trainer.load_trained_population(workdir)
+    _, _, variables, step = load_trained_population(workdir)
     assert step == 12  # the newest one when the read was retried
     for a, b in zip(jax.tree.leaves(variables), trained[1], strict=True):
         np.testing.assert_array_equal(a, b)
@@ -238,13 +249,13 @@ def test_reading_the_newest_checkpoint_while_training_deletes_it(trained, tmp_pa
 def test_a_requested_step_deleted_while_read_is_reported(trained, tmp_path, monkeypatch, where):
     workdir = _copy(trained[0], tmp_path)
     _delete_during(monkeypatch, workdir, where)
-    with pytest.raises(analysis_workdir.AnalysisInputError,
-                       match="checkpoint at step 8 .* was deleted while it was read"):
+    with pytest.raises(
+        analysis_workdir.AnalysisInputError, match="checkpoint at step 8 .* was deleted while it was read"
+    ):
         analysis_workdir.load_population(workdir, step=8)
 
 
-def test_reads_that_keep_losing_the_race_say_training_is_still_writing(trained, tmp_path,
-                                                                      monkeypatch):
+def test_reads_that_keep_losing_the_race_say_training_is_still_writing(trained, tmp_path, monkeypatch):
     workdir = _copy(trained[0], tmp_path)
 
     def always_gone(self, step):
@@ -252,7 +263,7 @@ def test_reads_that_keep_losing_the_race_say_training_is_still_writing(trained, 
 
     monkeypatch.setattr(checkpoints.PopulationCheckpoints, "verify", always_gone)
     with pytest.raises(checkpoints.CheckpointGoneError, match="training is still writing"):
-        trainer.load_trained_population(workdir)
+        load_trained_population(workdir)
 
 
 @pytest.mark.slow
@@ -260,8 +271,11 @@ def test_reading_beside_a_running_training(tmp_path):
     """A real training that checkpoints every step and keeps one: reads return a whole, verified
     checkpoint (or say that training is still writing), never crash (2 in 3 did)."""
     workdir = str(tmp_path / "run")
-    flags = _tiny_flags(workdir) + ["--config.train.epochs=12", "--config.checkpoint.every_steps=1",
-                                    "--config.checkpoint.max_to_keep=1"]
+    flags = _tiny_flags(workdir) + [
+        "--config.train.epochs=12",
+        "--config.checkpoint.every_steps=1",
+        "--config.checkpoint.max_to_keep=1",
+    ]
     training = tiny.start_train(*flags)
     steps, still_writing = [], 0
     try:
@@ -269,7 +283,7 @@ def test_reading_beside_a_running_training(tmp_path):
             if not analysis_workdir.checkpoint_steps(workdir):
                 continue
             try:
-                steps.append(trainer.load_trained_population(workdir)[3])
+                steps.append(load_trained_population(workdir)[3])
             except checkpoints.CheckpointGoneError as error:
                 assert "training is still writing" in str(error)
                 still_writing += 1
@@ -281,10 +295,11 @@ def test_reading_beside_a_running_training(tmp_path):
 
 # ----------------------------------------------------------------------------- disk full
 
+
 def _fail_saves_from(monkeypatch, nth):
     """The nth and later checkpoint saves fail with ENOSPC in orbax's background finalize."""
     calls = []
-    original = checkpoints.write_manifest
+    original = checkpoint_manifest.write_manifest
 
     def full(item_dir):
         calls.append(item_dir)
@@ -292,22 +307,24 @@ def _fail_saves_from(monkeypatch, nth):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), item_dir)
         original(item_dir)
 
-    monkeypatch.setattr(checkpoints, "write_manifest", full)
+    monkeypatch.setattr(checkpoint_manifest, "write_manifest", full)
 
 
 def test_disk_full_stops_in_one_line_and_a_rerun_resumes(trained, tmp_path, monkeypatch, capfd):
     workdir = str(tmp_path / "run")
     _fail_saves_from(monkeypatch, 2)  # step 0 is saved, step 4 is not
     capfd.readouterr()
-    with pytest.raises(checkpoints.CheckpointWriteError,
-                       match=r"disk full writing the checkpoint at step 4 in .*checkpoints; earlier "
-                             r"checkpoints are kept \(latest: step 0\); free space and rerun"):
-        trainer.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
+    with pytest.raises(
+        checkpoints.CheckpointWriteError,
+        match=r"disk full writing the checkpoint at step 4 in .*checkpoints; earlier "
+        r"checkpoints are kept \(latest: step 0\); free space and rerun",
+    ):
+        loop.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
     err = capfd.readouterr().err
     assert not any(noise in err for noise in NOISE), err[:2000]
     assert [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n != "config.json"] == ["0"]
     monkeypatch.undo()
-    result = trainer.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
+    result = loop.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
     assert result.step == 8
     for a, b in zip(_params(workdir), trained[1], strict=True):
         np.testing.assert_array_equal(a, b)
@@ -315,8 +332,10 @@ def test_disk_full_stops_in_one_line_and_a_rerun_resumes(trained, tmp_path, monk
 
 def _mount_tmpfs(path, size):
     os.makedirs(path)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("mounting a small tmpfs needs root")
 
 
@@ -328,11 +347,10 @@ def test_disk_full_on_a_real_filesystem(tmp_path, capfd):
     try:
         capfd.readouterr()
         with pytest.raises(checkpoints.CheckpointWriteError, match="disk full .* at step 4 .*step 0"):
-            trainer.train_and_evaluate(tiny_config(), os.path.join(mount, "run"), devices=ONE_DEVICE)
+            loop.train_and_evaluate(tiny_config(), os.path.join(mount, "run"), devices=ONE_DEVICE)
         err = capfd.readouterr().err
         assert not any(noise in err for noise in NOISE), err[:2000]
-        manager = checkpoints.PopulationCheckpoints(os.path.join(mount, "run", "checkpoints"),
-                                                    read_only=True)
+        manager = checkpoints.PopulationCheckpoints(os.path.join(mount, "run", "checkpoints"), read_only=True)
         assert manager.all_steps() == [0]
         manager.verify(0)
         manager.close()
@@ -342,14 +360,14 @@ def test_disk_full_on_a_real_filesystem(tmp_path, capfd):
 
 CLI_DISK_FULL = """
 import errno, os, runpy, sys
-from cka_jax.train import checkpoints
+from cka_jax.train import checkpoint_manifest
 calls = []
 def full(item_dir):
     calls.append(item_dir)
     if len(calls) >= 2:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), item_dir)
     original(item_dir)
-original, checkpoints.write_manifest = checkpoints.write_manifest, full
+original, checkpoint_manifest.write_manifest = checkpoint_manifest.write_manifest, full
 sys.argv = ["train.py"] + sys.argv[1:]
 runpy.run_path("train.py", run_name="__main__")
 """
@@ -387,17 +405,18 @@ def _tiny_flags(workdir):
 
 def _errors(stderr):
     """stderr without the progress bar and the run's info lines."""
-    return [line for line in stderr.replace("\r", "\n").splitlines()
-            if "error" in line.lower() or "Traceback" in line]
+    return [line for line in stderr.replace("\r", "\n").splitlines() if "error" in line.lower() or "Traceback" in line]
 
 
 def test_cli_disk_full_is_one_line_exit_1(tmp_path):
     workdir = str(tmp_path / "run")
     line = _disk_full_cli_line(CLI_DISK_FULL, workdir)
     # milestones of configs/digits.py: 0, 35% (step 3), 75%, 100% of 8 steps
-    assert line == (f"train.py: error: disk full writing the checkpoint at step 3 in {workdir}/"
-                    "checkpoints; earlier checkpoints are kept (latest: step 0); free space and "
-                    "rerun the same command to resume")
+    assert line == (
+        f"train.py: error: disk full writing the checkpoint at step 3 in {workdir}/"
+        "checkpoints; earlier checkpoints are kept (latest: step 0); free space and "
+        "rerun the same command to resume"
+    )
 
 
 # ----------------------------------------------------------------------------- memory
@@ -405,35 +424,52 @@ def test_cli_disk_full_is_one_line_exit_1(tmp_path):
 GB = 10**9
 
 
-@pytest.mark.parametrize("size, host_available, device_free, message", [
-    pytest.param(10**6, None, None, "population.size=1000000 needs about .* GB of memory",
-                 id="a million models on this machine"),
-    pytest.param(2000, 0.1 * GB, None, r"needs about .* of memory .* but 100 MB are available",
-                 id="2000 models, 100 MB of RAM"),
-    pytest.param(200, None, 0.01 * GB, r"needs about .* on each device .* has 10 MB free",
-                 id="200 models, accelerator with 10 MB free"),
-])
-def test_a_population_that_cannot_fit_is_refused_before_any_work(monkeypatch, size,
-                                                                 host_available, device_free,
-                                                                 message):
+@pytest.mark.parametrize(
+    "size, host_available, device_free, message",
+    [
+        pytest.param(
+            10**6,
+            None,
+            None,
+            "population.size=1000000 needs about .* GB of memory",
+            id="a million models on this machine",
+        ),
+        pytest.param(
+            2000,
+            0.1 * GB,
+            None,
+            r"needs about .* of memory .* but 100 MB are available",
+            id="2000 models, 100 MB of RAM",
+        ),
+        pytest.param(
+            200,
+            None,
+            0.01 * GB,
+            r"needs about .* on each device .* has 10 MB free",
+            id="200 models, accelerator with 10 MB free",
+        ),
+    ],
+)
+def test_a_population_that_cannot_fit_is_refused_before_any_work(
+    monkeypatch, size, host_available, device_free, message
+):
     """check_run, which train_and_evaluate and train.py call before touching the workdir."""
     if host_available is not None:
         monkeypatch.setattr(pop, "host_available_bytes", lambda: int(host_available))
     if device_free is not None:
         monkeypatch.setattr(pop, "_device_free_bytes", lambda device: int(device_free))
-    with pytest.raises(trainer.RunConfigError, match=message):
-        trainer.check_run(tiny_config(size), ONE_DEVICE)
+    with pytest.raises(checks.RunConfigError, match=message):
+        checks.check_run(tiny_config(size), ONE_DEVICE)
 
 
 def test_a_population_that_fits_is_accepted(monkeypatch):
     monkeypatch.setattr(pop, "host_available_bytes", lambda: int(0.1 * GB))
-    trainer.check_run(tiny_config(2), ONE_DEVICE)
+    checks.check_run(tiny_config(2), ONE_DEVICE)
 
 
 def test_cli_refuses_a_population_that_cannot_fit_in_one_line(tmp_path):
     workdir = str(tmp_path / "run")
-    code, err = tiny.run_train("--config.population.size=100000", f"--workdir={workdir}",
-                               timeout=120)
+    code, err = tiny.run_train("--config.population.size=100000", f"--workdir={workdir}", timeout=120)
     assert code == 2
     (line,) = err.strip().splitlines()
     assert line.startswith("train.py: error: population.size=100000 needs about")

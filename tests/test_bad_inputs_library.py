@@ -1,6 +1,7 @@
 """Library misuse: one row per (public function, bad input). Refused inputs raise ValueError with
 a message naming the argument; NaN or inf give NaN, never an exception or a finite number;
 bool, integer and 16-bit float inputs are upcast."""
+
 import functools
 import re
 
@@ -65,8 +66,10 @@ REPRESENTATION = {
     "first_pc_cosine_similarity": (lambda b: ck.first_pc_cosine_similarity([_x(), b]), r"xs\[1\]"),
     "minibatch_grams": (lambda b: ck.minibatch_grams([_x(), b]), r"acts\[1\]"),
     "MinibatchCKA.update": (lambda b: MinibatchCKA.create(2).update([b, _x()]), r"acts_a\[0\]"),
-    "MinibatchCKA.update(acts_b)": (lambda b: MinibatchCKA.create(2, 2).update([_x(), _y()], [_y(), b]),
-                                    r"acts_b\[1\]"),
+    "MinibatchCKA.update(acts_b)": (
+        lambda b: MinibatchCKA.create(2, 2).update([_x(), _y()], [_y(), b]),
+        r"acts_b\[1\]",
+    ),
 }
 GRAM = {
     "cka": (lambda b: ck.cka(b, _gram()), "gram_x"),
@@ -127,12 +130,18 @@ MISUSE = {
     "rbf_cka-mismatched-n": (lambda: ck.rbf_cka(_x()[:-1], _y()), r"\(19, 5\).*\(20, 4\)"),
     "cca-mismatched-n": (lambda: ck.cca(_x(), _y()[:-1]), r"\(20, 5\).*\(19, 4\)"),
     "unit_correlations-mismatched-n": (lambda: ck.unit_correlations(_x(), _y()[:-1]), r"\(20, 5\).*\(19, 4\)"),
-    "sparse_prediction_loss-mismatched-n": (lambda: ck.sparse_prediction_loss(_x(), _y()[:-1], [0.1]),
-                                            r"\(20, 5\).*\(19, 4\)"),
-    "first_pc_cosine_similarity-mismatched-n": (lambda: ck.first_pc_cosine_similarity([_x(), _y()[:-1]]),
-                                                r"\(20, 5\).*\(19, 4\)"),
-    "first_pc_cosine_similarity-array": (lambda: ck.first_pc_cosine_similarity(np.stack([_x(), _x()])),
-                                         "list of at least one"),
+    "sparse_prediction_loss-mismatched-n": (
+        lambda: ck.sparse_prediction_loss(_x(), _y()[:-1], [0.1]),
+        r"\(20, 5\).*\(19, 4\)",
+    ),
+    "first_pc_cosine_similarity-mismatched-n": (
+        lambda: ck.first_pc_cosine_similarity([_x(), _y()[:-1]]),
+        r"\(20, 5\).*\(19, 4\)",
+    ),
+    "first_pc_cosine_similarity-array": (
+        lambda: ck.first_pc_cosine_similarity(np.stack([_x(), _x()])),
+        "list of at least one",
+    ),
     "cka-list-list": (lambda: ck.cka(_gram().tolist(), _gram().tolist()), "gram_x must be an array.*Python list"),
     "cka-mismatched-n": (lambda: ck.cka(_gram(), _gram()[:-1, :-1]), "same shape"),
     "cka-batched-grams": (lambda: ck.cka(_gram()[None], _gram()[None]), r"two \(n, n\) grams"),
@@ -145,42 +154,62 @@ MISUSE = {
     "svcca-epsilon-negative": (lambda: ck.svcca(_x(), _y(), epsilon=-1.0), "epsilon"),
     "cca-epsilon-nan": (lambda: ck.cca(_x(), _y(), epsilon=float("nan")), "epsilon"),
     "match_units-method": (lambda: ck.match_units(_x(), _y(), "greedy"), "unknown method 'greedy'"),
-    "sparse_prediction_loss-penalty-inf": (lambda: ck.sparse_prediction_loss(_x(), _y(), [float("inf")]),
-                                           "l1_penalties"),
+    "sparse_prediction_loss-penalty-inf": (
+        lambda: ck.sparse_prediction_loss(_x(), _y(), [float("inf")]),
+        "l1_penalties",
+    ),
     "sparse_prediction_loss-penalty-text": (lambda: ck.sparse_prediction_loss(_x(), _y(), "abc"), "l1_penalties"),
-    "sparse_prediction_loss-holdout-nan": (lambda: ck.sparse_prediction_loss(_x(), _y(), [0.1], float("nan")),
-                                           "holdout"),
+    "sparse_prediction_loss-holdout-nan": (
+        lambda: ck.sparse_prediction_loss(_x(), _y(), [0.1], float("nan")),
+        "holdout",
+    ),
     "sparse_prediction_loss-seed-text": (lambda: ck.sparse_prediction_loss(_x(), _y(), [0.1], seed="a"), "seed"),
     "MinibatchCKA.create-bool-layers": (lambda: MinibatchCKA.create(True), "num_layers_a must be a positive integer"),
     "MinibatchCKA.create-bool-layers_b": (lambda: MinibatchCKA.create(2, True), "num_layers_b"),
     "MinibatchCKA.create-bool-models": (lambda: MinibatchCKA.create(2, num_models_a=True), "num_models_a"),
     "MinibatchCKA.create-float-layers": (lambda: MinibatchCKA.create(2.0), "num_layers_a"),
     "MinibatchCKA.create-bool-bootstrap": (lambda: MinibatchCKA.create(2, num_bootstrap=True), "num_bootstrap"),
-    "MinibatchCKA.create-threshold-nan": (lambda: MinibatchCKA.create(2, kernel="rbf", threshold=float("nan")),
-                                          "threshold"),
+    "MinibatchCKA.create-threshold-nan": (
+        lambda: MinibatchCKA.create(2, kernel="rbf", threshold=float("nan")),
+        "threshold",
+    ),
     "MinibatchCKA.create-seed-text": (lambda: MinibatchCKA.create(2, seed="a"), "seed"),
     "MinibatchCKA.update-array-not-list": (lambda: MinibatchCKA.create(1).update(_x()), "list or a mapping"),
-    "MinibatchCKA.update-layer-list": (lambda: MinibatchCKA.create(2).update([_x().tolist(), _x()]),
-                                       r"acts_a\[0\] must be an array.*Python list"),
-    "MinibatchCKA.update-mismatched-n": (lambda: MinibatchCKA.create(2).update([_x(), _y()[:-1]]),
-                                         "same examples"),
+    "MinibatchCKA.update-layer-list": (
+        lambda: MinibatchCKA.create(2).update([_x().tolist(), _x()]),
+        r"acts_a\[0\] must be an array.*Python list",
+    ),
+    "MinibatchCKA.update-mismatched-n": (lambda: MinibatchCKA.create(2).update([_x(), _y()[:-1]]), "same examples"),
     "MinibatchCKA.update-n3": (lambda: MinibatchCKA.create(1).update([_x()[:3]]), "at least 4 examples"),
-    "MinibatchCKA.update_grams-n3": (lambda: MinibatchCKA.create(2).update_grams(np.stack([_gram()[:3, :3]] * 2)),
-                                     "at least 4 examples"),
-    "MinibatchCKA.update_grams-list": (lambda: MinibatchCKA.create(1).update_grams(_gram()[None].tolist()),
-                                       "grams_a must be an array"),
+    "MinibatchCKA.update_grams-n3": (
+        lambda: MinibatchCKA.create(2).update_grams(np.stack([_gram()[:3, :3]] * 2)),
+        "at least 4 examples",
+    ),
+    "MinibatchCKA.update_grams-list": (
+        lambda: MinibatchCKA.create(1).update_grams(_gram()[None].tolist()),
+        "grams_a must be an array",
+    ),
     "MinibatchCKA.update_grams-complex": (
-        lambda: MinibatchCKA.create(1).update_grams(_gram()[None].astype(np.complex64)), "grams_a.*complex64"),
+        lambda: MinibatchCKA.create(1).update_grams(_gram()[None].astype(np.complex64)),
+        "grams_a.*complex64",
+    ),
     "MinibatchCKA.update_sharded-complex": (
         lambda: _sharded_update()(MinibatchCKA.create(1), [np.stack([_x()] * 8).astype(np.complex64)]),
-        r"acts_a\[0\].*complex64"),
-    "MinibatchCKA.update_sharded-n3": (lambda: _sharded_update()(MinibatchCKA.create(1), [np.stack([_x()[:3]] * 8)]),
-                                       "at least 4 examples"),
+        r"acts_a\[0\].*complex64",
+    ),
+    "MinibatchCKA.update_sharded-n3": (
+        lambda: _sharded_update()(MinibatchCKA.create(1), [np.stack([_x()[:3]] * 8)]),
+        "at least 4 examples",
+    ),
     "MinibatchCKA.merge-not-accumulator": (lambda: MinibatchCKA.create(1).merge("acc"), "another MinibatchCKA"),
     "MinibatchCKA.bootstrap_interval-level-nan": (
-        lambda: MinibatchCKA.create(1, num_bootstrap=2).bootstrap_interval(float("nan")), "level"),
+        lambda: MinibatchCKA.create(1, num_bootstrap=2).bootstrap_interval(float("nan")),
+        "level",
+    ),
     "MinibatchCKA.bootstrap_interval-level-bool": (
-        lambda: MinibatchCKA.create(1, num_bootstrap=2).bootstrap_interval(True), "level"),
+        lambda: MinibatchCKA.create(1, num_bootstrap=2).bootstrap_interval(True),
+        "level",
+    ),
 }
 
 
@@ -272,8 +301,14 @@ ACCEPTED = {
     "minibatch_grams": lambda a: ck.minibatch_grams([a]) / 1e3,
     "MinibatchCKA.update": lambda a: MinibatchCKA.create(2).update([a, _y()]).result(),
 }
-DTYPES = {"bool": np.bool_, "int8": np.int8, "int32": np.int32, "uint8": np.uint8, "float16": np.float16,
-          "bfloat16": jnp.bfloat16}
+DTYPES = {
+    "bool": np.bool_,
+    "int8": np.int8,
+    "int32": np.int32,
+    "uint8": np.uint8,
+    "float16": np.float16,
+    "bfloat16": jnp.bfloat16,
+}
 
 
 def _values(dtype):
@@ -283,6 +318,7 @@ def _values(dtype):
     return np.abs(x).astype(dtype) if dtype is np.uint8 else x.astype(dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("name", ACCEPTED)
 def test_narrow_real_dtypes_are_upcast(name, dtype):
@@ -292,8 +328,9 @@ def test_narrow_real_dtypes_are_upcast(name, dtype):
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["linear_cka", "svcca", "first_pc_variance_fraction", "MinibatchCKA.update",
-                                  "gram_linear"])
+@pytest.mark.parametrize(
+    "name", ["linear_cka", "svcca", "first_pc_variance_fraction", "MinibatchCKA.update", "gram_linear"]
+)
 def test_float64_stays_float64_with_x64(x64, name):
     out = ACCEPTED[name](_x().astype(np.float64))
     assert jnp.asarray(out).dtype == jnp.float64

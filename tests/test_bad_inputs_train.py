@@ -5,6 +5,7 @@ config field is checked; one run at a time holds a workdir; the config is kept w
 checkpoints; a torn metrics line never blocks a resume; SIGTERM is honoured during setup; every
 mistake on train.py's command line is one line on stderr with exit status 2.
 """
+
 import json
 import os
 import re
@@ -17,11 +18,18 @@ import time
 import jax
 import numpy as np
 import pytest
-
-from cka_jax.workdir import metrics_log
-from cka_jax.train import loop as trainer
 import tiny
-from tiny import DIGITS, ROOT, TINY_FLAGS as TINY, run_train, start_train
+from tiny import DIGITS, ROOT, run_train, start_train
+from tiny import TINY_FLAGS as TINY
+
+from cka_jax.train import loop, workdir_checks
+from cka_jax.train import run_checks as checks
+from cka_jax.train.health import TrainingDiverged
+from cka_jax.train.trained import load_trained_population
+from cka_jax.workdir import CONFIG_COPIES, metrics_log
+
+# Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
+pytestmark = pytest.mark.slow
 
 jax.config.update("jax_compilation_cache_dir", tiny.CACHE_DIR)
 ONE_DEVICE = jax.devices()[:1]
@@ -34,8 +42,10 @@ def tiny_config(epochs=1, **train):
 
 def strict_rows(workdir):
     """metrics.jsonl parsed as strict JSON (bare NaN/Infinity raise)."""
+
     def refuse(name):
         raise AssertionError(f"metrics.jsonl holds {name}")
+
     with open(metrics_log.path_in(workdir)) as f:
         return [json.loads(line, parse_constant=refuse) for line in f]
 
@@ -57,25 +67,29 @@ def snapshot(workdir):
 
 # --- 1. divergence -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("learning_rate, every_steps, models, kind", [
-    (1e30, 0, [0, 1], "non-finite"),   # NaN by the first check (a milestone, step 3)
-    (1e3, 1, [0, 1], "exploded"),      # finite, mean loss 1.3e4 > 100 ln 10 at step 2
-    (1e2, 1, [0], "exploded"),         # only model 0 (1.1e3 at step 3)
-], ids=["nan", "exploded", "one_model_exploded"])
-def test_diverged_training_stops_and_saves_nothing_diverged(tmp_path, learning_rate, every_steps,
-                                                            models, kind):
+
+@pytest.mark.parametrize(
+    "learning_rate, every_steps, models, kind",
+    [
+        (1e30, 0, [0, 1], "non-finite"),  # NaN by the first check (a milestone, step 3)
+        (1e3, 1, [0, 1], "exploded"),  # finite, mean loss 1.3e4 > 100 ln 10 at step 2
+        (1e2, 1, [0], "exploded"),  # only model 0 (1.1e3 at step 3)
+    ],
+    ids=["nan", "exploded", "one_model_exploded"],
+)
+def test_diverged_training_stops_and_saves_nothing_diverged(tmp_path, learning_rate, every_steps, models, kind):
     workdir = str(tmp_path / "run")
     config = tiny_config(epochs=2, learning_rate=learning_rate)
     config.checkpoint.every_steps = every_steps
-    with pytest.raises(trainer.TrainingDiverged, match=kind) as caught:
-        trainer.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
+    with pytest.raises(TrainingDiverged, match=kind) as caught:
+        loop.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
     assert caught.value.models == models
     assert f"step {caught.value.step}" in str(caught.value)
     assert not os.path.exists(os.path.join(workdir, "predictions"))
     steps = checkpoint_steps(workdir)
     assert steps and max(steps) < caught.value.step
-    for step in steps:   # every checkpoint kept is finite
-        params = trainer.load_trained_population(workdir, step)[2]
+    for step in steps:  # every checkpoint kept is finite
+        params = load_trained_population(workdir, step)[2]
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
     rows = strict_rows(workdir)  # the workdir records the divergence, also found inside an epoch
     last = [row for row in rows if row["step"] == caught.value.step]
@@ -86,8 +100,7 @@ def test_diverged_training_stops_and_saves_nothing_diverged(tmp_path, learning_r
 
 def test_diverged_cli_run_exits_3_naming_the_models(tmp_path):
     workdir = str(tmp_path / "run")
-    code, err = run_train(*TINY, "--config.train.learning_rate=1e8", "--config.train.epochs=2",
-                          "--workdir", workdir)
+    code, err = run_train(*TINY, "--config.train.learning_rate=1e8", "--config.train.epochs=2", "--workdir", workdir)
     assert code == 3, err
     assert "diverged at step" in err and "models 0, 1" in err and "Traceback" not in err
     assert not os.path.exists(os.path.join(workdir, "predictions"))
@@ -127,51 +140,52 @@ FIELD_MISTAKES = [
 ]
 
 
-@pytest.mark.parametrize("field, value, message", FIELD_MISTAKES,
-                         ids=[f"{f}={v!r}" for f, v, _ in FIELD_MISTAKES])
+@pytest.mark.parametrize("field, value, message", FIELD_MISTAKES, ids=[f"{f}={v!r}" for f, v, _ in FIELD_MISTAKES])
 def test_every_config_field_is_checked(field, value, message):
     config = tiny_config()
     section, name = field.split(".")
     with config.ignore_type():
         config[section][name] = value
-    with pytest.raises(trainer.RunConfigError, match=re.escape(message)):
-        trainer.check_run(config, ONE_DEVICE)
+    with pytest.raises(checks.RunConfigError, match=re.escape(message)):
+        checks.check_run(config, ONE_DEVICE)
 
 
 # --- 2. the workdir lock ----------------------------------------------------------------------
 
-HOLD_LOCK = ("import sys, time\nfrom cka_jax.workdir import lock as workdir_lock\n"
-             "workdir_lock.acquire(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(600)\n")
+HOLD_LOCK = (
+    "import sys, time\nfrom cka_jax.workdir import lock as workdir_lock\n"
+    "workdir_lock.acquire(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(600)\n"
+)
 
 
 def test_a_locked_workdir_is_refused_and_a_killed_holder_releases_it(tmp_path):
     workdir = str(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, workdir], cwd=ROOT,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, workdir], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         busy = f"in use by process {holder.pid}"
-        with pytest.raises(trainer.RunConfigError, match=busy):
-            trainer.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
+        with pytest.raises(checks.RunConfigError, match=busy):
+            loop.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
         code, err = run_train(*TINY, "--config.train.epochs=1", "--workdir", workdir)
         assert code == 2 and err.count("\n") == 1 and busy in err, err
         assert not os.path.exists(metrics_log.path_in(workdir))
     finally:
-        holder.kill()   # SIGKILL: no chance to clean up, the lock file stays behind
+        holder.kill()  # SIGKILL: no chance to clean up, the lock file stays behind
         holder.wait()
     assert os.path.exists(os.path.join(workdir, ".lock"))
-    result = trainer.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
+    result = loop.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
     assert not result.interrupted
     assert [(r["epoch"], r["model"]) for r in strict_rows(workdir)] == [(1, 0), (1, 1)]
 
 
 # --- 3. the config kept with the checkpoints --------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished 1-epoch run; tests work on copies of it."""
     workdir = str(tmp_path_factory.mktemp("trained") / "run")
-    trainer.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
+    loop.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
     return workdir
 
 
@@ -193,32 +207,30 @@ def other_architecture():
 
 
 @pytest.mark.parametrize("deleted", ["config.json", "checkpoints/config.json"])
-@pytest.mark.parametrize("other", [other_learning_rate, other_architecture],
-                         ids=["learning_rate", "architecture"])
+@pytest.mark.parametrize("other", [other_learning_rate, other_architecture], ids=["learning_rate", "architecture"])
 def test_another_run_is_refused_whichever_config_copy_is_missing(run_copy, deleted, other):
     os.remove(os.path.join(run_copy, deleted))
     before = snapshot(run_copy)
-    with pytest.raises(trainer.RunConfigError, match="different config"):
-        trainer.train_and_evaluate(other(), run_copy, devices=ONE_DEVICE)
+    with pytest.raises(checks.RunConfigError, match="different config"):
+        loop.train_and_evaluate(other(), run_copy, devices=ONE_DEVICE)
     assert snapshot(run_copy) == before and not os.path.exists(run_copy + "/checkpoints.corrupt")
 
 
 @pytest.mark.parametrize("deleted", ["config.json", "checkpoints/config.json"])
 def test_the_same_run_resumes_and_restores_the_missing_copy(run_copy, deleted):
-    kept = open(os.path.join(run_copy, "checkpoints/config.json" if deleted == "config.json"
-                             else "config.json")).read()
+    kept = open(os.path.join(run_copy, "checkpoints/config.json" if deleted == "config.json" else "config.json")).read()
     os.remove(os.path.join(run_copy, deleted))
-    result = trainer.train_and_evaluate(tiny_config(), run_copy, devices=ONE_DEVICE)
+    result = loop.train_and_evaluate(tiny_config(), run_copy, devices=ONE_DEVICE)
     assert result.step == result.total_steps
     assert open(os.path.join(run_copy, deleted)).read() == kept
 
 
 def test_a_run_without_either_config_copy_is_refused(run_copy):
-    for name in trainer.CONFIG_COPIES:
+    for name in CONFIG_COPIES:
         os.remove(os.path.join(run_copy, name))
     before = snapshot(run_copy)
-    with pytest.raises(trainer.RunConfigError, match="neither of its config copies"):
-        trainer.train_and_evaluate(tiny_config(), run_copy, devices=ONE_DEVICE)
+    with pytest.raises(checks.RunConfigError, match="neither of its config copies"):
+        loop.train_and_evaluate(tiny_config(), run_copy, devices=ONE_DEVICE)
     assert snapshot(run_copy) == before
 
 
@@ -238,32 +250,37 @@ def test_a_damaged_config_copy_is_refused_and_left_alone(run_copy, name, text):
     with open(os.path.join(run_copy, name), "w") as f:
         f.write(text)
     before = snapshot(run_copy)
-    with pytest.raises(trainer.RunConfigError, match=f"{name} is damaged.*delete it"):
-        trainer.train_and_evaluate(tiny_config(), run_copy, devices=ONE_DEVICE)
+    with pytest.raises(checks.RunConfigError, match=f"{name} is damaged.*delete it"):
+        loop.train_and_evaluate(tiny_config(), run_copy, devices=ONE_DEVICE)
     assert snapshot(run_copy) == before
 
 
 # --- 4. a torn metrics line -------------------------------------------------------------------
 
+
 def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, caplog):
     workdir = str(tmp_path / "run")
     calls = iter(range(100))
-    stopped = trainer.train_and_evaluate(tiny_config(epochs=2), workdir, devices=ONE_DEVICE,
-                                         should_stop=lambda: next(calls) == 6)   # step 6
+    stopped = loop.train_and_evaluate(
+        tiny_config(epochs=2), workdir, devices=ONE_DEVICE, should_stop=lambda: next(calls) == 6
+    )  # step 6
     assert stopped.interrupted and stopped.step == 6
     with open(metrics_log.path_in(workdir), "a") as f:
-        f.write('{"epoch": 2, "step": 8, "model": 0, "train_lo')   # a crash mid-append
-    resumed = trainer.train_and_evaluate(tiny_config(epochs=2), workdir, devices=ONE_DEVICE)
+        f.write('{"epoch": 2, "step": 8, "model": 0, "train_lo')  # a crash mid-append
+    resumed = loop.train_and_evaluate(tiny_config(epochs=2), workdir, devices=ONE_DEVICE)
     assert not resumed.interrupted
-    assert [(r["epoch"], r["model"]) for r in strict_rows(workdir)] == [
-        (e, m) for e in (1, 2) for m in (0, 1)]
+    assert [(r["epoch"], r["model"]) for r in strict_rows(workdir)] == [(e, m) for e in (1, 2) for m in (0, 1)]
     assert "torn last line" in caplog.text
 
 
-@pytest.mark.parametrize("tail, rows", [
-    ('{"step": 2, "a": 2', [{"step": 1}, {"step": 3}]),               # torn: dropped
-    ('{"step": 2}', [{"step": 1}, {"step": 2}, {"step": 3}]),         # whole, no newline: kept
-], ids=["torn", "no_newline"])
+@pytest.mark.parametrize(
+    "tail, rows",
+    [
+        ('{"step": 2, "a": 2', [{"step": 1}, {"step": 3}]),  # torn: dropped
+        ('{"step": 2}', [{"step": 1}, {"step": 2}, {"step": 3}]),  # whole, no newline: kept
+    ],
+    ids=["torn", "no_newline"],
+)
 def test_metrics_append_never_leaves_a_torn_line_inside(tmp_path, tail, rows):
     path = str(tmp_path / "metrics.jsonl")
     metrics_log.append(path, [{"step": 1}])
@@ -282,10 +299,11 @@ def test_metrics_rows_are_strict_json(tmp_path):
 
 # --- 5. signals during setup ------------------------------------------------------------------
 
+
 def test_sigterm_while_starting_exits_143_at_once(tmp_path):
     workdir = str(tmp_path / "run")
     proc = start_train(*TINY, "--workdir", workdir)
-    time.sleep(0.5)   # still importing jax
+    time.sleep(0.5)  # still importing jax
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -297,7 +315,7 @@ def test_sigterm_during_setup_stops_before_training_and_resumes(tmp_path):
     args = [*TINY, "--config.train.epochs=2", "--workdir", workdir]
     proc = start_train(*args)
     deadline = time.time() + 120
-    while not os.path.exists(os.path.join(workdir, "config.json")):   # setup has begun
+    while not os.path.exists(os.path.join(workdir, "config.json")):  # setup has begun
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
@@ -305,7 +323,7 @@ def test_sigterm_during_setup_stops_before_training_and_resumes(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err
     steps = checkpoint_steps(workdir) if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
-    assert set(steps) <= {0}, steps   # no training step was taken
+    assert set(steps) <= {0}, steps  # no training step was taken
     assert not os.path.exists(metrics_log.path_in(workdir))
     code, err = run_train(*args)
     assert code == 0, err
@@ -313,6 +331,7 @@ def test_sigterm_during_setup_stops_before_training_and_resumes(tmp_path):
 
 
 # --- 6. one-line errors on train.py's command line --------------------------------------------
+
 
 def _write(path, text):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -328,10 +347,12 @@ def _file(tmp):
 CLI_MISTAKES = [
     # (id, arguments given tmp_path -> list, substrings of the error line)
     ("missing_config_file", lambda t: ["--config", f"{t}/nowhere.py"], ["nowhere.py", "does not exist"]),
-    ("config_syntax_error", lambda t: ["--config", _write(f"{t}/bad.py", "def get_config(:\n")],
-     ["bad.py, line 1"]),
-    ("config_without_get_config", lambda t: ["--config", _write(f"{t}/empty.py", "x = 1\n")],
-     ["empty.py defines no get_config"]),
+    ("config_syntax_error", lambda t: ["--config", _write(f"{t}/bad.py", "def get_config(:\n")], ["bad.py, line 1"]),
+    (
+        "config_without_get_config",
+        lambda t: ["--config", _write(f"{t}/empty.py", "x = 1\n")],
+        ["empty.py defines no get_config"],
+    ),
     ("bad_config_argument", lambda t: ["--config", DIGITS + ":depth=abc"], ["depth", "'abc'"]),
     ("unknown_config_argument", lambda t: ["--config", DIGITS + ":dpth=8"], ["dpth=8"]),
     ("warmup_inf", lambda t: TINY + ["--config.train.warmup_epochs=inf"], ["warmup_epochs", "inf"]),
@@ -348,13 +369,17 @@ CLI_MISTAKES = [
     ("workdir_under_a_file", lambda t: TINY + ["--workdir", _file(t) + "/run"], ["a_file/run"]),
     # an existing directory no one may create files in (chmod does not stop root; /proc does)
     ("workdir_read_only", lambda t: TINY + ["--workdir", "/proc/self"], ["/proc/self"]),
-    ("damaged_config_json", lambda t: TINY + ["--workdir", os.path.dirname(
-        _write(f"{t}/run/config.json", "{oops"))], ["config.json is damaged"]),
+    (
+        "damaged_config_json",
+        lambda t: TINY + ["--workdir", os.path.dirname(_write(f"{t}/run/config.json", "{oops"))],
+        ["config.json is damaged"],
+    ),
 ]
 
 
-@pytest.mark.parametrize("make_args, expected", [(a, e) for _, a, e in CLI_MISTAKES],
-                         ids=[i for i, _, _ in CLI_MISTAKES])
+@pytest.mark.parametrize(
+    "make_args, expected", [(a, e) for _, a, e in CLI_MISTAKES], ids=[i for i, _, _ in CLI_MISTAKES]
+)
 def test_a_command_line_mistake_is_one_line_and_exit_2(tmp_path, make_args, expected):
     args = make_args(str(tmp_path))
     if "--workdir" not in args:
@@ -368,7 +393,7 @@ def test_a_command_line_mistake_is_one_line_and_exit_2(tmp_path, make_args, expe
     for text in expected:
         assert text in lines[0], err
     if before is not None:
-        assert snapshot(workdir) == before   # nothing written
+        assert snapshot(workdir) == before  # nothing written
     elif os.path.isdir(str(tmp_path / "run")):
         assert not os.listdir(str(tmp_path / "run"))
 
@@ -378,5 +403,5 @@ def test_a_refused_nan_leaves_the_workdir_usable(tmp_path):
     code, _ = run_train(*TINY, "--config.train.momentum=nan", "--workdir", workdir, timeout=120)
     assert code == 2 and not os.path.exists(os.path.join(workdir, "config.json"))
     config = tiny_config()
-    trainer.check_workdir(workdir, config)   # a valid run may use it
+    workdir_checks.check_workdir(workdir, config)  # a valid run may use it
     assert json.load(open(os.path.join(workdir, "config.json")))["train.momentum"] == 0.9

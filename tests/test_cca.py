@@ -1,4 +1,5 @@
 """CCA, SVCCA and PWCCA against float64 NumPy references written from the formulas."""
+
 import warnings
 
 import jax

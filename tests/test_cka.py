@@ -1,12 +1,13 @@
 """Grams, centering, HSIC and whole-representation CKA against the float64 references."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 from scipy.stats import ortho_group
 
 import cka_jax as ck
-import reference as ref
 
 
 def _pair(n=40, p=12, q=9, seed=0, noise=0.5):
@@ -59,8 +60,7 @@ def test_linear_cka_matches_reference_in_both_forms(debiased, shape):
     x, y = _pair(n, p, q)
     expected = ref.cka(ref.gram_linear(x), ref.gram_linear(y), debiased)
     np.testing.assert_allclose(ck.linear_cka(x, y, debiased=debiased), expected, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(ck.cka(ck.gram_linear(x), ck.gram_linear(y), debiased), expected, rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(ck.cka(ck.gram_linear(x), ck.gram_linear(y), debiased), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("debiased", [False, True])
@@ -78,8 +78,11 @@ def test_trailing_dims_are_flattened():
     np.testing.assert_allclose(ck.linear_cka(x, y), ck.linear_cka(x.reshape(20, -1), y), rtol=1e-6)
 
 
-@pytest.mark.parametrize("fn", [ck.linear_cka, lambda x, y: ck.linear_cka(x, y, debiased=True), ck.rbf_cka],
-                         ids=["linear", "linear-debiased", "rbf"])
+@pytest.mark.parametrize(
+    "fn",
+    [ck.linear_cka, lambda x, y: ck.linear_cka(x, y, debiased=True), ck.rbf_cka],
+    ids=["linear", "linear-debiased", "rbf"],
+)
 def test_invariances(fn):
     x, y = _pair(n=50, p=6, q=40)
     base = fn(x, y)
@@ -109,8 +112,11 @@ def test_independent_gaussians_biased_positive_debiased_near_zero():
     assert abs(np.mean(debiased)) < 0.05
 
 
-@pytest.mark.parametrize("fn", [ck.linear_cka, lambda x, y: ck.linear_cka(x, y, debiased=True), ck.rbf_cka],
-                         ids=["linear", "linear-debiased", "rbf"])
+@pytest.mark.parametrize(
+    "fn",
+    [ck.linear_cka, lambda x, y: ck.linear_cka(x, y, debiased=True), ck.rbf_cka],
+    ids=["linear", "linear-debiased", "rbf"],
+)
 def test_constant_representation_and_nonfinite_inputs_give_nan(fn):
     x, y = _pair(n=30, p=4, q=50)
     assert np.isnan(fn(np.full_like(x, 3.0), y))
@@ -141,8 +147,9 @@ def test_bad_input_errors_name_the_shapes():
 def test_jit_agrees_with_eager():
     x, y = _pair()
     for debiased in (False, True):
-        np.testing.assert_allclose(jax.jit(ck.linear_cka, static_argnums=2)(x, y, debiased),
-                                   ck.linear_cka(x, y, debiased), rtol=1e-6)
+        np.testing.assert_allclose(
+            jax.jit(ck.linear_cka, static_argnums=2)(x, y, debiased), ck.linear_cka(x, y, debiased), rtol=1e-6
+        )
     np.testing.assert_allclose(jax.jit(ck.rbf_cka)(x, y), ck.rbf_cka(x, y), rtol=1e-6)
 
 
@@ -155,13 +162,15 @@ def test_float32_accuracy_at_scale():
     y = 1e3 * (np.tanh(z @ rng.normal(size=(8, 48))) + rng.normal(size=(n, 48))) - 5e2
     xc, yc = x - x.mean(0), y - y.mean(0)
     xty, xtx, yty = (np.sum((a.T @ b) ** 2) for a, b in ((xc, yc), (xc, xc), (yc, yc)))
-    np.testing.assert_allclose(ck.linear_cka(x.astype(np.float32), y.astype(np.float32)),
-                               xty / np.sqrt(xtx * yty), atol=1e-4)
+    np.testing.assert_allclose(
+        ck.linear_cka(x.astype(np.float32), y.astype(np.float32)), xty / np.sqrt(xtx * yty), atol=1e-4
+    )
     xs, ys = x[:1500, :40], y[:1500]
     for debiased in (False, True):
         expected = ref.cka(ref.gram_linear(xs), ref.gram_linear(ys), debiased)
-        np.testing.assert_allclose(ck.linear_cka(xs.astype(np.float32), ys.astype(np.float32), debiased),
-                                   expected, atol=1e-4)
+        np.testing.assert_allclose(
+            ck.linear_cka(xs.astype(np.float32), ys.astype(np.float32), debiased), expected, atol=1e-4
+        )
 
 
 def test_float64_with_x64():

@@ -1,4 +1,5 @@
 """Unit matching and sparse prediction (Li et al. 2016) against NumPy/brute-force references."""
+
 import itertools
 
 import numpy as np

@@ -1,12 +1,13 @@
 """MinibatchCKA against the float64 reference; population, sharded, merge, bootstrap, errors."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import reference as ref
 
 import cka_jax as ck
-import reference as ref
 from cka_jax import MinibatchCKA
 
 
@@ -47,7 +48,7 @@ def test_cross_model_matches_reference_and_accepts_mappings():
     batches_a = _model_acts(4, 24, rng)
     batches_b = [[np.tanh(a[0] @ rng.normal(size=(6, 9))).astype(np.float32), a[2] + 0.3] for a in batches_a]
     acc = MinibatchCKA.create(3, 2)
-    for a, b in zip(batches_a, batches_b):
+    for a, b in zip(batches_a, batches_b, strict=True):
         acc = acc.update({"conv": a[0], "block": a[1], "logits": a[2]}, {"x": b[0], "y": b[1]})
     assert acc.result().shape == (3, 2)
     np.testing.assert_allclose(acc.result(), ref.minibatch_cka(batches_a, batches_b), rtol=1e-4, atol=1e-5)
@@ -84,8 +85,7 @@ def _population(m, num_batches, batch, seed, widths=(6, 10, 4)):
     rng = np.random.default_rng(seed)
     per_model = [_model_acts(num_batches, batch, np.random.default_rng(seed + 100 * i), widths) for i in range(m)]
     del rng
-    return [[np.stack([per_model[i][b][l] for i in range(m)]) for l in range(len(widths))]
-            for b in range(num_batches)]
+    return [[np.stack([per_model[i][b][l] for i in range(m)]) for l in range(len(widths))] for b in range(num_batches)]
 
 
 def test_population_equals_pairwise_loop():
@@ -121,8 +121,9 @@ def test_population_grams_in_chunks_equal_update():
         chunked = chunked.update_grams(jnp.concatenate(grams))
     np.testing.assert_allclose(chunked.result(), direct.result(), rtol=1e-6)
     single = MinibatchCKA.create(3).update_grams(ck.minibatch_grams([a[0] for a in pop[0]]))
-    np.testing.assert_allclose(single.result(), MinibatchCKA.create(3).update([a[0] for a in pop[0]]).result(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        single.result(), MinibatchCKA.create(3).update([a[0] for a in pop[0]]).result(), rtol=1e-6
+    )
 
 
 def test_population_of_100_models_20_layers_fits_one_accelerator():
@@ -136,6 +137,7 @@ def test_population_of_100_models_20_layers_fits_one_accelerator():
     assert stats.temp_size_in_bytes < 4 * 2**30
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_bootstrap", [0, 8])
 def test_sharded_equals_unsharded(num_bootstrap):
     assert jax.device_count() == 8
@@ -144,7 +146,8 @@ def test_sharded_equals_unsharded(num_bootstrap):
     stacked = [np.stack([b[l] for b in batches]) for l in range(3)]
     serial = _accumulate(MinibatchCKA.create(3, num_bootstrap=num_bootstrap), batches)
     sharded = jax.jit(lambda a, x: a.update_sharded(x, mesh=mesh))(
-        MinibatchCKA.create(3, num_bootstrap=num_bootstrap), stacked)
+        MinibatchCKA.create(3, num_bootstrap=num_bootstrap), stacked
+    )
     assert int(sharded.count) == 16
     for field in ("xy", "xx", "yy", "boot_xy", "boot_xx", "boot_yy"):
         np.testing.assert_allclose(getattr(sharded, field), getattr(serial, field), rtol=1e-5)
@@ -158,7 +161,10 @@ def test_sharded_population_and_cross_model():
     mesh = jax.make_mesh((4, 2), ("batch", "model"))
     pop_a = _population(2, 8, 12, seed=11)
     pop_b = _population(3, 8, 12, seed=12, widths=(5, 7))
-    stack = lambda pop: {f"layer{l}": np.stack([b[l] for b in pop]) for l in range(len(pop[0]))}
+
+    def stack(pop):
+        return {f"layer{l}": np.stack([b[l] for b in pop]) for l in range(len(pop[0]))}
+
     acc = MinibatchCKA.create(3, 2, num_models_a=2, num_models_b=3)
     sharded = acc.update_sharded(stack(pop_a), stack(pop_b), mesh=mesh)
     np.testing.assert_allclose(sharded.result(), _accumulate(acc, pop_a, pop_b).result(), rtol=1e-5)
@@ -208,7 +214,11 @@ def test_bootstrap_interval():
         est = acc.result()
         assert np.all(low <= est + 1e-6) and np.all(est <= high + 1e-6)
         assert acc.bootstrap_samples().shape == (200, 3, 3)
-    width = lambda acc: np.asarray(acc.bootstrap_interval()[1] - acc.bootstrap_interval()[0])
+
+    def width(acc):
+        low, high = acc.bootstrap_interval()
+        return np.asarray(high - low)
+
     off_diag = ~np.eye(3, dtype=bool)
     assert np.all(width(many)[off_diag] < width(few)[off_diag])
     with pytest.raises(ValueError, match="num_bootstrap > 0"):
@@ -287,13 +297,25 @@ def test_float64_accumulators_with_x64():
     np.testing.assert_allclose(res, ref.minibatch_cka(batches, batches), rtol=1e-10)
 
 
-def test_feature_chunked_grams_match_reference(monkeypatch):
-    """Wide layers are reduced over bounded feature chunks (with a remainder chunk): same result."""
-    import cka_jax.minibatch
+@pytest.fixture
+def small_feature_chunks(monkeypatch):
+    """256 features per chunk at batch 16. Compiled programs are dropped before (they would keep
+    the old chunk size) and after (later tests would get the small one)."""
+    import cka_jax.layer_grams
 
-    monkeypatch.setattr(cka_jax.minibatch, "CHUNK_ELEMENTS", 16 * 256)  # 256 features per chunk at batch 16
-    batches = [[1e3 * (a + 1.0) for a in layers] for layers in _model_acts(3, 16, np.random.default_rng(21),
-                                                                             widths=(600, 256, 40))]
+    monkeypatch.setattr(cka_jax.layer_grams, "CHUNK_ELEMENTS", 16 * 256)
+    jax.clear_caches()
+    yield
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+def test_feature_chunked_grams_match_reference(small_feature_chunks):
+    """Wide layers are reduced over bounded feature chunks (with a remainder chunk): same result."""
+    batches = [
+        [1e3 * (a + 1.0) for a in layers]
+        for layers in _model_acts(3, 16, np.random.default_rng(21), widths=(600, 256, 40))
+    ]
     acc = _accumulate(MinibatchCKA.create(3), batches)
     np.testing.assert_allclose(acc.result(), ref.minibatch_cka(batches, batches), atol=1e-5)
 

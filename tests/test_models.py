@@ -1,5 +1,6 @@
 """ResNets: parameter counts, shapes and names of representations, no-residual variant, block
 deletion, train/eval BatchNorm, populations under vmap and sharding."""
+
 import math
 import re
 
@@ -10,8 +11,14 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cka_jax.models import (CAPTURE_PRESETS, CifarResNet, ImageNetResNet, create_model, representation_names,
-                            representation_shapes)
+from cka_jax.models import (
+    CAPTURE_PRESETS,
+    CifarResNet,
+    ImageNetResNet,
+    create_model,
+    representation_names,
+    representation_shapes,
+)
 from cka_jax.models.layers import ProjectionShortcut, conv_factory, norm_factory
 
 X = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
@@ -57,8 +64,9 @@ def test_imagenet_resnet50_parameter_count_is_standard():
 
 
 def test_imagenet_variants_are_configs():
-    wide = jax.eval_shape(ImageNetResNet(stage_widths=(1, 1, 2.8, 1)).init, jax.random.key(0),
-                          jnp.zeros((1, 64, 64, 3)))["params"]
+    wide = jax.eval_shape(
+        ImageNetResNet(stage_widths=(1, 1, 2.8, 1)).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3))
+    )["params"]
     assert wide["stage3_block2"]["conv2"]["kernel"].shape == (3, 3, 717, 717)
     assert wide["stage3_block2"]["conv3"]["kernel"].shape == (1, 1, 717, 4 * 717)
     assert wide["stage4_block1"]["conv1"]["kernel"].shape == (1, 1, 4 * 717, 512)
@@ -67,21 +75,36 @@ def test_imagenet_variants_are_configs():
 
 
 def test_imagenet_representation_names_and_shapes():
-    model = create_model("imagenet_resnet", num_classes=5, stage_sizes=(1, 2), stage_widths=(1.0, 0.5),
-                         num_filters=4)
+    model = create_model("imagenet_resnet", num_classes=5, stage_sizes=(1, 2), stage_widths=(1.0, 0.5), num_filters=4)
     reps = representation_shapes(model, (2, 32, 32, 3), "all")
-    assert list(reps) == ["stem", "stage1/block1/conv1", "stage1/block1/conv2", "stage1/block1/pre_residual",
-                          "stage1/block1/post_residual", "stage2/block1/conv1", "stage2/block1/conv2",
-                          "stage2/block1/pre_residual", "stage2/block1/post_residual", "stage2/block2/conv1",
-                          "stage2/block2/conv2", "stage2/block2/pre_residual", "stage2/block2/post_residual",
-                          "pool", "logits"]
+    assert list(reps) == [
+        "stem",
+        "stage1/block1/conv1",
+        "stage1/block1/conv2",
+        "stage1/block1/pre_residual",
+        "stage1/block1/post_residual",
+        "stage2/block1/conv1",
+        "stage2/block1/conv2",
+        "stage2/block1/pre_residual",
+        "stage2/block1/post_residual",
+        "stage2/block2/conv1",
+        "stage2/block2/conv2",
+        "stage2/block2/pre_residual",
+        "stage2/block2/post_residual",
+        "pool",
+        "logits",
+    ]
     assert reps["stem"].shape == (2, 8, 8, 4)
     assert reps["stage1/block1/post_residual"].shape == (2, 8, 8, 16)
     assert reps["stage2/block2/conv2"].shape == (2, 4, 4, 4)
     assert reps["stage2/block2/post_residual"].shape == (2, 4, 4, 16)
     assert reps["pool"].shape == (2, 16) and reps["logits"].shape == (2, 5)
     assert representation_names(model, "blocks", skip_blocks=("stage2/block2",)) == (
-        "stem", "stage1/block1/post_residual", "stage2/block1/post_residual", "stage2/block2/post_residual")
+        "stem",
+        "stage1/block1/post_residual",
+        "stage2/block1/post_residual",
+        "stage2/block2/post_residual",
+    )
 
 
 def test_cifar_representation_names_and_shapes():
@@ -89,11 +112,19 @@ def test_cifar_representation_names_and_shapes():
     blocks = [f"stage{s}/block{b}" for s in (1, 2, 3) for b in (1, 2)]
     assert representation_names(model, "blocks") == ("stem", *(f"{b}/post_residual" for b in blocks))
     assert representation_names(model, "pre_and_post") == (
-        "stem", *(f"{b}/{t}" for b in blocks for t in ("pre_residual", "post_residual")))
+        "stem",
+        *(f"{b}/{t}" for b in blocks for t in ("pre_residual", "post_residual")),
+    )
     assert representation_names(model, "all") == (
-        "stem", *(f"{b}/{t}" for b in blocks for t in ("conv1", "pre_residual", "post_residual")), "pool", "logits")
-    assert representation_names(model, "stage3/*/post_residual") == ("stage3/block1/post_residual",
-                                                                     "stage3/block2/post_residual")
+        "stem",
+        *(f"{b}/{t}" for b in blocks for t in ("conv1", "pre_residual", "post_residual")),
+        "pool",
+        "logits",
+    )
+    assert representation_names(model, "stage3/*/post_residual") == (
+        "stage3/block1/post_residual",
+        "stage3/block2/post_residual",
+    )
     assert representation_names(model, ("logits", "stem")) == ("stem", "logits")
     shapes = representation_shapes(model, (5, 16, 16, 3), "all")
     assert tuple(shapes) == representation_names(model, "all")
@@ -120,10 +151,12 @@ def test_capture_returns_logits_and_ordered_reps(resnet8):
     np.testing.assert_allclose(logits_captured, logits, rtol=1e-5, atol=1e-5)
     assert tuple(reps) == model.layer_names()  # network order survives jit
     np.testing.assert_allclose(reps["logits"], logits, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(reps["pool"], reps["stage3/block1/post_residual"].mean(axis=(1, 2)), rtol=1e-5,
-                               atol=1e-6)
-    np.testing.assert_array_equal(reps["stage1/block1/post_residual"],
-                                  jax.nn.relu(reps["stem"] + reps["stage1/block1/pre_residual"]))
+    np.testing.assert_allclose(
+        reps["pool"], reps["stage3/block1/post_residual"].mean(axis=(1, 2)), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_array_equal(
+        reps["stage1/block1/post_residual"], jax.nn.relu(reps["stem"] + reps["stage1/block1/pre_residual"])
+    )
 
 
 def test_train_mode_batchnorm(resnet8):
@@ -134,10 +167,10 @@ def test_train_mode_batchnorm(resnet8):
     assert not np.allclose(state["batch_stats"]["stem_bn"]["mean"], variables["batch_stats"]["stem_bn"]["mean"])
     assert not np.allclose(logits, model.apply(variables, X), atol=1e-3)
     # Train mode normalises with batch statistics: the running averages do not matter.
-    fresh_stats = {"params": variables["params"],
-                   "batch_stats": jax.tree.map(jnp.zeros_like, variables["batch_stats"])}
-    np.testing.assert_allclose(model.apply(fresh_stats, X, train=True, mutable=["batch_stats"])[0], logits,
-                               rtol=1e-5, atol=1e-5)
+    fresh_stats = {"params": variables["params"], "batch_stats": jax.tree.map(jnp.zeros_like, variables["batch_stats"])}
+    np.testing.assert_allclose(
+        model.apply(fresh_stats, X, train=True, mutable=["batch_stats"])[0], logits, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_no_residual_variant(resnet8):
@@ -212,11 +245,12 @@ def test_population_under_vmap_matches_each_model_alone(resnet8, population):
     logits, reps = jax.jit(jax.vmap(lambda v: model.apply(v, X, capture="pre_and_post")))(population)
     assert tuple(reps) == representation_names(model, "pre_and_post")
     for m in range(3):
-        alone = jax.tree.map(lambda leaf: leaf[m], population)
+        alone = jax.tree.map(lambda leaf, m=m: leaf[m], population)
         logits_m, reps_m = model.apply(alone, X, capture="pre_and_post")
         np.testing.assert_allclose(logits[m], logits_m, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(reps["stage3/block1/pre_residual"][m], reps_m["stage3/block1/pre_residual"],
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            reps["stage3/block1/pre_residual"][m], reps_m["stage3/block1/pre_residual"], rtol=1e-4, atol=1e-5
+        )
 
 
 def test_sharded_population(resnet8, population):
@@ -226,8 +260,7 @@ def test_sharded_population(resnet8, population):
     sharded = jax.device_put(population, NamedSharding(mesh, P("pop")))
 
     def step(variables):
-        (logits, reps), state = model.apply(variables, X, train=True, capture="pre_and_post",
-                                            mutable=["batch_stats"])
+        (logits, reps), state = model.apply(variables, X, train=True, capture="pre_and_post", mutable=["batch_stats"])
         return logits, reps, state
 
     per_device = jax.jit(jax.shard_map(jax.vmap(step), mesh=mesh, in_specs=P("pop"), out_specs=P("pop")))
@@ -236,26 +269,40 @@ def test_sharded_population(resnet8, population):
     logits, stem_var = np.asarray(logits), np.asarray(state["batch_stats"]["stem_bn"]["var"])
     assert tuple(reps) == representation_names(model, "pre_and_post")
     for m in (0, 7):
-        alone = jax.tree.map(lambda leaf: leaf[m], population)
+        alone = jax.tree.map(lambda leaf, m=m: leaf[m], population)
         (logits_m, _), state_m = model.apply(alone, X, train=True, capture="pre_and_post", mutable=["batch_stats"])
         np.testing.assert_allclose(logits[m], logits_m, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(stem_var[m], state_m["batch_stats"]["stem_bn"]["var"], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"depth": 15}, "6n\\+2"), ({"depth": 2}, "6n\\+2"), ({"depth": 20.0}, "6n\\+2"), ({"depth": True}, "6n\\+2"),
-    ({"width": 0}, "width"), ({"width": -1.0}, "width"), ({"width": float("nan")}, "width"),
-    ({"width": 0.01}, "at least 1"), ({"num_classes": 0}, "num_classes"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"depth": 15}, "6n\\+2"),
+        ({"depth": 2}, "6n\\+2"),
+        ({"depth": 20.0}, "6n\\+2"),
+        ({"depth": True}, "6n\\+2"),
+        ({"width": 0}, "width"),
+        ({"width": -1.0}, "width"),
+        ({"width": float("nan")}, "width"),
+        ({"width": 0.01}, "at least 1"),
+        ({"num_classes": 0}, "num_classes"),
+    ],
+)
 def test_invalid_cifar_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CifarResNet(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"stage_sizes": ()}, "stage_sizes"), ({"stage_sizes": (3, 0, 6, 3)}, "stage_sizes\\[1\\]"),
-    ({"stage_widths": (1.0, 2.0)}, "one multiplier per stage"), ({"stage_widths": (1, 1, 0, 1)}, "stage_widths\\[2\\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"stage_sizes": ()}, "stage_sizes"),
+        ({"stage_sizes": (3, 0, 6, 3)}, "stage_sizes\\[1\\]"),
+        ({"stage_widths": (1.0, 2.0)}, "one multiplier per stage"),
+        ({"stage_widths": (1, 1, 0, 1)}, "stage_widths\\[2\\]"),
+    ],
+)
 def test_invalid_imagenet_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ImageNetResNet(**kwargs)
@@ -273,3 +320,30 @@ def test_unknown_names_raise(resnet8):
         create_model("vgg", num_classes=10)
     with pytest.raises(ValueError, match="batch, height, width, channels"):
         model.apply(variables, X[0])
+
+
+@pytest.mark.parametrize(
+    "name, fields, architecture",
+    [
+        ("cifar_resnet", {"depth": 20, "width": 2.0}, "ResNet-20 2×"),
+        ("imagenet_resnet", {"stage_sizes": (1, 2), "stage_widths": (1.0, 0.5)}, "ResNet stages 1-2 widths 1.0-0.5"),
+    ],
+)
+def test_from_config_builds_each_registered_model(name, fields, architecture):
+    from cka_jax import models
+    from cka_jax.train.config import CHOICES, base_config
+
+    assert CHOICES["model.name"][1] == tuple(models.MODELS)  # config validation asks the registry
+    config = base_config().model
+    config.name, config.residual, config.zero_init_last_bn, config.dtype = name, False, True, "bfloat16"
+    for field, value in fields.items():
+        config[field] = value
+    model = models.from_config(config, num_classes=7)
+    assert type(model) is models.MODELS[name] and model.architecture() == architecture
+    assert (model.num_classes, model.residual, model.zero_init_last_bn, model.dtype) == (7, False, True, jnp.bfloat16)
+    assert all(getattr(model, field) == value for field, value in fields.items())
+    logits = jax.eval_shape(lambda: model.init_with_output(key(0), jnp.zeros((1, 16, 16, 3)))[0])
+    assert logits.shape == (1, 7)
+    config.name = "vgg"
+    with pytest.raises(ValueError, match="'vgg'"):
+        models.from_config(config, num_classes=7)

@@ -1,5 +1,6 @@
 """The colab/ notebooks run top to bottom (nbclient) on small settings: the quickstart trains a tiny
 population, the workdir notebook analyses it, the API tour needs no training."""
+
 import os
 
 import pytest
@@ -13,12 +14,20 @@ pytest.importorskip("ipykernel")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_notebook(name: str) -> None:
+def run_notebook(name: str):
+    """Executes colab/<name>; returns the executed notebook (no cell may raise)."""
     notebook = nbformat.read(os.path.join(ROOT, "colab", name), as_version=4)
-    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": ROOT}}).execute()
+    nbclient.NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": ROOT}}
+    ).execute()
     errors = [o for cell in notebook.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    return notebook
+
+
+def shown_images(notebook) -> int:
+    """How many PNG images the executed cells display."""
+    return sum("image/png" in o.get("data", {}) for cell in notebook.cells for o in cell.get("outputs", []))
 
 
 @pytest.fixture
@@ -35,8 +44,9 @@ def test_quickstart_then_workdir_notebook(small_kernel_env):
     run_notebook("quickstart.ipynb")
     analysis = small_kernel_env / "quickstart" / "analysis"
     assert (analysis / "cka_within.npz").exists() and (analysis / "report.html").exists()
-    run_notebook("analyze_workdir.ipynb")
+    notebook = run_notebook("analyze_workdir.ipynb")
     assert (analysis / "cka_seeds.npz").exists()
+    assert shown_images(notebook) >= 1  # the within-model heatmaps drawn in the notebook itself
 
 
 def test_cka_api_tour(small_kernel_env):

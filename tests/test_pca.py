@@ -1,5 +1,5 @@
 """First-PC analysis against a float64 NumPy SVD reference."""
-import jax
+
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -3,10 +3,13 @@
 import jax
 import numpy as np
 import pytest
-
-from cka_jax.train import population as pop
-from cka_jax.train import loop as trainer
 import tiny
+
+from cka_jax.train import loop
+from cka_jax.train import population as pop
+
+# Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
+pytestmark = pytest.mark.slow
 
 # Runs here compile the same small programs again and again: keep them across runs.
 jax.config.update("jax_compilation_cache_dir", tiny.CACHE_DIR)
@@ -38,22 +41,26 @@ def test_split_and_merge_chunks_round_trip():
 
 
 @pytest.mark.parametrize("num_devices", [1, 8])
-def test_merging_chunks_compiles_programs_whose_inputs_do_not_grow_with_the_population(
-        caplog, num_devices):
+def test_merging_chunks_compiles_programs_whose_inputs_do_not_grow_with_the_population(caplog, num_devices):
     """A checkpoint stacks the chunks: in one program of M x leaves inputs it took 3.4 GB to
     compile at M = 200 models (digits ResNet-8) and was OOM-killed at M = 1000."""
     leaves = 5
     for chunks_per_device in (4, 32):
         size = chunks_per_device * num_devices
         layout = pop.make_layout(size, "loop", jax.devices()[:num_devices])
-        stacked = {f"w{i}": pop.host_to_sharded(np.arange(size * 3.0).reshape(size, 3) + i,
-                                                 layout.sharded) for i in range(leaves)}
+        stacked = {
+            f"w{i}": pop.host_to_sharded(np.arange(size * 3.0).reshape(size, 3) + i, layout.sharded)
+            for i in range(leaves)
+        }
         chunks = pop.split_chunks(stacked, layout)
         caplog.clear()
         with jax.log_compiles(True):
             merged = pop.merge_chunks(chunks, layout)
-        inputs = [r.getMessage().split(" with global shapes")[1].count("ShapedArray")
-                  for r in caplog.records if r.getMessage().startswith("Compiling ")]
+        inputs = [
+            r.getMessage().split(" with global shapes")[1].count("ShapedArray")
+            for r in caplog.records
+            if r.getMessage().startswith("Compiling ")
+        ]
         assert max(inputs, default=0) <= 2 * leaves + 1, inputs
         for name in stacked:
             np.testing.assert_array_equal(merged[name], stacked[name])
@@ -63,11 +70,13 @@ def test_merging_chunks_compiles_programs_whose_inputs_do_not_grow_with_the_popu
 def runs(tmp_path_factory):
     """Final test logits of 10 models under three layouts."""
     out = {}
-    for name, strategy, devices in [("one_device_loop", "loop", jax.devices()[:1]),
-                                    ("sharded_loop", "loop", jax.devices()),
-                                    ("sharded_vmap", "vmap", jax.devices())]:
+    for name, strategy, devices in [
+        ("one_device_loop", "loop", jax.devices()[:1]),
+        ("sharded_loop", "loop", jax.devices()),
+        ("sharded_vmap", "vmap", jax.devices()),
+    ]:
         workdir = str(tmp_path_factory.mktemp(name))
-        result = trainer.train_and_evaluate(tiny_config(10, strategy), workdir, devices=devices)
+        result = loop.train_and_evaluate(tiny_config(10, strategy), workdir, devices=devices)
         out[name] = (result, np.load(f"{workdir}/predictions/test.npz")["logits"], workdir)
     return out
 
@@ -88,7 +97,8 @@ def test_vmap_strategy_equals_loop_strategy(runs):
 def test_a_run_saved_on_8_devices_resumes_on_1(runs):
     """The checkpoint holds 16 slots (10 models padded for 8 devices); one device needs 10."""
     _, logits_sharded, workdir = runs["sharded_loop"]
-    result = trainer.train_and_evaluate(tiny_config(10, "loop"), workdir, devices=jax.devices()[:1])
+    result = loop.train_and_evaluate(tiny_config(10, "loop"), workdir, devices=jax.devices()[:1])
     assert result.step == result.total_steps
-    np.testing.assert_allclose(np.load(f"{workdir}/predictions/test.npz")["logits"], logits_sharded,
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.load(f"{workdir}/predictions/test.npz")["logits"], logits_sharded, rtol=1e-4, atol=1e-4
+    )

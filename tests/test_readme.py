@@ -1,4 +1,5 @@
 """The README's example runs as printed and gives the heatmap it promises."""
+
 import pathlib
 import re
 

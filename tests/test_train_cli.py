@@ -1,4 +1,5 @@
 """train.py end to end: errors before work, SIGTERM checkpoint + resume, outputs; configs load."""
+
 import importlib.util
 import json
 import os
@@ -7,17 +8,25 @@ import time
 
 import numpy as np
 import pytest
+from tiny import ROOT, run_train, start_train
+from tiny import TINY_FLAGS as TINY
 
-from cka_jax.train import population, loop as trainer
+from cka_jax.train import population
+from cka_jax.train import run_checks as checks
 from cka_jax.train.config import validate_config
-from tiny import ROOT, TINY_FLAGS as TINY, run_train, start_train
+
+# Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
+pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config.model.depht=8"], "unknown config field 'model.depht'"),
-    (["--config.model.depth=15"], "depth must be 6n"),
-    (["--config.data.name=mnist"], "unknown data set 'mnist'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.model.depht=8"], "unknown config field 'model.depht'"),
+        (["--config.model.depth=15"], "depth must be 6n"),
+        (["--config.data.name=mnist"], "unknown data set 'mnist'"),
+    ],
+)
 def test_bad_runs_fail_with_one_clear_line(tmp_path, args, message):
     code, err = run_train(*TINY, "--workdir", str(tmp_path / "run"), *args, timeout=120)
     assert code == 2 and err.count("\n") == 1 and message in err, err
@@ -48,32 +57,58 @@ def test_sigterm_checkpoints_and_rerun_resumes_to_the_outputs(tmp_path):
     assert predictions["logits"].shape == (2, 360, 10) and predictions["labels"].shape == (360,)
     rows = [json.loads(line) for line in open(metrics)]
     assert [(r["epoch"], r["model"]) for r in rows] == [(e, m) for e in range(1, 21) for m in (0, 1)]
-    assert np.mean([r["test_accuracy"] for r in rows[-2:]]) > 0.3   # it learns (chance: 0.1)
+    assert np.mean([r["test_accuracy"] for r in rows[-2:]]) > 0.3  # it learns (chance: 0.1)
 
 
-@pytest.mark.parametrize("config_file, arg", [
-    ("digits.py", None), ("digits.py", "depth=56,warmup=5"),
-    ("cifar10.py", None), ("cifar10.py", "depth=62,width=1,residual=false,fraction=0.125,size=8"),
-    ("cifar100.py", "depth=26,width=2"), ("paper_pairs.py", "deep"), ("paper_pairs.py", "wide,size=4"),
-    ("imagenet_resnet50.py", "base"), ("imagenet_resnet50.py", "deeper"),
-    ("imagenet_resnet50.py", "wider,size=2"),
-])
+@pytest.mark.parametrize(
+    "config_file, arg",
+    [
+        ("digits.py", None),
+        ("digits.py", "depth=56,warmup=5"),
+        ("cifar10.py", None),
+        ("cifar10.py", "depth=62,width=1,residual=false,fraction=0.125,size=8"),
+        ("cifar100.py", "depth=26,width=2"),
+        ("paper_pairs.py", "deep"),
+        ("paper_pairs.py", "wide,size=4"),
+        ("imagenet_resnet50.py", "base"),
+        ("imagenet_resnet50.py", "deeper"),
+        ("imagenet_resnet50.py", "wider,size=2"),
+    ],
+)
 def test_shipped_configs_are_valid(config_file, arg, monkeypatch):
     monkeypatch.setattr(population, "host_available_bytes", lambda: None)  # not this machine's RAM
-    spec = importlib.util.spec_from_file_location(
-        config_file[:-3], os.path.join(ROOT, "configs", config_file))
+    spec = importlib.util.spec_from_file_location(config_file[:-3], os.path.join(ROOT, "configs", config_file))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(arg) if arg else module.get_config()
     validate_config(config)
-    trainer.check_run(config)
+    checks.check_run(config)
 
 
 def test_paper_pairs_are_the_papers_architectures():
-    spec = importlib.util.spec_from_file_location(
-        "paper_pairs", os.path.join(ROOT, "configs", "paper_pairs.py"))
+    spec = importlib.util.spec_from_file_location("paper_pairs", os.path.join(ROOT, "configs", "paper_pairs.py"))
     paper_pairs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(paper_pairs)
     deep, wide = paper_pairs.get_config("deep"), paper_pairs.get_config("wide")
     assert (deep.model.depth, deep.model.width, deep.population.size) == (62, 1.0, 100)
     assert (wide.model.depth, wide.model.width, wide.data.name) == (14, 2.0, "cifar10")
+
+
+IMPORT_TRAIN_PY = """
+import importlib.util, os, sys
+from absl import flags
+workdir = sys.argv[-1]
+sys.argv = ["train.py", "--bogus=1", "--workdir=" + workdir, "--help"]
+for name in ("first", "second"):   # twice: nothing is defined into absl's global flags
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.getcwd(), "train.py"))
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+assert "workdir" not in flags.FLAGS and not flags.FLAGS.is_parsed(), "flags defined on import"
+assert not os.path.exists(workdir) and sys.argv[1] == "--bogus=1"
+"""
+
+
+def test_importing_train_py_neither_reads_argv_nor_defines_flags(tmp_path):
+    """Importing train.py (e.g. from a test or beside analyze.py, which defines its own --workdir)
+    leaves sys.argv and absl's global flags alone."""
+    code, err = run_train(str(tmp_path / "run"), script=IMPORT_TRAIN_PY, timeout=120)
+    assert code == 0, err

@@ -1,5 +1,6 @@
 """The tiny training runs the tests use: ResNet-8 populations on 144 digits, 4 steps per epoch,
 in this process (`tiny_config`) or through train.py (`TINY_FLAGS`, `start_train`, `run_train`)."""
+
 import os
 import subprocess
 import sys
@@ -12,12 +13,16 @@ DIGITS = os.path.join(ROOT, "configs", "digits.py")
 # The tests compile the same small programs again and again: keep them across tests and runs.
 CACHE_DIR = os.path.join(tempfile.gettempdir(), "cka_jax_test_xla")
 # train.py's flags for 2 models of ResNet-8 (1/4 width) on 144 digits: 4 steps per epoch.
-TINY_FLAGS = ["--config", DIGITS + ":depth=8,width=0.25,size=2", "--config.data.fraction=0.1",
-              "--config.train.batch_size=32", "--config.train.eval_batch_size=360"]
+TINY_FLAGS = [
+    "--config",
+    DIGITS + ":depth=8,width=0.25,size=2",
+    "--config.data.fraction=0.1",
+    "--config.train.batch_size=32",
+    "--config.train.eval_batch_size=360",
+]
 
 
-def tiny_config(size=2, epochs=1, *, width=0.25, strategy="loop", eval_batch_size=180, milestones=None,
-                **train):
+def tiny_config(size=2, epochs=1, *, width=0.25, strategy="loop", eval_batch_size=180, milestones=None, **train):
     """A run config: `size` ResNet-8 (`width`×) on a 0.1 fraction of digits (144 train images) in
     batches of 32 (4 steps per epoch); `train` sets further train.* fields; `milestones` sets
     checkpoint.keep_at_fractions."""
@@ -46,12 +51,24 @@ def start_train(*args, script=None):
     """train.py with `args` in a subprocess on one CPU device (stdout and stderr piped, as text),
     with the tests' compilation cache. `script`: Python code run instead, which runs train.py
     itself (after making something fail, say)."""
-    return subprocess.Popen(_train_command(args, script), cwd=ROOT, env=_one_cpu_device_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        _train_command(args, script),
+        cwd=ROOT,
+        env=_one_cpu_device_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def run_train(*args, script=None, timeout=300):
     """(exit status, stderr) of `start_train(*args, script=script)` run to its end."""
-    done = subprocess.run(_train_command(args, script), cwd=ROOT, env=_one_cpu_device_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        _train_command(args, script),
+        cwd=ROOT,
+        env=_one_cpu_device_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return done.returncode, done.stderr

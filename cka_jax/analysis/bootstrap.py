@@ -1,4 +1,5 @@
 """Percentile bootstrap intervals for the single numbers the paper reports (over seeds or examples)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +7,9 @@ import numpy as np
 from cka_jax.analysis.undefined import defined_rows, interval
 
 
-def bootstrap_mean(values: np.ndarray, num_resamples: int = 1000, level: float = 0.95,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bootstrap_mean(
+    values: np.ndarray, num_resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean of `values` (K, ...) over axis 0 and its percentile bootstrap interval from resampling
     the K rows with replacement: (mean, low, high), each of shape values.shape[1:].
 

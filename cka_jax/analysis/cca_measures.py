@@ -5,20 +5,39 @@ Representations are the spatially averaged channels of each layer, (n, C) per mo
 many more examples than features, and averaging over positions is the usual reduction for
 convolutional layers. A pair that CCA cannot measure (a side with at least n - 1 features) is
 NaN and logged; a pair with a non-finite or constant side is NaN (undefined).
+
+Report sections: `cca_section` (entry `CCA`): cca.npz, cca.png, cca_seeds.png;
+`convergence_section` (entry `CONVERGENCE`): convergence.npz, convergence.png.
 """
+
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import jax
-import matplotlib.pyplot as plt
 import numpy as np
 
-from cka_jax.analysis.plots import add_note, heatmap_grid, short_name
-from cka_jax.analysis.undefined import mean_of_defined, measurable
+from cka_jax.analysis.bootstrap import bootstrap_mean, format_interval
+from cka_jax.analysis.entry import Analysis, all_checks, all_populations, check_examples, check_models, main_population
+from cka_jax.analysis.notes import heatmap_note, line_note, model_pairs, pair_name, pair_why, status_why, with_note
+from cka_jax.analysis.outputs import Section, Table, write_npz
+from cka_jax.analysis.plots import add_note, heatmap_grid, short_name, subplots
+from cka_jax.analysis.undefined import (
+    LayerStatus,
+    defined_rows,
+    is_defined,
+    left_out,
+    mean_of_defined,
+    measurable,
+    number,
+)
 from cka_jax.cca import pwcca, svcca
 from cka_jax.cka import linear_cka
+
+if TYPE_CHECKING:
+    from cka_jax.analysis.context import AnalysisContext
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +65,16 @@ def _similarity(measure: str, xs: np.ndarray, ys: np.ndarray, chunk: int) -> np.
     size = min(chunk, len(xs))
     out = []
     for start in range(0, len(xs), size):
-        xb, yb = xs[start:start + size], ys[start:start + size]
+        xb, yb = xs[start : start + size], ys[start : start + size]
         real = len(xb)
         if real < size:
             xb, yb = (np.concatenate([b, np.repeat(b[:1], size - real, 0)]) for b in (xb, yb))
         try:
             out.append(np.asarray(_BATCHED[measure](xb, yb), np.float64)[:real])
         except ValueError as error:
-            logger.warning("%s of shapes %s and %s is undefined (%s); recorded as NaN", measure, xs.shape[1:],
-                           ys.shape[1:], error)
+            logger.warning(
+                "%s of shapes %s and %s is undefined (%s); recorded as NaN", measure, xs.shape[1:], ys.shape[1:], error
+            )
             out.append(np.full(real, np.nan))
     return np.concatenate(out)
 
@@ -68,11 +88,11 @@ def padded_layers(reps: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarra
     widths = np.array([r.shape[-1] for r in reps.values()])
     out = np.zeros((len(widths),) + next(iter(reps.values())).shape[:2] + (widths.max(),), np.float32)
     for i, r in enumerate(reps.values()):
-        out[i, ..., :r.shape[-1]] = r
+        out[i, ..., : r.shape[-1]] = r
     return out, widths
 
 
-SYMMETRIC = frozenset({"svcca", "cka"})   # PWCCA weights one side, so (x, y) and (y, x) can differ
+SYMMETRIC = frozenset({"svcca", "cka"})  # PWCCA weights one side, so (x, y) and (y, x) can differ
 
 
 def within_heatmaps(measure: str, reps: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -83,11 +103,17 @@ def within_heatmaps(measure: str, reps: Mapping[str, np.ndarray]) -> np.ndarray:
     """
     layers, widths = padded_layers(reps)
     num_layers, num_models = layers.shape[:2]
-    i, j = (np.triu_indices(num_layers) if measure in SYMMETRIC
-            else (a.ravel() for a in np.indices((num_layers, num_layers))))
+    i, j = (
+        np.triu_indices(num_layers)
+        if measure in SYMMETRIC
+        else (a.ravel() for a in np.indices((num_layers, num_layers)))
+    )
     narrow_first = widths[i] <= widths[j]
     first, second = np.where(narrow_first, i, j), np.where(narrow_first, j, i)
-    flat = lambda idx: layers[idx].reshape((-1,) + layers.shape[2:])   # (pairs·M, n, C), model fastest
+
+    def flat(idx: np.ndarray) -> np.ndarray:  # (pairs·M, n, C), model fastest
+        return layers[idx].reshape((-1,) + layers.shape[2:])
+
     values = similarity(measure, flat(first), flat(second)).reshape(len(i), num_models)
     out = np.empty((num_models, num_layers, num_layers))
     out[:, i, j] = values.T
@@ -116,23 +142,30 @@ def cross_seed_same_layer(measure: str, reps: Mapping[str, np.ndarray]) -> np.nd
     return same_layer(measure, {n: r[i] for n, r in reps.items()}, {n: r[j] for n, r in reps.items()})
 
 
-def plot_cca_heatmaps(svcca_maps: np.ndarray, pwcca_maps: np.ndarray, layer_names: Sequence[str], title: str,
-                      note: str = ""):
+def plot_cca_heatmaps(
+    svcca_maps: np.ndarray, pwcca_maps: np.ndarray, layer_names: Sequence[str], title: str, note: str = ""
+):
     """SVCCA and PWCCA heatmaps (M, L, L) side by side, each averaged over the seeds whose whole
     heatmap is defined; `note` under the figure."""
-    fig = heatmap_grid([mean_of_defined(svcca_maps)[0], mean_of_defined(pwcca_maps)[0]],
-                       ["SVCCA (mean over defined seeds)", "PWCCA (mean over defined seeds)"], layer_names,
-                       suptitle=title, ncols=2, panel=4.2)
+    fig = heatmap_grid(
+        [mean_of_defined(svcca_maps)[0], mean_of_defined(pwcca_maps)[0]],
+        ["SVCCA (mean over defined seeds)", "PWCCA (mean over defined seeds)"],
+        layer_names,
+        suptitle=title,
+        ncols=2,
+        panel=4.2,
+    )
     add_note(fig, note)
     return fig
 
 
-def plot_relative_depth(curves: Mapping[str, np.ndarray], ylabel: str, title: str,
-                        layer_names: Sequence[str] | None = None, note: str = ""):
+def plot_relative_depth(
+    curves: Mapping[str, np.ndarray], ylabel: str, title: str, layer_names: Sequence[str] | None = None, note: str = ""
+):
     """Mean ± range over the pairs of (pairs, L) curves per label whose every value is defined,
     against relative depth (or the layer names when all curves share `layer_names`); `note`
     under the figure."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = subplots(figsize=(7, 4))
     for label, values in curves.items():
         x = np.linspace(0, 1, values.shape[1]) if layer_names is None else np.arange(values.shape[1])
         mean, defined = mean_of_defined(values)
@@ -150,3 +183,124 @@ def plot_relative_depth(curves: Mapping[str, np.ndarray], ylabel: str, title: st
     fig.tight_layout()
     add_note(fig, note)
     return fig
+
+
+_DEGENERATE = "CCA is degenerate for these shapes"
+
+
+def cca_section(ctx: AnalysisContext) -> Section:
+    """SVCCA and PWCCA heatmaps within each model, and the same layer across seeds."""
+    p, o = ctx.main, ctx.options
+    reps = ctx.pooled_blocks(p)
+    names = tuple(reps)
+    status = LayerStatus.of(reps)
+    maps = {m: within_heatmaps(m, reps) for m in ("svcca", "pwcca")}
+    note = left_out(defined_rows(maps["svcca"]) & defined_rows(maps["pwcca"]), status_why(status, _DEGENERATE))
+    fig = plot_cca_heatmaps(
+        maps["svcca"], maps["pwcca"], names, f"{p.name}: SVCCA and PWCCA between block outputs", heatmap_note(note)
+    )
+    figures = [ctx.save_figure(fig, "cca")]
+    arrays = {f"{m}_within": v for m, v in maps.items()}
+    tables, notes = [], [note] if note else []
+    if p.size >= 2 and o.max_models >= 2:
+        curves = {m: cross_seed_same_layer(m, reps) for m in ("svcca", "pwcca", "cka")}
+        arrays.update({f"{m}_seeds": v for m, v in curves.items()})
+        index = model_pairs(next(iter(reps.values())).shape[0])
+        seed_notes = {
+            m: left_out(defined_rows(v), pair_why(status, status, _DEGENERATE, index), "seed pair", pair_name(index))
+            for m, v in curves.items()
+        }
+        seed_note = "; ".join(dict.fromkeys(f"across seeds, {n}" for n in seed_notes.values() if n))
+        notes += [seed_note] if seed_note else []
+        fig = plot_relative_depth(
+            curves, "similarity with the same layer, other seed", f"{p.name}: across seeds", names, line_note(seed_note)
+        )
+        figures.append(ctx.save_figure(fig, "cca_seeds"))
+        means = {m: mean_of_defined(v)[0] for m, v in curves.items()}
+        rows = [[short_name(n)] + [number(means[m][i], 3, seed_notes[m]) for m in curves] for i, n in enumerate(names)]
+        tables.append(
+            Table(
+                ["layer", "SVCCA", "PWCCA", "linear CKA"],
+                rows,
+                "Same layer across seeds, mean over pairs" + (f" ({seed_note})" if seed_note else ""),
+            )
+        )
+    write_npz(ctx.path("cca.npz"), layer_names=np.array(names), **arrays)
+    n_examples = next(iter(reps.values())).shape[1]
+    text = (
+        f"SVCCA (top directions explaining 99% of the variance, then CCA; mean canonical correlation) and PWCCA "
+        f"(canonical correlations weighted by how much of the representation they account for) between the "
+        f"spatially averaged channels of block outputs, on {n_examples} test examples. CCA needs many more "
+        "examples than channels; pairs where a side has at least n - 1 channels, or a non-finite or constant "
+        f"side, are undefined (NaN). Seeds: the first {min(p.size, o.max_models)} models."
+    )
+    return Section("cca", "SVCCA and PWCCA", with_note(text, "; ".join(notes)), figures, tables, ["cca.npz"])
+
+
+def convergence_section(ctx: AnalysisContext) -> Section:
+    """Morcos et al. 2018: cross-seed PWCCA per population (memorising vs generalising, narrow vs wide)."""
+    o = ctx.options
+    curves, rows, arrays, notes = {}, [], {}, []
+    for p in ctx.populations:
+        reps = ctx.pooled_blocks(p)
+        values = cross_seed_same_layer("pwcca", reps)
+        curves[f"{p.name}: {p.architecture}"] = values
+        arrays[f"pwcca__{p.name}"] = values
+        status, index = LayerStatus.of(reps), model_pairs(next(iter(reps.values())).shape[0])
+        note = left_out(
+            defined_rows(values), pair_why(status, status, _DEGENERATE, index), "seed pair", pair_name(index)
+        )
+        if note:
+            notes.append(f"{p.name}: {note}")
+        mean, low, high = bootstrap_mean(values.mean(1), o.num_bootstrap, o.level, o.seed)
+        rows.append(
+            [
+                p.name,
+                p.architecture,
+                "yes" if p.config.data.random_labels else "no",
+                format_interval(mean, low, high, 3, note) + (f" ({note})" if note and is_defined(mean) else ""),
+            ]
+        )
+    write_npz(ctx.path("convergence.npz"), **arrays)
+    note = "; ".join(notes)
+    fig = plot_relative_depth(curves, "PWCCA between seeds", "Cross-seed PWCCA per population", note=line_note(note))
+    text = (
+        "PWCCA between the same block outputs of different seeds, per population, against relative depth. "
+        "Morcos et al. find that generalising networks converge to more similar solutions than memorising "
+        "ones (train one population with data.random_labels=True to compare) and wider networks to more "
+        "similar solutions than narrower ones."
+    )
+    table = Table(
+        [
+            "population",
+            "architecture",
+            "random labels",
+            f"mean cross-seed PWCCA over layers [{o.level:.0%} CI over pairs]",
+        ],
+        rows,
+    )
+    return Section(
+        "convergence",
+        "Convergence across seeds (PWCCA)",
+        with_note(text, note),
+        [ctx.save_figure(fig, "convergence")],
+        [table],
+        ["convergence.npz"],
+    )
+
+
+CCA = Analysis(
+    "cca",
+    cca_section,
+    description="SVCCA and PWCCA heatmaps, within model and across seeds",
+    check=check_examples(main_population, "SVCCA and PWCCA"),
+)
+CONVERGENCE = Analysis(
+    "convergence",
+    convergence_section,
+    needs_compare=True,
+    description="cross-seed PWCCA per population: memorising vs generalising, narrow vs wide",
+    check=all_checks(
+        check_models(all_populations, "cross-seed PWCCA"), check_examples(all_populations, "cross-seed PWCCA")
+    ),
+)

@@ -1,4 +1,7 @@
-"""What every analysis gets: the populations, their test set, options, output paths and caches."""
+"""What every analysis gets: the populations, their test set, options, output paths, caches, and
+the inputs beyond them (training set, earlier checkpoints, class names), so that analysis modules
+read nothing from a workdir themselves."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,28 +13,31 @@ from typing import Any
 
 import numpy as np
 
-from cka_jax.analysis.representations import Progress, collect, no_progress
+from cka_jax.analysis import inputs
+from cka_jax.analysis.inputs import TestSet, TrainedPopulation
+from cka_jax.analysis.outputs import save_figure
+from cka_jax.analysis.representations import ProgressFactory, collect, no_progress
 from cka_jax.analysis.undefined import LayerStatus
 from cka_jax.analysis.within import LayerHeatmaps, within_cka
-from cka_jax.analysis.inputs import Population, TestSet, load_correct
 from cka_jax.models import representation_names
 
 
 @dataclasses.dataclass(frozen=True)
 class AnalysisOptions:
     """Knobs of the analyses (CLI flags map onto these one to one)."""
-    batch_size: int = 256            # CKA minibatch size (equal batches of at most this many)
-    passes: int = 1                  # passes over the test set for minibatch CKA (paper: 10)
-    max_examples: int = 1000         # test examples for PCs, CCA, unit matching, sparse prediction
-    max_models: int = 4              # models per population used by pairwise (cross-seed) analyses
-    block_threshold: float = 0.85    # pairwise CKA inside a block structure
+
+    batch_size: int = 256  # CKA minibatch size (equal batches of at most this many)
+    passes: int = 1  # passes over the test set for minibatch CKA (paper: 10)
+    max_examples: int = 1000  # test examples for PCs, CCA, unit matching, sparse prediction
+    max_models: int = 4  # models per population used by pairwise (cross-seed) analyses
+    block_threshold: float = 0.85  # pairwise CKA inside a block structure
     block_min_layers: int = 3
-    probe_steps: int = 300           # full-batch optimizer steps per linear probe
-    probe_examples: int = 5000       # training examples the probes are fitted on
-    alpha: float = 0.05              # significance level of the per-class tests
-    fdr: bool = False                # Benjamini-Hochberg correction of the per-class tests
-    num_bootstrap: int = 1000        # bootstrap resamples for intervals
-    level: float = 0.95              # confidence level of intervals
+    probe_steps: int = 300  # full-batch optimizer steps per linear probe
+    probe_examples: int = 5000  # training examples the probes are fitted on
+    alpha: float = 0.05  # significance level of the per-class tests
+    fdr: bool = False  # Benjamini-Hochberg correction of the per-class tests
+    num_bootstrap: int = 1000  # bootstrap resamples for intervals
+    level: float = 0.95  # confidence level of intervals
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -51,6 +57,7 @@ def _open_unit(closed_right: bool = False):
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             return False
         return 0 < v <= 1 if closed_right else 0 < v < 1
+
     return check
 
 
@@ -77,50 +84,88 @@ _OPTION_RULES = {
 @dataclasses.dataclass
 class AnalysisContext:
     """populations[0] is the population analysed; the rest come from --compare."""
-    populations: list[Population]
+
+    populations: list[TrainedPopulation]
     test: TestSet
     outdir: str
     options: AnalysisOptions = AnalysisOptions()
-    progress: Progress = no_progress
+    progress: ProgressFactory = no_progress
     cache: dict[Any, Any] = dataclasses.field(default_factory=dict)
-    skipped: dict[str, str] = dataclasses.field(default_factory=dict)   # analysis -> why it did not run
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # analysis -> why it did not run
 
     @property
-    def main(self) -> Population:
+    def main(self) -> TrainedPopulation:
         return self.populations[0]
 
     def path(self, name: str) -> str:
         """Absolute path of an output file name inside the analysis directory."""
         return os.path.join(self.outdir, name)
 
-    def within(self, population: Population) -> LayerHeatmaps:
+    def save_figure(self, fig, stem: str) -> str:
+        """Saves `fig` as `<stem>.png` and `.pdf` in the analysis directory; returns the PNG's
+        name (relative, for the report section)."""
+        save_figure(fig, self.path(stem))
+        return f"{stem}.png"
+
+    def within(self, population: TrainedPopulation) -> LayerHeatmaps:
         """All-layer within-model CKA of `population`, computed once per run."""
         key = ("within", population.workdir)
         if key not in self.cache:
             o = self.options
-            self.cache[key] = within_cka(population, self.test, "all", o.batch_size, o.passes,
-                                         seed=o.seed, progress=self.progress)
+            self.cache[key] = within_cka(
+                population, self.test, "all", o.batch_size, o.passes, seed=o.seed, progress=self.progress
+            )
         return self.cache[key]
 
-    def status(self, population: Population) -> LayerStatus:
+    def status(self, population: TrainedPopulation) -> LayerStatus:
         """Which block outputs (and stem) of each model are non-finite or constant on the test set
         (what makes a CKA value undefined); from the within-model pass, computed once per run."""
         return self.within(population).status.select(representation_names(population.model, "blocks"))
 
-    def correct(self, population: Population) -> np.ndarray:
+    def correct(self, population: TrainedPopulation) -> np.ndarray:
         """(M, N) bool: each model right on each test example, from predictions/test.npz checked
         against the data set's classes and the population size; read once per run."""
         key = ("correct", population.workdir)
         if key not in self.cache:
-            self.cache[key] = load_correct(population.workdir, self.test.num_classes, population.size)[0]
+            self.cache[key] = inputs.load_correct(population.workdir, self.test.num_classes, population.size)[0]
         return self.cache[key]
 
-    def pooled_blocks(self, population: Population) -> OrderedDict[str, np.ndarray]:
+    def widest_block(self, population: TrainedPopulation) -> int:
+        """Channels of the widest block output (or stem) of `population`'s architecture."""
+        key = ("widest", population.workdir)
+        if key not in self.cache:
+            self.cache[key] = inputs.widest_block_output(population)
+        return self.cache[key]
+
+    def earlier_checkpoint_steps(self, population: TrainedPopulation) -> list[int]:
+        """Steps of the checkpoints kept before the one analysed, ascending."""
+        return [s for s in inputs.checkpoint_steps(population.workdir) if s < population.step]
+
+    def at_step(self, population: TrainedPopulation, step: int) -> TrainedPopulation:
+        """`population` restored from its checkpoint at `step`."""
+        return inputs.load_population(population.workdir, step, population.name)
+
+    def train_set(self, population: TrainedPopulation) -> tuple[np.ndarray, np.ndarray]:
+        """The full, correctly labelled training split of `population`'s data set: images
+        (N, H, W, C) uint8, labels (N,)."""
+        return inputs.load_train_set(population.config)
+
+    def class_names(self) -> list[str]:
+        """Names of the test set's classes (see `inputs.class_names`)."""
+        return inputs.class_names(self.main.config, self.test.num_classes)
+
+    def pooled_blocks(self, population: TrainedPopulation) -> OrderedDict[str, np.ndarray]:
         """Spatially averaged block outputs (and stem) of the first max_models models on the first
         max_examples test examples: name -> (M, n, C), computed once per run."""
         key = ("pooled", population.workdir, population.step)
         if key not in self.cache:
             o = self.options
-            self.cache[key] = collect(population.subset(slice(0, o.max_models)), self.test.images[:o.max_examples],
-                                      self.test, "blocks", pool=True, progress=self.progress)
+            self.cache[key] = collect(
+                population.subset(slice(0, o.max_models)),
+                self.test.images[: o.max_examples],
+                self.test,
+                "blocks",
+                pool=True,
+                progress=self.progress,
+            )
         return self.cache[key]

@@ -1,5 +1,6 @@
 """Atomic output files (temp file + rename), so a failed analysis never leaves a half-written or
 deleted output behind, and the report section each analysis hands to `cka_jax.analysis.report`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from cka_jax.workdir import atomic as atomic_file
 from cka_jax.analysis.undefined import strict_json
+from cka_jax.workdir import atomic as atomic_file
 
 
 def _atomic(path: str, write: Callable[[IO[bytes]], None]) -> str:
@@ -64,22 +65,25 @@ def _to_builtin(value: Any) -> Any:
 
 
 def save_figure(fig, path_stem: str) -> list[str]:
-    """Saves a matplotlib figure as `<path_stem>.png` and `.pdf` atomically, closes it and
-    returns the two paths."""
-    import matplotlib.pyplot as plt
-
+    """Saves a matplotlib figure as `<path_stem>.png` and `.pdf` atomically and returns the two
+    paths. A figure that pyplot manages is closed (the analyses' own figures are not pyplot's)."""
     paths = []
     for ext, dpi in (("png", 130), ("pdf", None)):
         path = f"{path_stem}.{ext}"
-        paths.append(_atomic(path, lambda f, ext=ext, dpi=dpi: fig.savefig(
-            f, format=ext, dpi=dpi, bbox_inches="tight")))
-    plt.close(fig)
+        paths.append(
+            _atomic(path, lambda f, ext=ext, dpi=dpi: fig.savefig(f, format=ext, dpi=dpi, bbox_inches="tight"))
+        )
+    if fig.canvas.manager is not None:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     return paths
 
 
 @dataclasses.dataclass
 class Table:
     """A small table for the report: `header` (K,) and `rows` of K cells each."""
+
     header: Sequence[str]
     rows: Sequence[Sequence[Any]]
     caption: str = ""
@@ -92,6 +96,7 @@ class Section:
     figures: PNG paths relative to the analysis directory. numbers: relative paths of the
     .npz/.json files holding the analysis's numbers.
     """
+
     name: str
     title: str
     text: str
@@ -103,6 +108,6 @@ class Section:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, value: Mapping[str, Any]) -> "Section":
+    def from_json(cls, value: Mapping[str, Any]) -> Section:
         tables = [Table(**t) for t in value.get("tables", [])]
         return cls(**{**value, "tables": tables})

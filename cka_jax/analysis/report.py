@@ -5,6 +5,7 @@ Each analysis stores its section as `analysis/sections/<name>.json` (see
 a subset of analyses keeps the sections of earlier runs. Figures and number files are
 referenced by relative paths, so the directory can be moved or zipped as a whole.
 """
+
 from __future__ import annotations
 
 import html
@@ -52,8 +53,7 @@ def load_sections(outdir: str, order: Sequence[str] = ()) -> list[Section]:
 
 def _table_html(table: Table) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in table.header)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
-                   for row in table.rows)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in table.rows)
     caption = f"<caption>{html.escape(table.caption)}</caption>" if table.caption else ""
     return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
@@ -67,8 +67,9 @@ def _section_html(section: Section) -> str:
     parts += [_table_html(t) for t in section.tables]
     for fig in section.figures:
         stem = os.path.splitext(fig)[0]
-        parts.append(f'<a href="{html.escape(stem)}.pdf"><img src="{html.escape(fig)}" '
-                     f'alt="{html.escape(section.title)}"></a>')
+        parts.append(
+            f'<a href="{html.escape(stem)}.pdf"><img src="{html.escape(fig)}" alt="{html.escape(section.title)}"></a>'
+        )
     if section.numbers:
         links = ", ".join(f'<a href="{html.escape(p)}">{html.escape(p)}</a>' for p in section.numbers)
         parts.append(f'<p class="numbers">Numbers: {links}</p>')
@@ -79,9 +80,11 @@ def render_report(sections: Sequence[Section], title: str, intro: str = "") -> s
     """The report page for `sections` (a self-contained HTML string)."""
     nav = " ".join(f'<a href="#{html.escape(s.name)}">{html.escape(s.title)}</a>' for s in sections)
     body = "\n".join(_section_html(s) for s in sections)
-    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{_paragraphs(intro)}"
-            f"\n<nav>{nav}</nav>\n{body}\n</body></html>\n")
+    return (
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{_paragraphs(intro)}"
+        f"\n<nav>{nav}</nav>\n{body}\n</body></html>\n"
+    )
 
 
 def write_report(outdir: str, title: str, intro: str = "", order: Sequence[str] = ()) -> str:

@@ -2,25 +2,36 @@
 
 Images are normalised inside the compiled function, so the host only ships uint8 batches.
 """
+
 from __future__ import annotations
 
 import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cka_jax.train import data as data_lib
-from cka_jax.analysis.inputs import Population, TestSet
 from cka_jax.models import CaptureSpec, ResNetTrunk
+from cka_jax.train import data as data_lib
 
-Progress = Callable[..., Iterable]
+if TYPE_CHECKING:
+    from cka_jax.analysis.inputs import TestSet, TrainedPopulation
+
+T = TypeVar("T")
 
 
-def no_progress(iterable: Iterable, **_) -> Iterable:
-    """A progress wrapper that shows nothing (pass `tqdm.tqdm` to see bars)."""
+class ProgressFactory(Protocol):
+    """Makes a progress bar from an iterable: progress(items, desc="...", leave=False) yields the
+    items while showing how far it has got (`tqdm.tqdm` is one; `no_progress` shows nothing)."""
+
+    def __call__(self, iterable: Iterable[T], /, **options: Any) -> Iterable[T]: ...
+
+
+def no_progress(iterable: Iterable[T], /, **_: Any) -> Iterable[T]:
+    """A progress factory that shows nothing (pass `tqdm.tqdm` to see bars)."""
     return iterable
 
 
@@ -39,7 +50,7 @@ def batch_indices(num_examples: int, batch_size: int, passes: int = 1, seed: int
     out = []
     for p in range(passes):
         order = np.arange(num_examples) if p == 0 else np.random.default_rng([seed, p]).permutation(num_examples)
-        out.extend(order[i:i + size] for i in range(0, num_examples - size + 1, size))
+        out.extend(order[i : i + size] for i in range(0, num_examples - size + 1, size))
     return out
 
 
@@ -53,21 +64,24 @@ def _apply(model: ResNetTrunk, dtype: str, capture: CaptureSpec | None, skip_blo
     return jax.vmap(one, (0, None, None, None))
 
 
-def apply_fn(population: Population, capture: CaptureSpec | None = None,
-             skip_blocks: tuple[str, ...] = ()) -> Callable:
+def apply_fn(
+    population: TrainedPopulation, capture: CaptureSpec | None = None, skip_blocks: tuple[str, ...] = ()
+) -> Callable:
     """`f(variables, images uint8 (B, H, W, C), mean, std) -> (logits (M, B, C), reps)` for the
     stacked population, reps an OrderedDict name -> (M, B, ...); not jitted (compose, then jit)."""
     return _apply(population.model, population.config.model.dtype, capture, tuple(skip_blocks))
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_apply(model: ResNetTrunk, dtype: str, capture: CaptureSpec | None,
-                  skip_blocks: tuple[str, ...]) -> Callable:
+def _jitted_apply(
+    model: ResNetTrunk, dtype: str, capture: CaptureSpec | None, skip_blocks: tuple[str, ...]
+) -> Callable:
     return jax.jit(_apply(model, dtype, capture, skip_blocks))
 
 
-def jitted_apply_fn(population: Population, capture: CaptureSpec | None = None,
-                    skip_blocks: tuple[str, ...] = ()) -> Callable:
+def jitted_apply_fn(
+    population: TrainedPopulation, capture: CaptureSpec | None = None, skip_blocks: tuple[str, ...] = ()
+) -> Callable:
     """`apply_fn` jitted, one compiled function per architecture, capture and deletion (checkpoints
     and populations of the same architecture share it)."""
     return _jitted_apply(population.model, population.config.model.dtype, capture, tuple(skip_blocks))
@@ -78,9 +92,15 @@ def pooled(value: np.ndarray) -> np.ndarray:
     return value.mean(axis=(-3, -2)) if value.ndim >= 4 else value
 
 
-def collect(population: Population, images: np.ndarray, test: TestSet, capture: CaptureSpec,
-            pool: bool = False, batch_size: int = 256, progress: Progress = no_progress
-            ) -> OrderedDict[str, np.ndarray]:
+def collect(
+    population: TrainedPopulation,
+    images: np.ndarray,
+    test: TestSet,
+    capture: CaptureSpec,
+    pool: bool = False,
+    batch_size: int = 256,
+    progress: ProgressFactory = no_progress,
+) -> OrderedDict[str, np.ndarray]:
     """Representations of `images` (n, H, W, C) uint8: name -> (M, n, ...) float32, spatially
     averaged to (M, n, C) when `pool`."""
     chunks = [np.arange(i, min(i + batch_size, len(images))) for i in range(0, len(images), batch_size)]
@@ -94,11 +114,14 @@ def collect(population: Population, images: np.ndarray, test: TestSet, capture: 
     return OrderedDict((name, np.concatenate(v, axis=1)) for name, v in parts.items())
 
 
-def test_logits(population: Population, test: TestSet, skip_blocks: tuple[str, ...] = (),
-                batch_size: int = 500) -> np.ndarray:
+def test_logits(
+    population: TrainedPopulation, test: TestSet, skip_blocks: tuple[str, ...] = (), batch_size: int = 500
+) -> np.ndarray:
     """Logits (M, N, C) of every model on the whole test set, with `skip_blocks` deleted."""
     fn = jitted_apply_fn(population, None, skip_blocks)
     n = len(test.labels)
-    out = [np.asarray(fn(population.variables, test.images[i:i + batch_size], test.mean, test.std)[0])
-           for i in range(0, n, batch_size)]
+    out = [
+        np.asarray(fn(population.variables, test.images[i : i + batch_size], test.mean, test.std)[0])
+        for i in range(0, n, batch_size)
+    ]
     return np.concatenate(out, axis=1)

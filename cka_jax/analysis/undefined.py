@@ -7,6 +7,7 @@ in tables, and hatch them in figures. A mean over models (or model pairs) uses o
 every value is defined, and says which were left out and why; with none left it is undefined.
 Nothing undefined is ever shown as 0, "none found" or another plausible value.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,12 +25,13 @@ UNDEFINED = "undefined"
 class LayerStatus:
     """Per model and layer: finite (M, L) every activation is finite; varying (M, L) the layer
     differs between examples (on every minibatch, for minibatch CKA)."""
+
     finite: np.ndarray
     varying: np.ndarray
     layer_names: tuple[str, ...]
 
     @classmethod
-    def of(cls, reps: Mapping[str, np.ndarray]) -> "LayerStatus":
+    def of(cls, reps: Mapping[str, np.ndarray]) -> LayerStatus:
         """Status of representations name -> (M, n, ...)."""
         finite = np.stack([_finite(r) for r in reps.values()], 1)
         varying = np.stack([_varying(r) for r in reps.values()], 1)
@@ -40,11 +42,11 @@ class LayerStatus:
         """(M, L) bool: the layer's similarities can be defined."""
         return self.finite & self.varying
 
-    def select(self, names: Sequence[str]) -> "LayerStatus":
+    def select(self, names: Sequence[str]) -> LayerStatus:
         idx = [self.layer_names.index(n) for n in names]
         return LayerStatus(self.finite[:, idx], self.varying[:, idx], tuple(names))
 
-    def models(self, models: slice | np.ndarray) -> "LayerStatus":
+    def models(self, models: slice | np.ndarray) -> LayerStatus:
         return LayerStatus(self.finite[models], self.varying[models], self.layer_names)
 
     def why(self, models: Sequence[int], label: str = "seed", layers: Sequence[int] | None = None) -> str:
@@ -137,8 +139,9 @@ def mean_of_defined(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values[rows].mean(0), rows
 
 
-def left_out(defined: np.ndarray, why: Callable[[int], str], label: str = "seed",
-             name: Callable[[int], str] | None = None) -> str:
+def left_out(
+    defined: np.ndarray, why: Callable[[int], str], label: str = "seed", name: Callable[[int], str] | None = None
+) -> str:
     """'' when every row is defined; else e.g. 'mean over 2 of 3 seeds: seed 1 left out as
     undefined (non-finite activations in seed 1)', or 'undefined for every seed (...)'.
     why(row): the reason; name(row): how to call a row (default: '<label> <row>')."""
@@ -151,8 +154,7 @@ def left_out(defined: np.ndarray, why: Callable[[int], str], label: str = "seed"
     if not defined.any():
         return f"{UNDEFINED} for every {label}{reasons}"
     names = ", ".join(shorten([name(i) for i in bad])) if name else model_list(bad, label)
-    return (f"mean over {int(defined.sum())} of {len(defined)} {label}s: {names} left out as "
-            f"undefined{reasons}")
+    return f"mean over {int(defined.sum())} of {len(defined)} {label}s: {names} left out as undefined{reasons}"
 
 
 def strict_json(value):

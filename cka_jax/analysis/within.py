@@ -4,22 +4,33 @@ One forward pass per test minibatch captures every layer of every model (vmapped
 `MinibatchCKA` per model (vmapped over the population) accumulates the unbiased minibatch
 CKA. Heatmaps over a subset of layers (block outputs, pre/post residual) are sub-matrices
 of the all-layer heatmap, since CKA of a layer pair does not depend on the other layers.
+
+Report section (`section`, entry `ANALYSIS`): cka_within.npz (block outputs and stem),
+cka_within_pre_and_post.npz, cka_within_all.npz, and a figure of each.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cka_jax.analysis.entry import Analysis
+from cka_jax.analysis.notes import with_note
+from cka_jax.analysis.outputs import Section, Table, write_npz
 from cka_jax.analysis.plots import UNDEFINED_KEY, add_note, heatmap_grid
-from cka_jax.analysis.representations import Progress, apply_fn, batch_indices, no_progress
-from cka_jax.analysis.undefined import (LayerStatus, defined_rows, left_out, mean_of_defined, number,
-                                        status_update)
-from cka_jax.analysis.inputs import Population, TestSet
+from cka_jax.analysis.representations import ProgressFactory, apply_fn, batch_indices, no_progress
+from cka_jax.analysis.undefined import LayerStatus, defined_rows, left_out, mean_of_defined, number, status_update
 from cka_jax.minibatch import MinibatchCKA
 from cka_jax.models import CaptureSpec, representation_names
 from cka_jax.models.capture import select_names
+
+if TYPE_CHECKING:
+    from cka_jax.analysis.context import AnalysisContext
+    from cka_jax.analysis.inputs import TestSet, TrainedPopulation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,17 +38,21 @@ class LayerHeatmaps:
     """CKA between layers of each model: cka (M, L, L); low/high (M, L, L) bootstrap interval
     over minibatches (None without bootstrap); layer_names (L,); status: which layers were
     non-finite or constant (what makes CKA undefined), None when not recorded."""
+
     cka: np.ndarray
     layer_names: tuple[str, ...]
     low: np.ndarray | None = None
     high: np.ndarray | None = None
     status: LayerStatus | None = None
 
-    def select(self, capture: CaptureSpec) -> "LayerHeatmaps":
+    def select(self, capture: CaptureSpec) -> LayerHeatmaps:
         """The heatmaps restricted to the layers matching `capture` (e.g. "blocks")."""
         names = select_names(capture, self.layer_names)
         idx = np.array([self.layer_names.index(n) for n in names])
-        sub = lambda a: None if a is None else a[:, idx][:, :, idx]
+
+        def sub(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[:, idx][:, :, idx]
+
         status = None if self.status is None else self.status.select(names)
         return LayerHeatmaps(sub(self.cka), names, sub(self.low), sub(self.high), status)
 
@@ -70,9 +85,17 @@ class LayerHeatmaps:
         return out
 
 
-def within_cka(population: Population, test: TestSet, capture: CaptureSpec = "all", batch_size: int = 256,
-               passes: int = 1, num_bootstrap: int = 0, level: float = 0.95, seed: int = 0,
-               progress: Progress = no_progress) -> LayerHeatmaps:
+def within_cka(
+    population: TrainedPopulation,
+    test: TestSet,
+    capture: CaptureSpec = "all",
+    batch_size: int = 256,
+    passes: int = 1,
+    num_bootstrap: int = 0,
+    level: float = 0.95,
+    seed: int = 0,
+    progress: ProgressFactory = no_progress,
+) -> LayerHeatmaps:
     """Minibatch CKA between all layers matching `capture`, for every model of `population`.
 
     Minibatches: equal-size batches of at most `batch_size` test examples, `passes` passes
@@ -90,10 +113,10 @@ def within_cka(population: Population, test: TestSet, capture: CaptureSpec = "al
         return (jax.vmap(MinibatchCKA.update)(accs, reps),) + status_update(finite, varying, reps)
 
     finite = varying = jnp.ones((population.size, len(names)), bool)
-    for idx in progress(batch_indices(len(test.labels), batch_size, passes, seed), desc="within-model CKA",
-                        leave=False):
-        accs, finite, varying = step(accs, finite, varying, population.variables, test.images[idx], test.mean,
-                                     test.std)
+    for idx in progress(
+        batch_indices(len(test.labels), batch_size, passes, seed), desc="within-model CKA", leave=False
+    ):
+        accs, finite, varying = step(accs, finite, varying, population.variables, test.images[idx], test.mean, test.std)
     cka = np.asarray(jax.vmap(MinibatchCKA.result)(accs))
     low = high = None
     if num_bootstrap:
@@ -106,8 +129,11 @@ def plot_within(heatmaps: LayerHeatmaps, title: str, max_models: int = 7):
     hatched and explained under the figure. Returns the figure."""
     shown = heatmaps.cka[:max_models]
     defined = heatmaps.defined_models()
-    mean_title = (f"mean of {heatmaps.cka.shape[0]} seeds" if defined.all() else
-                  f"mean of {int(defined.sum())} of {len(defined)} seeds (defined ones)")
+    mean_title = (
+        f"mean of {heatmaps.cka.shape[0]} seeds"
+        if defined.all()
+        else f"mean of {int(defined.sum())} of {len(defined)} seeds (defined ones)"
+    )
     titles = [mean_title] + [f"seed {m}" + ("" if defined[m] else " (undefined cells)") for m in range(len(shown))]
     fig = heatmap_grid([heatmaps.mean(), *shown], titles, heatmaps.layer_names, suptitle=title)
     add_note(fig, f"{UNDEFINED_KEY}: {heatmaps.mean_note()}" if not defined.all() else "")
@@ -123,3 +149,37 @@ def summary_rows(heatmaps: LayerHeatmaps) -> list[list[str]]:
         reason = heatmaps.why(m)
         rows.append([f"seed {m}", number(h[off].mean(), 3, reason), number(h[0, -1], 3, reason)])
     return rows
+
+
+def section(ctx: AnalysisContext) -> Section:
+    """Fig. 1 / C.1 / D.1: CKA between all layers, block outputs and pre/post-residual layers."""
+    heatmaps = ctx.within(ctx.main)
+    figures, numbers = [], []
+    for capture, stem, what in (
+        ("blocks", "cka_within", "block outputs (post-residual) and stem"),
+        ("pre_and_post", "cka_within_pre_and_post", "pre- and post-residual layers"),
+        ("all", "cka_within_all", "all layers"),
+    ):
+        h = heatmaps.select(capture)
+        write_npz(ctx.path(f"{stem}.npz"), **h.arrays())
+        numbers.append(f"{stem}.npz")
+        figures.append(ctx.save_figure(plot_within(h, f"{ctx.main.name}: CKA between {what}"), stem))
+    blocks = heatmaps.select("blocks")
+    table = Table(
+        ["model", "mean CKA between block outputs", "CKA(stem, last block)"],
+        summary_rows(blocks),
+        "Per seed, over the block-output heatmap",
+    )
+    text = (
+        f"Linear CKA (unbiased minibatch estimator, {ctx.options.passes} pass(es) over the test set in "
+        f"minibatches of at most {ctx.options.batch_size}) between every pair of layers of each model. "
+        "The first panel averages the seeds. A block structure shows as a large bright square of "
+        "consecutive layers; pre/post-residual pairs give the checkerboard. "
+        "cka_within.npz holds cka (M, L, L) over the stem and every block output, and layer_names (L,); "
+        "layer_finite and layer_varying (M, L) say which layers had non-finite or constant activations, "
+        "which make their CKA undefined (NaN, hatched in the figures)."
+    )
+    return Section("within", "Within-model CKA", with_note(text, heatmaps.mean_note()), figures, [table], numbers)
+
+
+ANALYSIS = Analysis("within", section, description="within-model CKA heatmaps (Fig. 1, C.1, D.1)")

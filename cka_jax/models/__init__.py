@@ -26,10 +26,12 @@ keeps its own batch statistics. To shard the population over devices, wrap the v
 in ``jax.shard_map(..., in_specs=P('pop'), ...)`` (or jit it on a mesh with ``AxisType.Auto``): jit
 with NamedSharding on a mesh with explicit axes rejects the vmapped convolutions.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,10 +41,23 @@ from cka_jax.models.cifar_resnet import CifarResNet
 from cka_jax.models.imagenet_resnet import ImageNetResNet
 from cka_jax.models.resnet import ResNetTrunk
 
-__all__ = ["CAPTURE_PRESETS", "MODELS", "CifarResNet", "ImageNetResNet", "create_model", "representation_names",
-           "representation_shapes"]
+__all__ = [
+    "CAPTURE_PRESETS",
+    "MODELS",
+    "CaptureSpec",
+    "CifarResNet",
+    "ImageNetResNet",
+    "ResNetTrunk",
+    "create_model",
+    "from_config",
+    "representation_names",
+    "representation_shapes",
+]
 
+# The architectures a run config may name (its `model.name`).
 MODELS: dict[str, type[ResNetTrunk]] = {"cifar_resnet": CifarResNet, "imagenet_resnet": ImageNetResNet}
+# Fields of a run config's `model` section that every architecture takes.
+SHARED_CONFIG_FIELDS = ("residual", "zero_init_last_bn")
 
 
 def create_model(name: str, *, num_classes: int, **kwargs) -> ResNetTrunk:
@@ -52,20 +67,38 @@ def create_model(name: str, *, num_classes: int, **kwargs) -> ResNetTrunk:
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 
-def representation_names(model: ResNetTrunk, capture: CaptureSpec = "blocks",
-                         skip_blocks: str | Iterable[str] = ()) -> tuple[str, ...]:
+def from_config(model_config: Any, num_classes: int) -> ResNetTrunk:
+    """The model a run config's `model` section describes: `model_config.name` picks the class,
+    which takes its own `config_fields`, the `SHARED_CONFIG_FIELDS` and the compute `dtype` (a
+    name, e.g. "bfloat16"). ValueError for an unknown name or an invalid architecture."""
+    if model_config.name not in MODELS:
+        raise ValueError(f"unknown model {model_config.name!r}; choose one of {tuple(MODELS)}")
+    cls = MODELS[model_config.name]
+    fields = {name: getattr(model_config, name) for name in (*cls.config_fields, *SHARED_CONFIG_FIELDS)}
+    return cls(num_classes=num_classes, dtype=jnp.dtype(model_config.dtype), **fields)
+
+
+def representation_names(
+    model: ResNetTrunk, capture: CaptureSpec = "blocks", skip_blocks: str | Iterable[str] = ()
+) -> tuple[str, ...]:
     """Names of the representations ``model.apply(..., capture=capture, skip_blocks=skip_blocks)``
     returns, in order, without running the model (they do not depend on the input shape)."""
     check_capture(capture, model.layer_names())
     return select_names(capture, model.layer_names(skip_blocks))
 
 
-def representation_shapes(model: ResNetTrunk, input_shape: Sequence[int], capture: CaptureSpec = "blocks",
-                          skip_blocks: str | Iterable[str] = ()) -> OrderedDict[str, jax.ShapeDtypeStruct]:
+def representation_shapes(
+    model: ResNetTrunk,
+    input_shape: Sequence[int],
+    capture: CaptureSpec = "blocks",
+    skip_blocks: str | Iterable[str] = (),
+) -> OrderedDict[str, jax.ShapeDtypeStruct]:
     """Shape and dtype of each representation for inputs of `input_shape` (B, H, W, C), via
     `jax.eval_shape` (no computation)."""
+
     def init_and_capture():
         x = jnp.zeros(tuple(input_shape), jnp.float32)
         variables = model.init(jax.random.key(0), x)
         return model.apply(variables, x, capture=capture, skip_blocks=skip_blocks)[1]
+
     return jax.eval_shape(init_and_capture)

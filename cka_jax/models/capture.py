@@ -4,6 +4,7 @@ A capture spec is a preset (CAPTURE_PRESETS: "all", "blocks", "pre_and_post"; se
 `cka_jax.models`), a glob over layer names (``fnmatch``, e.g. ``"stage3/*/post_residual"``), an
 exact layer name, or a tuple of these (their union). Selected layers keep network order.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -41,7 +42,8 @@ def check_capture(capture: CaptureSpec, layer_names: Sequence[str]) -> None:
         if not any(_matches(pattern, name) for name in layer_names):
             raise ValueError(
                 f"capture pattern {pattern!r} matches no layer; use a preset {CAPTURE_PRESETS}, a glob, "
-                f"or one of the layer names {tuple(layer_names)}")
+                f"or one of the layer names {tuple(layer_names)}"
+            )
 
 
 def select_names(capture: CaptureSpec, layer_names: Iterable[str]) -> tuple[str, ...]:
@@ -59,14 +61,14 @@ def select(capture: CaptureSpec, activations: Mapping[str, jax.Array]) -> Ordere
     return OrderedDict((name, activations[name]) for name in select_names(capture, activations))
 
 
-def check_skip_blocks(skip_blocks: str | Iterable[str], block_names: Sequence[str],
-                      residual: bool) -> frozenset[str]:
+def check_skip_blocks(skip_blocks: str | Iterable[str], block_names: Sequence[str], residual: bool) -> frozenset[str]:
     """The set of blocks to delete; ValueError for unknown names or deletion without residuals."""
     skip = frozenset((skip_blocks,) if isinstance(skip_blocks, str) else skip_blocks)
     if skip and not residual:
         raise ValueError(
             "skip_blocks needs residual=True: deleting a block keeps only its shortcut, and a network "
-            f"without skip connections has none (got skip_blocks={tuple(sorted(skip))})")
+            f"without skip connections has none (got skip_blocks={tuple(sorted(skip))})"
+        )
     unknown = sorted(skip - set(block_names))
     if unknown:
         raise ValueError(f"unknown block name(s) {unknown} in skip_blocks; blocks are {tuple(block_names)}")

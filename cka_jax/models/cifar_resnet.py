@@ -1,4 +1,5 @@
 """CIFAR ResNet v1 of depth 6n+2 and width multiplier k (He et al. 2016; Keras resnet_cifar)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,6 +21,7 @@ class CifarResNet(ResNetTrunk):
     connection. Layers are named ``stem``, ``stage{1..3}/block{1..n}/{conv1, pre_residual,
     post_residual}``, ``pool``, ``logits``.
     """
+
     depth: int = 14
     width: float = 1.0
     residual: bool = True
@@ -28,11 +30,17 @@ class CifarResNet(ResNetTrunk):
     dtype: Any = jnp.float32
 
     block_cls = BasicBlock
+    config_fields = ("depth", "width")  # the fields of a run config's `model` section it takes
+
+    def architecture(self) -> str:
+        """e.g. 'ResNet-14 2×'."""
+        return f"ResNet-{self.depth} {self.width:g}×"
 
     def __post_init__(self) -> None:
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 8 or (self.depth - 2) % 6:
-            raise ValueError(f"depth must be 6n+2 with n >= 1 (8, 14, 20, 26, 32, 38, 44, 56, 62, 110, 164, ...), "
-                             f"got {self.depth!r}")
+            raise ValueError(
+                f"depth must be 6n+2 with n >= 1 (8, 14, 20, 26, 32, 38, 44, 56, 62, 110, 164, ...), got {self.depth!r}"
+            )
         check_width("width", self.width)
         check_positive_int("num_classes", self.num_classes)
         scaled_channels(16, self.width, "width")

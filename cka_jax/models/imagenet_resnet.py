@@ -3,6 +3,7 @@
 ResNet-50 is ``stage_sizes=(3, 4, 6, 3)``; the paper's deeper variant adds blocks to stage 3
 (e.g. ``(3, 4, 17, 3)``), its wider variant widens stage 3 (``stage_widths=(1, 1, 2.8, 1)``).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,6 +26,7 @@ class ImageNetResNet(ResNetTrunk):
     ``stem``, ``stage{i}/block{j}/{conv1, conv2, pre_residual, post_residual}``, ``pool``,
     ``logits``.
     """
+
     stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
     stage_widths: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
     num_classes: int = 1000
@@ -34,6 +36,11 @@ class ImageNetResNet(ResNetTrunk):
     dtype: Any = jnp.float32
 
     block_cls = BottleneckBlock
+    config_fields = ("stage_sizes", "stage_widths")  # the fields of a run config's `model` section it takes
+
+    def architecture(self) -> str:
+        """e.g. 'ResNet stages 3-4-6-3 widths 1.0-1.0-2.8-1.0'."""
+        return f"ResNet stages {'-'.join(map(str, self.stage_sizes))} widths {'-'.join(map(str, self.stage_widths))}"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage_sizes", tuple(self.stage_sizes))
@@ -43,8 +50,9 @@ class ImageNetResNet(ResNetTrunk):
         for i, size in enumerate(self.stage_sizes):
             check_positive_int(f"stage_sizes[{i}]", size)
         if len(self.stage_widths) != len(self.stage_sizes):
-            raise ValueError(f"stage_widths needs one multiplier per stage ({len(self.stage_sizes)}), "
-                             f"got {self.stage_widths!r}")
+            raise ValueError(
+                f"stage_widths needs one multiplier per stage ({len(self.stage_sizes)}), got {self.stage_widths!r}"
+            )
         for i, width in enumerate(self.stage_widths):
             check_width(f"stage_widths[{i}]", width)
         check_positive_int("num_filters", self.num_filters)
@@ -53,8 +61,9 @@ class ImageNetResNet(ResNetTrunk):
         super().__post_init__()
 
     def stages(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        filters = tuple(scaled_channels(self.num_filters * 2**i, w, f"stage_widths[{i}]")
-                        for i, w in enumerate(self.stage_widths))
+        filters = tuple(
+            scaled_channels(self.num_filters * 2**i, w, f"stage_widths[{i}]") for i, w in enumerate(self.stage_widths)
+        )
         return self.stage_sizes, filters
 
     def stem(self, x: jax.Array, conv: ModuleDef, norm: ModuleDef) -> jax.Array:

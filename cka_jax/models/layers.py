@@ -5,6 +5,7 @@ Every block returns ``(output, taps)``, ``taps`` an OrderedDict from a local lay
 (``conv1``, ``conv2``, ``pre_residual``, ``post_residual``) to its activation, in network order.
 A deleted block (``skip=True``) returns ``act(shortcut(x))`` and reports only ``post_residual``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,18 +26,26 @@ BN_EPSILON = 1e-5
 
 def conv_factory(dtype: Any) -> ModuleDef:
     """Bias-free convolution, He-normal init, float32 parameters, `dtype` compute."""
-    return functools.partial(nn.Conv, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                             kernel_init=nn.initializers.he_normal())
+    return functools.partial(
+        nn.Conv, use_bias=False, dtype=dtype, param_dtype=jnp.float32, kernel_init=nn.initializers.he_normal()
+    )
 
 
 def norm_factory(train: bool, dtype: Any) -> ModuleDef:
     """BatchNorm on batch statistics when `train`, else on the running averages."""
-    return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-                             epsilon=BN_EPSILON, dtype=dtype, param_dtype=jnp.float32)
+    return functools.partial(
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+    )
 
 
 class ProjectionShortcut(nn.Module):
     """1×1 strided conv + BN, mapping (B, H, W, C) to (B, H/s, W/s, filters)."""
+
     filters: int
     strides: int
     conv: ModuleDef
@@ -52,8 +61,9 @@ def _needs_projection(x: jax.Array, filters: int, strides: int) -> bool:
     return strides != 1 or x.shape[-1] != filters
 
 
-def _close_block(block: nn.Module, x: jax.Array, branch: jax.Array | None, filters: int,
-                 taps: Taps) -> tuple[jax.Array, Taps]:
+def _close_block(
+    block: nn.Module, x: jax.Array, branch: jax.Array | None, filters: int, taps: Taps
+) -> tuple[jax.Array, Taps]:
     """Adds the shortcut (if residual) to `branch`, or keeps only the shortcut when the branch was
     deleted (``branch is None``), then applies the activation."""
     if block.residual:
@@ -72,6 +82,7 @@ class BasicBlock(nn.Module):
 
     (B, H, W, C) -> (B, H/strides, W/strides, filters). Taps: conv1, pre_residual, post_residual.
     """
+
     filters: int
     conv: ModuleDef
     norm: ModuleDef
@@ -102,6 +113,7 @@ class BottleneckBlock(nn.Module):
     (B, H, W, C) -> (B, H/strides, W/strides, 4·filters). Taps: conv1, conv2, pre_residual,
     post_residual.
     """
+
     filters: int
     conv: ModuleDef
     norm: ModuleDef
@@ -138,8 +150,9 @@ def block_names(stage_sizes: tuple[int, ...]) -> tuple[str, ...]:
     return tuple(block_name(s, b) for s, size in enumerate(stage_sizes) for b in range(size))
 
 
-def layer_names(stage_sizes: tuple[int, ...], block_taps: tuple[str, ...],
-                skip: frozenset[str] = frozenset()) -> tuple[str, ...]:
+def layer_names(
+    stage_sizes: tuple[int, ...], block_taps: tuple[str, ...], skip: frozenset[str] = frozenset()
+) -> tuple[str, ...]:
     """Names of every captured layer in network order; deleted blocks report only post_residual."""
     names = ["stem"]
     for block in block_names(stage_sizes):
@@ -148,14 +161,22 @@ def layer_names(stage_sizes: tuple[int, ...], block_taps: tuple[str, ...],
     return (*names, "pool", "logits")
 
 
-def residual_stages(x: jax.Array, acts: Taps, *, block_cls: type[nn.Module], stage_sizes: tuple[int, ...],
-                    stage_filters: tuple[int, ...], skip: frozenset[str], **block_kwargs: Any) -> jax.Array:
+def residual_stages(
+    x: jax.Array,
+    acts: Taps,
+    *,
+    block_cls: type[nn.Module],
+    stage_sizes: tuple[int, ...],
+    stage_filters: tuple[int, ...],
+    skip: frozenset[str],
+    **block_kwargs: Any,
+) -> jax.Array:
     """Runs the residual stages (stride 2 at the first block of every stage but the first) inside
     the calling module, recording every block's taps into `acts` under ``stage{i}/block{j}/tap``.
 
     Submodules are named ``stage{i}_block{j}``.
     """
-    for s, (size, filters) in enumerate(zip(stage_sizes, stage_filters)):
+    for s, (size, filters) in enumerate(zip(stage_sizes, stage_filters, strict=True)):
         for b in range(size):
             name = block_name(s, b)
             strides = 2 if s > 0 and b == 0 else 1
@@ -169,7 +190,8 @@ def classifier_head(x: jax.Array, acts: Taps, num_classes: int, dtype: Any) -> j
     """Global average pool + dense layer inside the calling module: (B, H, W, C) -> (B, num_classes)
     float32 logits, recording ``pool`` and ``logits`` into `acts`."""
     acts["pool"] = x = jnp.mean(x, axis=(1, 2))
-    dense = nn.Dense(num_classes, dtype=dtype, param_dtype=jnp.float32,
-                     kernel_init=nn.initializers.he_normal(), name="classifier")
+    dense = nn.Dense(
+        num_classes, dtype=dtype, param_dtype=jnp.float32, kernel_init=nn.initializers.he_normal(), name="classifier"
+    )
     acts["logits"] = logits = dense(x).astype(jnp.float32)
     return logits

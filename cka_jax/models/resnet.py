@@ -1,5 +1,6 @@
 """The forward pass shared by the CIFAR and ImageNet ResNets: stem, residual stages, classifier,
 representation capture and block deletion."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,16 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cka_jax.models import capture as capture_lib
-from cka_jax.models.layers import (ModuleDef, Taps, block_names, classifier_head, conv_factory, layer_names,
-                                   norm_factory, residual_stages)
+from cka_jax.models.layers import (
+    ModuleDef,
+    Taps,
+    block_names,
+    classifier_head,
+    conv_factory,
+    layer_names,
+    norm_factory,
+    residual_stages,
+)
 
 
 def check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -30,8 +39,10 @@ def scaled_channels(base: int, multiplier: float, what: str) -> int:
     """round(base · multiplier), ValueError when that leaves no channel."""
     channels = round(base * multiplier)
     if channels < 1:
-        raise ValueError(f"{what}: width multiplier {multiplier!r} gives round({base}·{multiplier}) = {channels} "
-                         "channels; it must give at least 1")
+        raise ValueError(
+            f"{what}: width multiplier {multiplier!r} gives round({base}·{multiplier}) = {channels} "
+            "channels; it must give at least 1"
+        )
     return channels
 
 
@@ -46,6 +57,11 @@ class ResNetTrunk(nn.Module):
     """
 
     block_cls: ClassVar[type[nn.Module]]
+    config_fields: ClassVar[tuple[str, ...]]  # fields of a run config's `model` section it takes
+
+    def architecture(self) -> str:
+        """A short name of the architecture for reports (e.g. 'ResNet-14 2×')."""
+        raise NotImplementedError
 
     def stages(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(blocks per stage, block filters per stage)."""
@@ -64,8 +80,14 @@ class ResNetTrunk(nn.Module):
         return layer_names(self.stages()[0], self.block_cls.TAPS, skip)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, capture: capture_lib.CaptureSpec | None = None,
-                 skip_blocks: str | Iterable[str] = ()) -> jax.Array | tuple[jax.Array, Taps]:
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        capture: capture_lib.CaptureSpec | None = None,
+        skip_blocks: str | Iterable[str] = (),
+    ) -> jax.Array | tuple[jax.Array, Taps]:
         if x.ndim != 4:
             raise ValueError(f"input must be (batch, height, width, channels), got shape {x.shape}")
         skip = capture_lib.check_skip_blocks(skip_blocks, self.block_names(), self.residual)
@@ -75,8 +97,17 @@ class ResNetTrunk(nn.Module):
         acts: Taps = OrderedDict()
         acts["stem"] = x = self.stem(jnp.asarray(x, self.dtype), conv, norm)
         stage_sizes, stage_filters = self.stages()
-        x = residual_stages(x, acts, block_cls=self.block_cls, stage_sizes=stage_sizes,
-                            stage_filters=stage_filters, skip=skip, conv=conv, norm=norm,
-                            residual=self.residual, zero_init_last_bn=self.zero_init_last_bn)
+        x = residual_stages(
+            x,
+            acts,
+            block_cls=self.block_cls,
+            stage_sizes=stage_sizes,
+            stage_filters=stage_filters,
+            skip=skip,
+            conv=conv,
+            norm=norm,
+            residual=self.residual,
+            zero_init_last_bn=self.zero_init_last_bn,
+        )
         logits = classifier_head(x, acts, self.num_classes, self.dtype)
         return logits if capture is None else (logits, capture_lib.select(capture, acts))

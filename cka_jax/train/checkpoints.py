@@ -1,17 +1,15 @@
-"""Orbax checkpoints of a population, verified by checksums; corruption fallback; stop-on-signal.
+"""Orbax checkpoints of a population, verified by checksums, with fallback from damaged ones.
 
 The checkpointed pytree is the padded, stacked population :class:`~cka_jax.train.step.TrainState`
 (params, batch stats, optimizer state, step, data keys, epoch metric sums), sharded over the
 population axis. The latest ``max_to_keep`` checkpoints are kept, and milestone steps (e.g.
 0, 35, 75, 100% of training) forever, for learning-dynamics analyses.
 
-Integrity: each checkpoint carries :data:`MANIFEST`, the size and SHA-256 of every file orbax
-wrote for it. Process 0 writes it in orbax's finalize step, after every process has written its
-shards and before orbax commits the checkpoint (renames it into place), so a committed
-checkpoint always has its manifest: one without (older cka_jax, or a removed manifest) cannot be
-verified and is not used. Every restore verifies the files first. Training resumes from the
-newest checkpoint that verifies and restores, setting the others aside (one log line each);
-readers (analyses) get :class:`DamagedCheckpointError`.
+Integrity: each checkpoint carries a manifest of its files' sizes and SHA-256
+(:mod:`cka_jax.train.checkpoint_manifest`), and every restore verifies the files first. Training
+resumes from the newest checkpoint that verifies and restores, setting the others aside (one log
+line each); readers (analyses) get :class:`DamagedCheckpointError`. orbax's own reports of a
+failure are dropped (:mod:`cka_jax.train.orbax_noise`): each failure is one exception here.
 
 Reading beside a running training: orbax never rewrites a committed file; a checkpoint it
 drops (``max_to_keep``) is renamed away at once (into :data:`DELETED`, emptied at the next
@@ -22,21 +20,15 @@ vanished; :meth:`PopulationCheckpoints.read` then reads the newest one again
 A save that fails (e.g. disk full) raises :class:`CheckpointWriteError` at the next save,
 ``wait`` or ``close``; what it wrote is removed and the earlier checkpoints are untouched.
 """
+
 from __future__ import annotations
 
 import contextlib
-import errno
-import gc
 import glob
-import hashlib
-import json
 import logging
 import os
 import shutil
-import signal
 import sys
-import threading
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -45,15 +37,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
-from cka_jax.workdir import atomic as atomic_file
+from cka_jax.train import checkpoint_manifest as manifest
+from cka_jax.train import orbax_noise
 
 PyTree = Any
 logger = logging.getLogger(__name__)
 
-MANIFEST = "cka_jax_manifest.json"  # in the item directory: <step>/default/
-ITEM = "default"                    # orbax's directory of a single-item checkpoint
-# Written by orbax after finalize (it holds the commit time), so outside the manifest.
-_COMMIT_MARKER = "commit_success.txt"
 # How often a reader reads the newest checkpoint again when training deletes it meanwhile.
 READ_ATTEMPTS = 5
 # orbax renames a checkpoint it drops (max_to_keep) into this subdirectory, which the next save
@@ -83,171 +72,6 @@ class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (e.g. disk full); earlier checkpoints are intact."""
 
 
-# ----------------------------------------------------------------------------- manifest
-
-def _digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _files(item_dir: str) -> dict[str, str]:
-    """Relative path → absolute path of every file of a checkpoint item but the manifest and
-    orbax's commit marker."""
-    out = {}
-    for root, _, names in os.walk(item_dir):
-        for name in names:
-            if name not in (MANIFEST, _COMMIT_MARKER):
-                path = os.path.join(root, name)
-                out[os.path.relpath(path, item_dir)] = path
-    return out
-
-
-def write_manifest(item_dir: str) -> None:
-    """Record size and SHA-256 of every file under ``item_dir`` in ``item_dir/MANIFEST``."""
-    files = {rel: {"bytes": os.path.getsize(path), "sha256": _digest(path)}
-             for rel, path in sorted(_files(item_dir).items())}
-    atomic_file.write(os.path.join(item_dir, MANIFEST),
-                      json.dumps({"format": 1, "files": files}, indent=1))
-
-
-def manifest_problem(item_dir: str) -> str | None:
-    """Why the files under ``item_dir`` cannot be trusted (e.g. "file default/... differs from
-    its recorded checksum"); None if they all match.
-
-    Files the manifest does not list are ignored: every file a restore reads is reached from a
-    listed one (orbax's metadata and OCDBT manifests), so they cannot change what it reads.
-    """
-    try:
-        with open(os.path.join(item_dir, MANIFEST)) as f:
-            recorded = json.load(f)["files"]
-    except FileNotFoundError:
-        return (f"it has no checksum manifest {ITEM}/{MANIFEST}, so it cannot be verified "
-                "(written by an older cka_jax, or the manifest was removed)")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return f"its checksum manifest {ITEM}/{MANIFEST} is unreadable ({error})"
-    for rel, expected in sorted(recorded.items()):
-        path = os.path.join(item_dir, rel)
-        name = f"{ITEM}/{rel}"
-        try:
-            size = os.path.getsize(path)
-            if size != expected["bytes"]:
-                return f"file {name} has {size} bytes, {expected['bytes']} were written"
-            if _digest(path) != expected["sha256"]:
-                return f"file {name} differs from its recorded checksum (it is damaged)"
-        except FileNotFoundError:
-            return f"file {name} is missing"
-    return None
-
-
-class _ChecksummedHandler(ocp.StandardCheckpointHandler):
-    """orbax's standard handler that writes :data:`MANIFEST` when it finalizes a save.
-
-    orbax calls ``finalize`` on the primary process only, after every process has written its
-    shards, on the not yet committed item directory: the manifest covers every process's files
-    and is committed with them.
-    """
-
-    def finalize(self, directory) -> None:
-        super().finalize(directory)
-        write_manifest(os.fspath(directory))
-
-
-@ocp.args.register_with_handler(_ChecksummedHandler, for_save=True)
-class _Save(ocp.args.StandardSave):
-    """orbax's StandardSave, routed to :class:`_ChecksummedHandler`."""
-
-
-@ocp.args.register_with_handler(_ChecksummedHandler, for_restore=True)
-class _Restore(ocp.args.StandardRestore):
-    """orbax's StandardRestore, routed to :class:`_ChecksummedHandler`."""
-
-
-# ----------------------------------------------------------------------------- orbax noise
-
-_ORBAX_PATH = os.path.dirname(ocp.__file__) + os.sep
-# Text of reports that come from orbax's reads and writes (TensorStore's errors name neither).
-_NOISE_MARKS = (_ORBAX_PATH, "Event loop is closed", "OCDBT", "TensorStore")
-_NOISE_LOGGERS = ("absl", "asyncio")  # orbax logs through absl; asyncio reports its leftover tasks
-
-
-def _is_orbax_noise(text: str, traceback) -> bool:
-    """Whether an error report comes from orbax: raised in its code, about its TensorStore
-    files, or the "Event loop is closed" of callbacks that finish after the event loop of a
-    failed read or write was closed."""
-    while traceback is not None:
-        if traceback.tb_frame.f_code.co_filename.startswith(_ORBAX_PATH):
-            return True
-        traceback = traceback.tb_next
-    return any(mark in text for mark in _NOISE_MARKS)
-
-
-class _DropOrbaxNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.pathname.startswith(_ORBAX_PATH):
-            return False
-        traceback = record.exc_info[2] if record.exc_info else None
-        return not _is_orbax_noise(record.getMessage(), traceback)
-
-
-_DROP_ORBAX_NOISE = _DropOrbaxNoise()
-
-
-def _silence_orbax_noise() -> None:
-    """Drop, from now on in this process, orbax's own log lines and the reports of its abandoned
-    tasks (asyncio's "exception was never retrieved", unraisable "Event loop is closed"): every
-    failure they describe reaches the caller as one :class:`CheckpointError`. A damaged checkpoint
-    printed 4,700 lines of TensorStore specs and tracebacks without this, a full disk 586; the
-    leftover tasks of a failed read are collected at any later time, up to interpreter exit."""
-    for name in _NOISE_LOGGERS:
-        if _DROP_ORBAX_NOISE not in logging.getLogger(name).filters:
-            logging.getLogger(name).addFilter(_DROP_ORBAX_NOISE)
-    if not getattr(sys.unraisablehook, "drops_orbax_noise", False):
-        sys.unraisablehook = _unraisablehook_without_orbax_noise(sys.unraisablehook)
-
-
-def _unraisablehook_without_orbax_noise(previous):
-    def unraisablehook(unraisable) -> None:
-        text = f"{unraisable.exc_value} {unraisable.object!r}"
-        if not _is_orbax_noise(text, unraisable.exc_traceback):
-            previous(unraisable)
-
-    unraisablehook.drops_orbax_noise = True
-    return unraisablehook
-
-
-def _collect_orbax_leftovers() -> None:
-    """Collect the tasks a failed orbax read or write abandoned now, while their reports are
-    dropped, rather than at some later point (their "coroutine ... was never awaited" warnings
-    surfaced in unrelated code)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
-        gc.collect()
-
-
-def _one_line(error: BaseException) -> str:
-    """``Type: message`` of the error's root cause on one line, without TensorStore's spec dump,
-    at most 200 characters."""
-    while error.__cause__ is not None:  # orbax wraps TensorStore's error, which says what failed
-        error = error.__cause__
-    text = " ".join(str(error).split("See full TensorStore details")[0].split())
-    text = text if len(text) <= 200 else text[:197] + "..."
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _is_disk_full(error: BaseException) -> bool:
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(error):  # TensorStore's errors are not OSErrors
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
 class PopulationCheckpoints:
     """Save and restore a population state under ``directory`` (one subdirectory per step).
 
@@ -255,22 +79,23 @@ class PopulationCheckpoints:
     reading: nothing is created, cleaned up or moved.
     """
 
-    def __init__(self, directory: str, max_to_keep: int = 2,
-                 milestone_steps: Iterable[int] = (), read_only: bool = False):
+    def __init__(
+        self, directory: str, max_to_keep: int = 2, milestone_steps: Iterable[int] = (), read_only: bool = False
+    ):
         self.directory = os.path.abspath(directory)
         self.milestone_steps = sorted(set(int(s) for s in milestone_steps))
         self.read_only = read_only
-        _silence_orbax_noise()
+        orbax_noise.silence()
         if read_only:
             self._options = ocp.CheckpointManagerOptions(read_only=True)
         else:
-            policy = preservation.AnyPreservationPolicy([
-                preservation.LatestN(max_to_keep),
-                preservation.CustomSteps(self.milestone_steps)])
+            policy = preservation.AnyPreservationPolicy(
+                [preservation.LatestN(max_to_keep), preservation.CustomSteps(self.milestone_steps)]
+            )
             # cleanup: a save cut short (killed, disk full) leaves a temporary directory
             self._options = ocp.CheckpointManagerOptions(
-                preservation_policy=policy, create=True, cleanup_tmp_directories=True,
-                todelete_subdir=DELETED)
+                preservation_policy=policy, create=True, cleanup_tmp_directories=True, todelete_subdir=DELETED
+            )
         self._pending: int | None = None  # step of the save in flight
         self._failed = False  # a save failed (reported once, as CheckpointWriteError)
         self._manager = self._open()
@@ -278,8 +103,9 @@ class PopulationCheckpoints:
     def _open(self) -> ocp.CheckpointManager:
         for _ in range(READ_ATTEMPTS):
             try:
-                return ocp.CheckpointManager(self.directory, options=self._options,
-                                             item_handlers=_ChecksummedHandler())
+                return ocp.CheckpointManager(
+                    self.directory, options=self._options, item_handlers=manifest.ChecksummedHandler()
+                )
             except FileNotFoundError:  # orbax lists a checkpoint that a training drops meanwhile
                 continue
         raise self._still_writing()
@@ -299,8 +125,7 @@ class PopulationCheckpoints:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return []
-        return sorted(int(n) for n in names
-                      if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
+        return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
 
     def saved_population_size(self, step: int) -> int | None:
         """Leading (padded population) size of the checkpoint at ``step``; None if unreadable."""
@@ -322,7 +147,7 @@ class PopulationCheckpoints:
         self._purge_deleted()
         self._pending = step
         with self._write_errors():
-            self._manager.save(step, args=_Save(state), force=True)
+            self._manager.save(step, args=manifest.ChecksummedSave(state), force=True)
 
     @contextlib.contextmanager
     def _write_errors(self) -> Iterator[None]:
@@ -336,17 +161,18 @@ class PopulationCheckpoints:
 
     def _write_error(self, error: Exception) -> CheckpointWriteError:
         step, self._pending, self._failed = self._pending, None, True
-        _collect_orbax_leftovers()
+        orbax_noise.collect_leftovers()
         self._remove_partial(step)
         kept = [s for s in self.all_steps() if s != step]
-        earlier = (f"earlier checkpoints are kept (latest: step {kept[-1]})" if kept
-                   else "no earlier checkpoint exists")
-        full = _is_disk_full(error)
-        what = "disk full" if full else f"failed ({_one_line(error)})"
+        earlier = f"earlier checkpoints are kept (latest: step {kept[-1]})" if kept else "no earlier checkpoint exists"
+        full = orbax_noise.is_disk_full(error)
+        what = "disk full" if full else f"failed ({orbax_noise.one_line(error)})"
         return CheckpointWriteError(
             f"{what} writing the checkpoint at step {step} in {self.directory}; {earlier}; "
             f"{'free space' if full else 'fix this'} and rerun the same command to resume",
-            step, self.directory)
+            step,
+            self.directory,
+        )
 
     def _purge_deleted(self) -> None:
         """Delete the checkpoints orbax dropped (renamed into :data:`DELETED`) so far."""
@@ -370,18 +196,21 @@ class PopulationCheckpoints:
         """
         if not os.path.isdir(self.step_dir(step)):
             raise self._gone(step)
-        problem = manifest_problem(os.path.join(self.step_dir(step), ITEM))
+        problem = manifest.manifest_problem(os.path.join(self.step_dir(step), manifest.ITEM))
         if problem is not None:
             if not os.path.isdir(self.step_dir(step)):
                 raise self._gone(step)
-            raise DamagedCheckpointError(f"the checkpoint at step {step} in {self.directory} "
-                                         f"cannot be restored: {problem}", step, self.directory)
+            raise DamagedCheckpointError(
+                f"the checkpoint at step {step} in {self.directory} cannot be restored: {problem}", step, self.directory
+            )
 
     def _gone(self, step: int) -> CheckpointGoneError:
         return CheckpointGoneError(
             f"the checkpoint at step {step} in {self.directory} was deleted while it was read "
-            "(a training run on this workdir keeps only its latest checkpoints)", step,
-            self.directory)
+            "(a training run on this workdir keeps only its latest checkpoints)",
+            step,
+            self.directory,
+        )
 
     def restore_step(self, step: int, abstract_state: PyTree) -> PyTree:
         """The checkpoint at ``step``, verified, restored onto ``abstract_state``
@@ -391,14 +220,17 @@ class PopulationCheckpoints:
         """
         self._verify_on_all_processes(step)
         try:
-            return self._manager.restore(step, args=_Restore(abstract_state))
+            return self._manager.restore(step, args=manifest.ChecksummedRestore(abstract_state))
         except Exception as error:  # orbax raises assorted errors on unreadable files
-            _collect_orbax_leftovers()
+            orbax_noise.collect_leftovers()
             if not os.path.isdir(self.step_dir(step)):
                 raise self._gone(step) from error
             raise DamagedCheckpointError(
                 f"the checkpoint at step {step} in {self.directory} cannot be restored: orbax "
-                f"failed ({_one_line(error)})", step, self.directory) from error
+                f"failed ({orbax_noise.one_line(error)})",
+                step,
+                self.directory,
+            ) from error
 
     def _verify_on_all_processes(self, step: int) -> None:
         """:meth:`verify` on process 0, its verdict raised on every process (the files are
@@ -406,6 +238,7 @@ class PopulationCheckpoints:
         if jax.process_count() == 1:
             return self.verify(step)
         from jax.experimental import multihost_utils
+
         error = None
         if jax.process_index() == 0:
             try:
@@ -416,14 +249,14 @@ class PopulationCheckpoints:
         if error is not None:
             raise error
         if failed:
-            raise DamagedCheckpointError(f"process 0 found the checkpoint at step {step} in "
-                                         f"{self.directory} damaged", step, self.directory)
+            raise DamagedCheckpointError(
+                f"process 0 found the checkpoint at step {step} in {self.directory} damaged", step, self.directory
+            )
 
     def _restore_sized(self, step: int, abstract_for: Callable[[int | None], PyTree]) -> PyTree:
         return self.restore_step(step, abstract_for(self.saved_population_size(step)))
 
-    def restore_latest(self, abstract_state: PyTree | Callable[[int | None], PyTree]
-                       ) -> tuple[int, PyTree] | None:
+    def restore_latest(self, abstract_state: PyTree | Callable[[int | None], PyTree]) -> tuple[int, PyTree] | None:
         """Newest checkpoint that verifies and restores, as ``(step, state)``; None if none does.
 
         ``abstract_state``: pytree of ``jax.ShapeDtypeStruct`` with shardings, or a function of
@@ -432,8 +265,9 @@ class PopulationCheckpoints:
         training that owns ``directory`` (readers use :meth:`read`).
         """
         if self.read_only:
-            raise ValueError("restore_latest sets damaged checkpoints aside, which a "
-                             "read_only=True reader does not: use read()")
+            raise ValueError(
+                "restore_latest sets damaged checkpoints aside, which a read_only=True reader does not: use read()"
+            )
         abstract_for = abstract_state if callable(abstract_state) else lambda size: abstract_state
         steps = sorted(self.all_steps(), reverse=True)
         for i, step in enumerate(steps):
@@ -441,15 +275,15 @@ class PopulationCheckpoints:
                 return step, self._restore_sized(step, abstract_for)
             except CheckpointError as error:
                 moved = self._quarantine(step)
-                then = (f"falling back to the checkpoint at step {steps[i + 1]}"
-                        if i + 1 < len(steps) else
-                        "no earlier checkpoint is left: training restarts from scratch (step 0)")
-                logger.error("%s; %s; %s", error, f"moved it to {moved}" if moved else "it is gone",
-                             then)
+                then = (
+                    f"falling back to the checkpoint at step {steps[i + 1]}"
+                    if i + 1 < len(steps)
+                    else "no earlier checkpoint is left: training restarts from scratch (step 0)"
+                )
+                logger.error("%s; %s; %s", error, f"moved it to {moved}" if moved else "it is gone", then)
         return None
 
-    def read(self, abstract_for: Callable[[int | None], PyTree],
-             step: int | None = None) -> tuple[int, PyTree]:
+    def read(self, abstract_for: Callable[[int | None], PyTree], step: int | None = None) -> tuple[int, PyTree]:
         """Restore ``step`` (default: the newest) for reading, beside a training that may be
         writing and deleting checkpoints; returns ``(step, state)``.
 
@@ -465,7 +299,10 @@ class PopulationCheckpoints:
                 raise CheckpointGoneError(
                     f"{self.directory} holds no checkpoint{at} (kept steps: {steps}); a training "
                     "run keeps only its latest checkpoints and the milestones "
-                    "(checkpoint.keep_at_fractions)", -1 if step is None else step, self.directory)
+                    "(checkpoint.keep_at_fractions)",
+                    -1 if step is None else step,
+                    self.directory,
+                )
             chosen = steps[-1] if step is None else step
             try:
                 return chosen, self._restore_sized(chosen, abstract_for)
@@ -479,7 +316,9 @@ class PopulationCheckpoints:
             f"the newest checkpoint in {self.directory} was deleted while it was read, "
             f"{READ_ATTEMPTS} times: training is still writing there; wait for it to finish, or "
             "read a milestone step (checkpoint.keep_at_fractions), which is never deleted",
-            -1, self.directory)
+            -1,
+            self.directory,
+        )
 
     def _quarantine(self, step: int) -> str | None:
         """Move the checkpoint at ``step`` to ``<directory>.corrupt/<step>`` (``<step>-2``, ...
@@ -496,6 +335,7 @@ class PopulationCheckpoints:
             shutil.move(self.step_dir(step), target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_processes(f"quarantine {step}")
         self._manager.close()
         self._manager = self._open()
@@ -532,36 +372,3 @@ class PopulationCheckpoints:
 def milestone_steps(fractions: Iterable[float], total_steps: int) -> list[int]:
     """Training steps at the given fractions of ``total_steps`` (rounded)."""
     return sorted({int(round(f * total_steps)) for f in fractions})
-
-
-class StopOnSignal:
-    """Context manager: SIGTERM/SIGINT set a flag instead of killing the process.
-
-    The training loop polls :meth:`is_set`, checkpoints and returns. A second SIGINT raises
-    ``KeyboardInterrupt`` as usual. Handlers are restored on exit; works in the main thread.
-    """
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
-        self._signals = signals
-        self._event = threading.Event()
-        self._previous: dict[int, Any] = {}
-        self.received: int | None = None
-
-    def _handle(self, signum, frame):
-        if self._event.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-        self._event.set()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def __enter__(self) -> "StopOnSignal":
-        if threading.current_thread() is threading.main_thread():
-            for s in self._signals:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)

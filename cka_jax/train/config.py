@@ -3,6 +3,7 @@
 Config files in ``configs/`` start from :func:`base_config` and change fields; a field that
 is not here is an error (:func:`validate_config`), so typos never pass silently.
 """
+
 from __future__ import annotations
 
 import importlib.machinery
@@ -16,20 +17,23 @@ from typing import Any
 
 import ml_collections
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet2012")
-MODELS = ("cifar_resnet", "imagenet_resnet")
+from cka_jax import models
+from cka_jax.train import data
+
 STRATEGIES = ("auto", "vmap", "loop")
 DTYPES = ("float32", "bfloat16")
 
 # Fields that may change between an interrupted run and its resumption: they change how the
 # run executes or is kept, never what it computes.
-RESUMABLE_FIELDS = frozenset({
-    "population.strategy",
-    "checkpoint.every_steps",
-    "checkpoint.max_to_keep",
-    "train.eval_batch_size",
-    "data.num_workers",
-})
+RESUMABLE_FIELDS = frozenset(
+    {
+        "population.strategy",
+        "checkpoint.every_steps",
+        "checkpoint.max_to_keep",
+        "train.eval_batch_size",
+        "data.num_workers",
+    }
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -37,48 +41,48 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "digits"            # digits | cifar10 | cifar100 | imagenet2012
-    c.data.fraction = 1.0             # fraction of the training set, subset drawn from data.seed
-    c.data.seed = 0                   # seed of the subset, the digits split and random labels
-    c.data.random_labels = False      # replace training labels by uniform random ones
-    c.data.crop_padding = 4           # reflect-pad then random crop back (0: no crop)
-    c.data.flip = True                # random horizontal flip
-    c.data.image_size = 224           # streamed data sets (imagenet2012) only
-    c.data.data_dir = ""              # tensorflow-datasets data_dir ("" : tfds default)
-    c.data.num_workers = 8            # host threads decoding streamed data
+    c.data.name = "digits"  # digits | cifar10 | cifar100 | imagenet2012
+    c.data.fraction = 1.0  # fraction of the training set, subset drawn from data.seed
+    c.data.seed = 0  # seed of the subset, the digits split and random labels
+    c.data.random_labels = False  # replace training labels by uniform random ones
+    c.data.crop_padding = 4  # reflect-pad then random crop back (0: no crop)
+    c.data.flip = True  # random horizontal flip
+    c.data.image_size = 224  # streamed data sets (imagenet2012) only
+    c.data.data_dir = ""  # tensorflow-datasets data_dir ("" : tfds default)
+    c.data.num_workers = 8  # host threads decoding streamed data
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "cifar_resnet"     # cifar_resnet | imagenet_resnet
-    c.model.depth = 14                # cifar_resnet: 6n+2
-    c.model.width = 1.0               # cifar_resnet: width multiplier
+    c.model.name = "cifar_resnet"  # cifar_resnet | imagenet_resnet
+    c.model.depth = 14  # cifar_resnet: 6n+2
+    c.model.width = 1.0  # cifar_resnet: width multiplier
     c.model.residual = True
-    c.model.stage_sizes = (3, 4, 6, 3)          # imagenet_resnet
+    c.model.stage_sizes = (3, 4, 6, 3)  # imagenet_resnet
     c.model.stage_widths = (1.0, 1.0, 1.0, 1.0)  # imagenet_resnet
     c.model.zero_init_last_bn = False
-    c.model.dtype = "float32"         # activations; params and BatchNorm stats stay float32
+    c.model.dtype = "float32"  # activations; params and BatchNorm stats stay float32
 
     c.population = ml_collections.ConfigDict()
-    c.population.size = 4             # M models, one init seed each
-    c.population.seed = 0             # model m uses seed (population.seed, m)
+    c.population.size = 4  # M models, one init seed each
+    c.population.seed = 0  # model m uses seed (population.seed, m)
     c.population.shared_data_order = False  # True: all models see the same batches/augmentation
-    c.population.strategy = "auto"    # auto | vmap | loop: how one device runs its models
+    c.population.strategy = "auto"  # auto | vmap | loop: how one device runs its models
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 40
-    c.train.batch_size = 128          # per model
-    c.train.learning_rate = 0.1       # peak, after warmup; cosine decay to 0
+    c.train.batch_size = 128  # per model
+    c.train.learning_rate = 0.1  # peak, after warmup; cosine decay to 0
     c.train.warmup_epochs = 0.0
     c.train.momentum = 0.9
     c.train.nesterov = False
-    c.train.weight_decay = 1e-4       # L2 on conv/dense kernels, added to the loss
+    c.train.weight_decay = 1e-4  # L2 on conv/dense kernels, added to the loss
     c.train.label_smoothing = 0.0
     c.train.eval_every_epochs = 1
     c.train.eval_batch_size = 500
-    c.train.prediction_dtype = "float32"   # dtype of predictions/test.npz logits
+    c.train.prediction_dtype = "float32"  # dtype of predictions/test.npz logits
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 0      # 0: at the end of every epoch
-    c.checkpoint.max_to_keep = 2      # latest checkpoints kept, besides the milestones
+    c.checkpoint.every_steps = 0  # 0: at the end of every epoch
+    c.checkpoint.max_to_keep = 2  # latest checkpoints kept, besides the milestones
     c.checkpoint.keep_at_fractions = (0.0, 0.35, 0.75, 1.0)  # milestones kept forever
     return c
 
@@ -149,8 +153,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """
     path, sep, arg = spec.partition(":")
     if not os.path.isfile(path):
-        raise ValueError(f"config file {path!r} " + ("is not a file" if os.path.exists(path)
-                                                      else "does not exist"))
+        raise ValueError(f"config file {path!r} " + ("is not a file" if os.path.exists(path) else "does not exist"))
     try:
         loader = importlib.machinery.SourceFileLoader("run_config_file", path)
         module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
@@ -166,14 +169,15 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     except Exception as error:  # as above: e.g. a bad argument after the colon
         raise ValueError(f"config {spec}: {type(error).__name__}: {error}") from error
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ValueError(f"config {spec}: get_config() returned {type(config).__name__}, "
-                         "not a ConfigDict")
+        raise ValueError(f"config {spec}: get_config() returned {type(config).__name__}, not a ConfigDict")
     return config
 
 
-def _interval(low: float | None = None, high: float | None = None, low_open: bool = False,
-              high_open: bool = False) -> tuple[Callable[[float], bool], str]:
+def _interval(
+    low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False
+) -> tuple[Callable[[float], bool], str]:
     """(predicate, text) of a numeric range, e.g. ``_interval(0, 1, low_open=True)`` is "in (0, 1]"."""
+
     def inside(v: float) -> bool:
         above = low is None or (v > low if low_open else v >= low)
         below = high is None or (v < high if high_open else v <= high)
@@ -213,9 +217,13 @@ NUMERIC_RANGES = {
     "checkpoint.keep_at_fractions": _interval(0, 1),
 }
 # Fields that take one of a few names: (what the name is, the choices).
-CHOICES = {"data.name": ("data set", DATASETS), "model.name": ("model", MODELS),
-           "model.dtype": ("dtype", DTYPES), "population.strategy": ("strategy", STRATEGIES),
-           "train.prediction_dtype": ("dtype", ("float32", "float16"))}
+CHOICES = {
+    "data.name": ("data set", tuple(data.DATASETS)),
+    "model.name": ("model", tuple(models.MODELS)),
+    "model.dtype": ("dtype", DTYPES),
+    "population.strategy": ("strategy", STRATEGIES),
+    "train.prediction_dtype": ("dtype", ("float32", "float16")),
+}
 
 
 def _type_error(name: str, value: Any, default: Any) -> str | None:
@@ -268,18 +276,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             errors.append(error)
     t = config.train
     if not errors and t.warmup_epochs > t.epochs:
-        errors.append(f"train.warmup_epochs ({t.warmup_epochs}) must not exceed train.epochs "
-                      f"({t.epochs})")
+        errors.append(f"train.warmup_epochs ({t.warmup_epochs}) must not exceed train.epochs ({t.epochs})")
     if errors:
         raise ValueError("invalid config: " + "; ".join(errors))
+
+
+def build_model(config: ml_collections.ConfigDict) -> models.ResNetTrunk:
+    """The configured model, with one output per class of the data set; ``ValueError`` for an
+    invalid architecture."""
+    return models.from_config(config.model, data.dataset(config.data.name).num_classes)
 
 
 def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
     """Fields (outside :data:`RESUMABLE_FIELDS`) where ``config`` differs from a saved flat config."""
     current = flat_config(config)
     names = sorted((set(saved) | set(current)) - RESUMABLE_FIELDS)
-    return [f"{n}: {saved.get(n, '<absent>')!r} in the workdir, {current.get(n, '<absent>')!r} now"
-            for n in names if saved.get(n) != current.get(n)]
+    return [
+        f"{n}: {saved.get(n, '<absent>')!r} in the workdir, {current.get(n, '<absent>')!r} now"
+        for n in names
+        if saved.get(n) != current.get(n)
+    ]
 
 
 def parse_arg(arg: str | None, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -288,8 +304,7 @@ def parse_arg(arg: str | None, defaults: dict[str, Any]) -> dict[str, Any]:
     for item in filter(None, (arg or "").split(",")):
         key, sep, raw = item.partition("=")
         if not sep or key not in defaults:
-            raise ValueError(f"bad config argument '{item}'; expected key=value with key in "
-                             f"{sorted(defaults)}")
+            raise ValueError(f"bad config argument '{item}'; expected key=value with key in {sorted(defaults)}")
         kind = type(defaults[key])
         if kind is bool:
             if raw.lower() not in ("true", "false", "1", "0"):

@@ -1,21 +1,25 @@
 """Data sets for population training: digits (bundled), CIFAR-10/100 and ImageNet via tfds.
 
+:data:`DATASETS` holds one :class:`DatasetInfo` per data set (classes, image shape, held in
+memory or streamed, split and class names, loader): the one place these facts are written down.
 Small data sets (digits, CIFAR) are loaded once as uint8 arrays and held on device; each
 model's batches are gathered and augmented there with ``jax.random`` (see
 :func:`augment_images`). ImageNet is streamed from host (:mod:`cka_jax.train.imagenet_stream`).
 Images are ``(N, H, W, C)`` uint8, labels ``(N,)`` int32.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")
-DIGITS_SPLIT_SEED = 0          # the digits train/test split is fixed, whatever data.seed is
+DIGITS_SPLIT_SEED = 0  # the digits train/test split is fixed, whatever data.seed is
 DIGITS_TEST_FRACTION = 0.2
 
 logger = logging.getLogger(__name__)
@@ -28,13 +32,14 @@ class DataNotAvailableError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class ImageData:
     """A labelled train/test pair of uint8 image arrays, with per-channel normalisation."""
-    train_images: np.ndarray   # (N, H, W, C) uint8
-    train_labels: np.ndarray   # (N,) int32
-    test_images: np.ndarray    # (N_test, H, W, C) uint8
-    test_labels: np.ndarray    # (N_test,) int32
+
+    train_images: np.ndarray  # (N, H, W, C) uint8
+    train_labels: np.ndarray  # (N,) int32
+    test_images: np.ndarray  # (N_test, H, W, C) uint8
+    test_labels: np.ndarray  # (N_test,) int32
     num_classes: int
-    mean: np.ndarray           # (C,) float32, of train_images / 255
-    std: np.ndarray            # (C,) float32
+    mean: np.ndarray  # (C,) float32, of train_images / 255
+    std: np.ndarray  # (C,) float32
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -56,10 +61,10 @@ def load_digits() -> ImageData:
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = bunch.target.astype(np.int32)
     x_tr, x_te, y_tr, y_te = train_test_split(
-        images, labels, test_size=DIGITS_TEST_FRACTION, stratify=labels,
-        random_state=DIGITS_SPLIT_SEED)
+        images, labels, test_size=DIGITS_TEST_FRACTION, stratify=labels, random_state=DIGITS_SPLIT_SEED
+    )
     mean, std = channel_stats(x_tr)
-    return ImageData(x_tr, y_tr, x_te, y_te, 10, mean, std)
+    return ImageData(x_tr, y_tr, x_te, y_te, dataset("digits").num_classes, mean, std)
 
 
 def tfds_source(name: str, split: str, data_dir: str | None = None):
@@ -70,10 +75,12 @@ def tfds_source(name: str, split: str, data_dir: str | None = None):
     import tensorflow_datasets as tfds
 
     where = data_dir or "the default tfds data_dir (~/tensorflow_datasets)"
-    how = (f"Preparing it once needs network and TensorFlow: `pip install 'cka_jax[data]'` then "
-           f"`python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}')"
-           f".download_and_prepare(file_format='array_record')\"` (or copy a prepared copy into "
-           f"the data_dir given by config field data.data_dir).")
+    how = (
+        f"Preparing it once needs network and TensorFlow: `pip install 'cka_jax[data]'` then "
+        f"`python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}')"
+        f".download_and_prepare(file_format='array_record')\"` (or copy a prepared copy into "
+        f"the data_dir given by config field data.data_dir)."
+    )
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except Exception as error:  # not prepared (tfds raises assorted errors)
@@ -81,14 +88,16 @@ def tfds_source(name: str, split: str, data_dir: str | None = None):
     if importlib.util.find_spec("tensorflow") is None:
         raise DataNotAvailableError(
             f"tensorflow-datasets '{name}' (split '{split}') is not prepared in {where}, and "
-            f"TensorFlow is not installed to prepare it. {how}") from missing
+            f"TensorFlow is not installed to prepare it. {how}"
+        ) from missing
     logger.info("preparing tensorflow-datasets '%s' in %s", name, where)
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir or None, download=True)
     except Exception as error:
         raise DataNotAvailableError(
             f"tensorflow-datasets '{name}' (split '{split}') is not prepared in {where} and "
-            f"preparing it failed ({type(error).__name__}: {error}). {how}") from error
+            f"preparing it failed ({type(error).__name__}: {error}). {how}"
+        ) from error
 
 
 def _source_to_arrays(source) -> tuple[np.ndarray, np.ndarray]:
@@ -101,12 +110,14 @@ def _source_to_arrays(source) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_tfds_arrays(name: str, data_dir: str | None = None) -> ImageData:
-    """CIFAR-10/100 train and test splits from ``tfds.data_source`` as in-memory arrays."""
-    num_classes = {"cifar10": 10, "cifar100": 100}[name]
-    train_images, train_labels = _source_to_arrays(tfds_source(name, "train", data_dir))
-    test_images, test_labels = _source_to_arrays(tfds_source(name, "test", data_dir))
+    """The train and test splits of a tfds data set held in memory (CIFAR-10/100), from
+    ``tfds.data_source``, as arrays."""
+    info = dataset(name)
+    train_split, test_split = info.splits
+    train_images, train_labels = _source_to_arrays(tfds_source(name, train_split, data_dir))
+    test_images, test_labels = _source_to_arrays(tfds_source(name, test_split, data_dir))
     mean, std = channel_stats(train_images)
-    return ImageData(train_images, train_labels, test_images, test_labels, num_classes, mean, std)
+    return ImageData(train_images, train_labels, test_images, test_labels, info.num_classes, mean, std)
 
 
 def subset_indices(num_examples: int, fraction: float, seed: int) -> np.ndarray:
@@ -115,17 +126,15 @@ def subset_indices(num_examples: int, fraction: float, seed: int) -> np.ndarray:
     Subsets from one seed are nested: the 1/64 subset lies inside the 1/8 subset.
     """
     order = np.random.default_rng([seed, 0x5EB5E7]).permutation(num_examples)
-    return np.sort(order[:max(1, int(round(fraction * num_examples)))])
+    return np.sort(order[: max(1, int(round(fraction * num_examples)))])
 
 
 def random_labels(num_examples: int, num_classes: int, seed: int) -> np.ndarray:
     """(num_examples,) int32 labels drawn uniformly from ``seed`` (memorisation studies)."""
-    return np.random.default_rng([seed, 0x1ABE1]).integers(
-        0, num_classes, num_examples).astype(np.int32)
+    return np.random.default_rng([seed, 0x1ABE1]).integers(0, num_classes, num_examples).astype(np.int32)
 
 
-def training_subset(data: ImageData, fraction: float, seed: int,
-                    use_random_labels: bool) -> ImageData:
+def training_subset(data: ImageData, fraction: float, seed: int, use_random_labels: bool) -> ImageData:
     """``data`` with its training set cut to ``fraction`` and optionally relabelled at random.
 
     Normalisation statistics stay those of the full training set; the test set is untouched.
@@ -137,29 +146,32 @@ def training_subset(data: ImageData, fraction: float, seed: int,
     return dataclasses.replace(data, train_images=data.train_images[idx], train_labels=labels)
 
 
-def load_in_memory(name: str, fraction: float = 1.0, seed: int = 0,
-                   use_random_labels: bool = False, data_dir: str | None = None) -> ImageData:
+def load_in_memory(
+    name: str, fraction: float = 1.0, seed: int = 0, use_random_labels: bool = False, data_dir: str | None = None
+) -> ImageData:
     """The named small data set, subset and relabelled per the arguments."""
-    if name == "digits":
-        data = load_digits()
-    elif name in ("cifar10", "cifar100"):
-        data = load_tfds_arrays(name, data_dir)
-    else:
-        raise ValueError(f"'{name}' is not an in-memory data set ({IN_MEMORY_DATASETS})")
+    info = DATASETS.get(name)
+    if info is None or info.load is None:
+        in_memory = tuple(n for n, i in DATASETS.items() if not i.streamed)
+        raise ValueError(f"'{name}' is not an in-memory data set ({in_memory})")
+    data = info.load(data_dir)
     data = training_subset(data, fraction, seed, use_random_labels)
-    logger.info("%s: %d train / %d test images of shape %s", name, len(data.train_labels),
-                len(data.test_labels), data.image_shape)
+    logger.info(
+        "%s: %d train / %d test images of shape %s",
+        name,
+        len(data.train_labels),
+        len(data.test_labels),
+        data.image_shape,
+    )
     return data
 
 
-def normalize(images: jax.Array, mean: jax.Array, std: jax.Array,
-              dtype=jnp.float32) -> jax.Array:
+def normalize(images: jax.Array, mean: jax.Array, std: jax.Array, dtype=jnp.float32) -> jax.Array:
     """uint8 (..., C) → ``(x / 255 - mean) / std`` in ``dtype``."""
     return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
 
 
-def augment_images(key: jax.Array, images: jax.Array, crop_padding: int,
-                   flip: bool) -> jax.Array:
+def augment_images(key: jax.Array, images: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
     """Reflect-pad + random crop and random horizontal flip, per example.
 
     Args:
@@ -174,9 +186,87 @@ def augment_images(key: jax.Array, images: jax.Array, crop_padding: int,
         p = crop_padding
         padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
         offsets = jax.random.randint(crop_key, (batch, 2), 0, 2 * p + 1)
-        images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(
-            im, (o[0], o[1], 0), (height, width, channels)))(padded, offsets)
+        images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (height, width, channels)))(
+            padded, offsets
+        )
     if flip:
         mirrored = jax.random.bernoulli(flip_key, 0.5, (batch,))
         images = jnp.where(mirrored[:, None, None, None], images[:, :, ::-1], images)
     return images
+
+
+# ----------------------------------------------------------------------------- the data sets
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the package knows about one data set (a run config's ``data.name``)."""
+
+    name: str  # data.name, and its tensorflow-datasets name
+    num_classes: int
+    channels: int
+    side: int | None  # height = width of its images; None: resized to data.image_size (streamed)
+    streamed: bool  # read and augmented on the host every step, else held in memory (on device)
+    splits: tuple[str, str]  # (train, test) split names
+    source: str  # "scikit-learn" or "tfds": where the images and the class names come from
+    load: Callable[[str | None], ImageData] | None  # (data_dir) -> all of it in memory; None if streamed
+
+    def image_shape(self, image_size: int | None = None) -> tuple[int, int, int]:
+        """(H, W, C) of its images as the models see them; ``image_size`` (data.image_size) sets
+        H and W of a data set resized on load."""
+        if self.side is not None:
+            return (self.side, self.side, self.channels)
+        if image_size is None:
+            raise ValueError(f"{self.name} images are resized to data.image_size: give image_size")
+        return (image_size, image_size, self.channels)
+
+    def class_names(self, data_dir: str | None = None) -> list[str]:
+        """Names of the classes, by class index: tfds's label names (ImageNet: WordNet ids) where
+        tfds knows them here (CIFAR's need the prepared data), else the class indices."""
+        indices = [str(c) for c in range(self.num_classes)]
+        if self.source != "tfds":
+            return indices
+        import tensorflow_datasets as tfds
+
+        names = tfds.builder(self.name, data_dir=data_dir or None).info.features["label"].names
+        return list(names) if len(names) == self.num_classes else indices
+
+
+def _tfds_loader(name: str) -> Callable[[str | None], ImageData]:
+    return lambda data_dir: load_tfds_arrays(name, data_dir)
+
+
+_TRAIN_TEST = ("train", "test")
+DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        DatasetInfo(
+            "digits", num_classes=10, channels=1, side=8, streamed=False, splits=_TRAIN_TEST,
+            source="scikit-learn", load=lambda data_dir: load_digits(),
+        ),
+        DatasetInfo(
+            "cifar10", num_classes=10, channels=3, side=32, streamed=False, splits=_TRAIN_TEST,
+            source="tfds", load=_tfds_loader("cifar10"),
+        ),
+        DatasetInfo(
+            "cifar100", num_classes=100, channels=3, side=32, streamed=False, splits=_TRAIN_TEST,
+            source="tfds", load=_tfds_loader("cifar100"),
+        ),
+        DatasetInfo(
+            "imagenet2012", num_classes=1000, channels=3, side=None, streamed=True, splits=("train", "validation"),
+            source="tfds", load=None,
+        ),
+    )
+}  # fmt: skip
+
+
+def dataset(name: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``name``; ``ValueError`` naming the known ones otherwise."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; choose one of {tuple(DATASETS)}")
+    return DATASETS[name]
+
+
+def image_shape(config: Any) -> tuple[int, int, int]:
+    """(H, W, C) of the images a run config's models see (its data.name and data.image_size)."""
+    return dataset(config.data.name).image_shape(config.data.image_size)

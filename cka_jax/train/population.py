@@ -10,6 +10,7 @@ local models ``[k*c, (k+1)*c)``, where ``c = models_per_call`` (``per_device`` f
 loop). Each chunk is itself a stacked pytree sharded over ``'pop'``, and one compiled function
 steps every chunk. Model m always computes the same numbers wherever it is laid out.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXIS = "pop"
 PyTree = Any
@@ -45,6 +47,7 @@ def resolve_strategy(strategy: str, backend: str | None = None) -> str:
 @dataclasses.dataclass(frozen=True)
 class PopulationLayout:
     """Where each of ``size`` models lives: ``padded_size`` slots over a 1-D device mesh."""
+
     size: int
     mesh: jax.sharding.Mesh
     strategy: str  # 'vmap' | 'loop' (resolved)
@@ -81,12 +84,10 @@ class PopulationLayout:
     def chunk_models(self, k: int) -> np.ndarray:
         """Model indices held by chunk ``k``, in the chunk's axis-0 order."""
         c, per = self.models_per_call, self.per_device
-        return np.concatenate([np.arange(d * per + k * c, d * per + (k + 1) * c)
-                               for d in range(self.num_devices)])
+        return np.concatenate([np.arange(d * per + k * c, d * per + (k + 1) * c) for d in range(self.num_devices)])
 
 
-def make_layout(size: int, strategy: str = "auto",
-                devices: Sequence[jax.Device] | None = None) -> PopulationLayout:
+def make_layout(size: int, strategy: str = "auto", devices: Sequence[jax.Device] | None = None) -> PopulationLayout:
     """Lay ``size`` models over ``devices`` (default: every device of every host).
 
     Raises ``ValueError`` when the population cannot be laid out (size < 1, no devices).
@@ -97,8 +98,7 @@ def make_layout(size: int, strategy: str = "auto",
     if not devices:
         raise ValueError("no devices to lay the population out on")
     backend = devices[0].platform
-    mesh = jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=devices)
+    mesh = jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
     return PopulationLayout(size, mesh, resolve_strategy(strategy, backend))
 
 
@@ -113,19 +113,23 @@ def to_host(tree: PyTree) -> PyTree:
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, tree)
     from jax.experimental import multihost_utils
+
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _per_model(fn: Callable, models_per_call: int) -> Callable:
     """``fn(model, *shared)`` → function of a stacked ``(c, ...)`` local chunk."""
     if models_per_call == 1:  # the single-model computation itself, no batching rule involved
+
         def apply(models, *shared):
             out = fn(jax.tree.map(lambda x: x[0], models), *shared)
             return jax.tree.map(lambda x: x[None], out)
+
         return apply
 
     def apply_vmapped(models, *shared):
         return jax.vmap(lambda model: fn(model, *shared))(models)
+
     return apply_vmapped
 
 
@@ -139,9 +143,7 @@ def map_models(fn: Callable, layout: PopulationLayout, donate: bool = False) -> 
     local = _per_model(fn, layout.models_per_call)
 
     def sharded(chunk, *shared):
-        mapped = jax.shard_map(
-            local, mesh=layout.mesh,
-            in_specs=(P(AXIS),) + (P(),) * len(shared), out_specs=P(AXIS))
+        mapped = jax.shard_map(local, mesh=layout.mesh, in_specs=(P(AXIS),) + (P(),) * len(shared), out_specs=P(AXIS))
         return mapped(chunk, *shared)
 
     return jax.jit(sharded, donate_argnums=(0,) if donate else ())
@@ -155,8 +157,7 @@ def _take_chunk(stacked: PyTree, k: jax.Array, layout: PopulationLayout) -> PyTr
     def local(tree, k):
         return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, k * c, c, axis=0), tree)
 
-    return jax.shard_map(local, mesh=layout.mesh, in_specs=(P(AXIS), P()),
-                         out_specs=P(AXIS))(stacked, k)
+    return jax.shard_map(local, mesh=layout.mesh, in_specs=(P(AXIS), P()), out_specs=P(AXIS))(stacked, k)
 
 
 @functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
@@ -165,11 +166,11 @@ def _put_chunk(stacked: PyTree, chunk: PyTree, k: jax.Array, layout: PopulationL
     c = layout.models_per_call
 
     def local(tree, part, k):
-        return jax.tree.map(lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, k * c, axis=0),
-                            tree, part)
+        return jax.tree.map(lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, k * c, axis=0), tree, part)
 
-    return jax.shard_map(local, mesh=layout.mesh, in_specs=(P(AXIS), P(AXIS), P()),
-                         out_specs=P(AXIS))(stacked, chunk, k)
+    return jax.shard_map(local, mesh=layout.mesh, in_specs=(P(AXIS), P(AXIS), P()), out_specs=P(AXIS))(
+        stacked, chunk, k
+    )
 
 
 def split_chunks(stacked: PyTree, layout: PopulationLayout) -> list[PyTree]:
@@ -198,6 +199,7 @@ def merge_chunks(chunks: Sequence[PyTree], layout: PopulationLayout) -> PyTree:
 @functools.partial(jax.jit, static_argnums=(1,))
 def _zeros_stacked(chunk: PyTree, layout: PopulationLayout) -> PyTree:
     """Zeros shaped and sharded like the stacked population of which ``chunk`` is a chunk."""
+
     def local(part):
         return jax.tree.map(lambda x: jnp.zeros((layout.per_device,) + x.shape[1:], x.dtype), part)
 
@@ -255,14 +257,15 @@ def check_memory(layout: PopulationLayout, model_bytes: int, chunk_activation_by
     local = [d for d in layout.mesh.devices.flat if d.process_index == jax.process_index()]
     per_device = layout.per_device * model_bytes * DEVICE_COPIES + chunk_activation_bytes
     device_free = [_device_free_bytes(d) for d in local]
-    for device, free in zip(local, device_free):
+    for device, free in zip(local, device_free, strict=True):
         if free is not None and free < per_device:
             raise ValueError(
                 f"population.size={layout.size} needs about {_size(per_device)} on each device "
                 f"({DEVICE_COPIES} copies of {model_bytes / 1e6:.2f} MB of training state for each "
                 f"of its {layout.per_device} models, plus {_size(chunk_activation_bytes)} of "
                 f"activations), but {device} has {_size(free)} free: use a smaller "
-                "population.size or more devices")
+                "population.size or more devices"
+            )
     slots = len(local) * layout.per_device
     copies, activations = HOST_COPIES, 0
     if all(free is None for free in device_free):  # CPU devices
@@ -274,7 +277,8 @@ def check_memory(layout: PopulationLayout, model_bytes: int, chunk_activation_by
             f"population.size={layout.size} needs about {_size(host)} of memory ({copies} copies "
             f"of {model_bytes / 1e6:.2f} MB of training state for each of {slots} model slots, "
             f"plus {_size(activations)} of activations), but {_size(available)} are available: "
-            "use a smaller population.size or a smaller model")
+            "use a smaller population.size or a smaller model"
+        )
 
 
 def model_keys(seed: int, num_models: int) -> np.ndarray:

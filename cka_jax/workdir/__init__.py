@@ -1,0 +1,79 @@
+"""The run directory that training writes and analysis reads: the one place that names its files.
+
+    <workdir>/
+        config.json              the run's config (flat JSON); a second copy in checkpoints/
+        checkpoints/<step>/      orbax checkpoints of the whole population (SHA-256 manifest inside)
+        checkpoints/config.json  the config copy that travels with the checkpoints
+        metrics.jsonl            one strict-JSON row per (epoch, model); see `metrics_log`
+        predictions/test.npz     test logits (M, N, C) and labels (N,), written when training ends
+        .lock                    held (flock) by the one process writing the run; see `lock`
+        analysis/                analyze.py's default output directory
+
+Writing goes through `atomic.write` (a file appears whole or not at all), the lock through
+`lock.acquire`, metrics through `metrics_log`, the two config copies through `config_copies`.
+Only the standard library is imported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+CONFIG = "config.json"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+PREDICTIONS_DIR = "predictions"
+PREDICTIONS = os.path.join(PREDICTIONS_DIR, "test.npz")
+LOCK = ".lock"
+ANALYSIS = "analysis"
+# The run's config is kept twice, beside the outputs and with the checkpoints: deleting one copy
+# never lets a run with another config resume (or set aside) these checkpoints.
+CONFIG_COPIES = (CONFIG, os.path.join(CHECKPOINTS, CONFIG))
+
+
+@dataclasses.dataclass(frozen=True)
+class Workdir:
+    """Paths of the files in one run directory (nothing is read or created here)."""
+
+    root: str
+
+    def _join(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    @property
+    def config(self) -> str:
+        return self._join(CONFIG)
+
+    @property
+    def checkpoints(self) -> str:
+        return self._join(CHECKPOINTS)
+
+    @property
+    def checkpoint_config(self) -> str:
+        """The config copy kept beside the checkpoints."""
+        return self._join(CHECKPOINTS, CONFIG)
+
+    @property
+    def config_copies(self) -> tuple[str, str]:
+        """Paths of :data:`CONFIG_COPIES`, in that order."""
+        return (self.config, self.checkpoint_config)
+
+    @property
+    def metrics(self) -> str:
+        return self._join(METRICS)
+
+    @property
+    def predictions(self) -> str:
+        return self._join(PREDICTIONS)
+
+    @property
+    def predictions_dir(self) -> str:
+        return self._join(PREDICTIONS_DIR)
+
+    @property
+    def lock(self) -> str:
+        return self._join(LOCK)
+
+    @property
+    def analysis(self) -> str:
+        return self._join(ANALYSIS)

@@ -1,6 +1,7 @@
 """Files replaced whole: a crash leaves either the old file or the new one, never a part of the
 new one (written beside it under a unique `.tmp-*` name, flushed to disk, then renamed; removed
 if writing fails)."""
+
 from __future__ import annotations
 
 import os

@@ -7,6 +7,7 @@ flock refuses a second open file even within the process that holds the lock, so
 in the same process is refused too. flock is local to one machine: on a network file system
 two hosts are not kept apart.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ import fcntl
 import os
 import socket
 
-LOCK_FILE = ".lock"
+from cka_jax.workdir import Workdir
 
 
 class WorkdirBusyError(RuntimeError):
@@ -24,6 +25,7 @@ class WorkdirBusyError(RuntimeError):
 @dataclasses.dataclass
 class WorkdirLock:
     """A held lock; :meth:`release` it once."""
+
     fd: int
 
     def release(self) -> None:
@@ -43,7 +45,7 @@ def acquire(workdir: str) -> WorkdirLock:
     created or written.
     """
     os.makedirs(workdir, exist_ok=True)
-    fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(Workdir(workdir).lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.ftruncate(fd, 0)
@@ -51,8 +53,9 @@ def acquire(workdir: str) -> WorkdirLock:
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
-        raise WorkdirBusyError(f"workdir {workdir} is in use by {holder}; wait until that run "
-                               "ends or use another --workdir") from None
+        raise WorkdirBusyError(
+            f"workdir {workdir} is in use by {holder}; wait until that run ends or use another --workdir"
+        ) from None
     except OSError:
         os.close(fd)  # also releases the flock
         raise

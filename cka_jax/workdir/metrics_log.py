@@ -5,6 +5,7 @@ as bare NaN/Infinity, so any JSON reader can load the file. A crash in the middl
 leaves a torn last line; `read` drops it with a warning and `truncate` rewrites the file without
 it, so a torn tail never blocks a resume or an analysis.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,16 +15,15 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from cka_jax.workdir import Workdir
 from cka_jax.workdir import atomic as atomic_file
 
 logger = logging.getLogger(__name__)
 
-FILE_NAME = "metrics.jsonl"
-
 
 def path_in(workdir: str) -> str:
-    """The metrics file of `workdir`."""
-    return os.path.join(workdir, FILE_NAME)
+    """The metrics file of `workdir` (`Workdir(workdir).metrics`)."""
+    return Workdir(workdir).metrics
 
 
 def _strict(value: Any) -> Any:
@@ -56,8 +56,9 @@ def _parse(path: str) -> tuple[list[dict[str, Any]], bool]:
             if i == last:
                 torn = True
                 break
-            raise ValueError(f"{path}, line {i + 1}: not a metrics row ({error}); the file is damaged "
-                             "before its last line") from error
+            raise ValueError(
+                f"{path}, line {i + 1}: not a metrics row ({error}); the file is damaged before its last line"
+            ) from error
         rows.append(row)
     return rows, torn
 
@@ -99,8 +100,7 @@ def _end_torn_tail(f) -> None:
     if whole:
         f.write(b"\n")
     else:
-        logger.warning("%s: dropped a torn last line (a run stopped in the middle of writing it)",
-                       f.name)
+        logger.warning("%s: dropped a torn last line (a run stopped in the middle of writing it)", f.name)
         f.truncate(start)
 
 

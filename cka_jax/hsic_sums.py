@@ -1,0 +1,121 @@
+"""Running HSIC₁ sums of minibatch CKA, kept in power-of-two units per layer (traced code).
+
+`HsicSums` holds Σ_b HSIC₁ over minibatches for every layer pair (xy) and each layer with itself
+(xx, yy), in units where each layer's activations are divided by 2^scale; `Scales` holds those
+log2 scales for model a's and model b's layers; `Totals` bundles the plain sums, their
+bootstrap-weighted copies and the scales. Sums kept at different scales are combined after an
+exact power-of-two rescaling (see `cka_jax.minibatch` for why the scales exist).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from cka_jax.scaling import HIGHEST, times_pow2
+
+NO_SCALE = -(2**20)  # log2 scale of a layer not yet seen varying: below every real exponent
+MAX_SHIFT = 400  # cap on a log2-scale increase: above any real one (exponents span < 300), and 4x it fits int32
+
+
+class HsicSums(NamedTuple):
+    """Σ_b HSIC₁ over minibatches; bootstrap copies carry a leading (B,) axis on every field.
+
+    xy: (Ma, Mb, La, Lb) Σ_b HSIC₁(K_b, L_b) of every (model, layer) pair of a and b.
+    xx: (Ma, La) Σ_b HSIC₁(K_b, K_b).  yy: (Mb, Lb) Σ_b HSIC₁(L_b, L_b).
+    """
+
+    xy: jax.Array
+    xx: jax.Array
+    yy: jax.Array
+
+
+class Scales(NamedTuple):
+    """int32 log2 scales of model a's layers, a: (Ma, La), and model b's, b: (Mb, Lb)."""
+
+    a: jax.Array
+    b: jax.Array
+
+
+class Totals(NamedTuple):
+    """Sums over some minibatches, their bootstrap-weighted copies (B, ...), and their units."""
+
+    sums: HsicSums
+    boot: HsicSums
+    scales: Scales
+
+
+def applied(log2_scale: jax.Array) -> jax.Array:
+    """The log2 scales activations are divided by: NO_SCALE (a layer not yet seen varying) by 2^0."""
+    return jnp.where(log2_scale == NO_SCALE, 0, log2_scale)
+
+
+def batch_hsic(ga: jax.Array, gb: jax.Array | None) -> HsicSums:
+    """HSIC₁ sums of one minibatch from U-centred grams ga: (Ma, La, n, n) and gb: (Mb, Lb, n, n),
+    or within model a (gb None: yy = xx): all pairs from one matmul of the flattened grams."""
+    ma, la, n, _ = ga.shape
+    fa = ga.reshape(ma * la, n * n)
+    scale = 1.0 / (n * (n - 3))
+    if gb is None:
+        xy = jnp.matmul(fa, fa.T, precision=HIGHEST) * scale
+        xx = jnp.diagonal(xy)
+        yy, (mb, lb) = xx, (ma, la)
+    else:
+        mb, lb = gb.shape[:2]
+        fb = gb.reshape(mb * lb, n * n)
+        xy = jnp.matmul(fa, fb.T, precision=HIGHEST) * scale
+        xx = jnp.sum(fa * fa, axis=1) * scale
+        yy = jnp.sum(fb * fb, axis=1) * scale
+    xy = xy.reshape(ma, la, mb, lb).transpose(0, 2, 1, 3)
+    return HsicSums(xy, xx.reshape(ma, la), yy.reshape(mb, lb))
+
+
+def weighted(batch: HsicSums, weights: jax.Array, scales: Scales, dtype: jnp.dtype) -> Totals:
+    """One minibatch's sums in `dtype`, with copies weighted by its bootstrap weights (B,)."""
+    sums = HsicSums(*(s.astype(dtype) for s in batch))
+    boot = HsicSums(*(jnp.tensordot(weights, s, axes=0) for s in sums))
+    return Totals(sums, boot, scales)
+
+
+def rescale(sums: HsicSums, shift: Scales) -> HsicSums:
+    """Sums after the log2 scales of model a's layers grow by shift.a (Ma, La) and model b's by
+    shift.b (Mb, Lb), both >= 0; works on bootstrap copies too (shifts broadcast from the right).
+
+    HSIC₁(K, L) is quadratic in each side's activations, so xy gains 2^-2(shift_a + shift_b) and
+    xx 2^-4·shift_a: exact powers of two. A sum kept under NO_SCALE is zero (or NaN) and stays so.
+    """
+    shift_a, shift_b = jnp.minimum(shift.a, MAX_SHIFT), jnp.minimum(shift.b, MAX_SHIFT)
+    k_xy = -2 * (shift_a[:, None, :, None] + shift_b[None, :, None, :])
+    return HsicSums(times_pow2(sums.xy, k_xy), times_pow2(sums.xx, -4 * shift_a), times_pow2(sums.yy, -4 * shift_b))
+
+
+def _in_units(totals: Totals, scales: Scales) -> Totals:
+    """totals re-expressed in larger (or equal) log2 scales."""
+    shift = Scales(scales.a - totals.scales.a, scales.b - totals.scales.b)
+    return Totals(rescale(totals.sums, shift), rescale(totals.boot, shift), scales)
+
+
+def combine(one: Totals, two: Totals) -> Totals:
+    """Totals of two sets of minibatches, in the larger of their scales."""
+    scales = Scales(jnp.maximum(one.scales.a, two.scales.a), jnp.maximum(one.scales.b, two.scales.b))
+    one, two = _in_units(one, scales), _in_units(two, scales)
+    sums, boot = jax.tree.map(jnp.add, (one.sums, one.boot), (two.sums, two.boot))
+    return Totals(sums, boot, scales)
+
+
+def agree(totals: Totals, axis_name: str) -> Totals:
+    """Totals of every device along mesh axis `axis_name` (inside shard_map): the devices agree on
+    the largest scales (one pmax), rescale their own sums exactly, and one psum adds them."""
+    scales = Scales(*(jax.lax.pmax(s, axis_name) for s in totals.scales))
+    local = _in_units(totals, scales)
+    sums, boot = jax.lax.psum((local.sums, local.boot), axis_name)
+    return Totals(sums, boot, scales)
+
+
+def cka_ratio(sums: HsicSums, population: bool) -> jax.Array:
+    """xy / (sqrt(xx)·sqrt(yy)), (..., Ma, Mb, La, Lb), or (..., La, Lb) outside population mode:
+    the roots are taken before the product, so it cannot overflow."""
+    out = sums.xy / (jnp.sqrt(sums.xx)[..., :, None, :, None] * jnp.sqrt(sums.yy)[..., None, :, None, :])
+    return out if population else out[..., 0, 0, :, :]
