@@ -1,13 +1,14 @@
 """Every public measure is unchanged (or scales as its definition says) when inputs are multiplied
 by 1e-30 .. 1e30 in float32: different scales for x and y, for each layer, and for each model."""
+
 import functools
 
 import jax
 import numpy as np
 import pytest
+import reference as ref
 
 import cka_jax as ck
-import reference as ref
 from cka_jax import MinibatchCKA
 
 SCALES = (1e-30, 1e-20, 1e-10, 1e-4, 1.0, 1e4, 1e10, 1e20, 1e30)
@@ -58,8 +59,10 @@ def _scaled_batches(sx, sy, models=None):
         if models is None:
             out.append([_f32(a, scales[l]) for l, a in enumerate(layers)])
         else:
-            factor = lambda l: np.array([scales[(m + l) % 3] for m in range(models)]).reshape(models, 1, 1, 1)
-            out.append([_f32(a, factor(l)) for l, a in enumerate(layers)])
+            factors = [
+                np.array([scales[(m + l) % 3] for m in range(models)]).reshape(models, 1, 1, 1) for l in range(3)
+            ]
+            out.append([_f32(a, factors[l]) for l, a in enumerate(layers)])
     return out
 
 
@@ -87,7 +90,7 @@ def _update_grams(sx, sy):
     acc = MinibatchCKA.create(3)
     for layers in _batches():
         grams = np.asarray(ck.minibatch_grams(layers), np.float64)
-        acc = acc.update_grams(np.stack([_f32(g, s) for g, s in zip(grams, _layer_scales(sx, sy))]))
+        acc = acc.update_grams(np.stack([_f32(g, s) for g, s in zip(grams, _layer_scales(sx, sy), strict=True)]))
     return acc.result()
 
 
@@ -129,15 +132,29 @@ def _matching(sx, sy, method):
 
 def _xy(fn):
     """fn(x, y) of the pair scaled by (sx, sy)."""
+
     def call(sx, sy):
         x, y = _pair()
         return fn(_f32(x, sx), _f32(y, sy))
+
     return call
 
 
 def _x(fn):
     """fn(x) of x scaled by sx."""
     return lambda sx, sy: fn(_f32(_pair()[0], sx))
+
+
+def _compare(sx, sy, debiased=True):
+    """cka_jax.compare on the scaled minibatches as an activation stream (a function model too)."""
+    stream = [{f"layer{l}": a for l, a in enumerate(layers)} for layers in _scaled_batches(sx, sy)]
+    if not debiased:
+        return ck.compare(None, None, stream, debiased=False, progress=False).heatmap
+    inputs = [np.stack(layers, axis=1) for layers in _scaled_batches(sx, sy)]  # (16, 3, 4, 3)
+    by_function = ck.compare(lambda x: {f"layer{l}": x[:, l] for l in range(3)}, None, inputs, progress=False).heatmap
+    by_stream = ck.compare(None, None, stream, progress=False).heatmap
+    np.testing.assert_array_equal(by_function, by_stream)
+    return by_stream
 
 
 # (id, public name, fn(sx, sy), units(sx, sy) -> factor the output scales by; None: invariant,
@@ -153,12 +170,22 @@ ROWS = [
     ("hsic", "hsic", lambda sx, sy: ck.hsic(*_grams(sx, sy)), lambda sx, sy: sx * sy, 2),
     ("hsic-unbiased", "hsic", lambda sx, sy: ck.hsic(*_grams(sx, sy), unbiased=True), lambda sx, sy: sx * sy, 2),
     ("center_gram", "center_gram", lambda sx, sy: ck.center_gram(_grams(sx, sy)[0]), lambda sx, sy: sx, 1),
-    ("center_gram-unbiased", "center_gram", lambda sx, sy: ck.center_gram(_grams(sx, sy)[0], unbiased=True),
-     lambda sx, sy: sx, 1),
+    (
+        "center_gram-unbiased",
+        "center_gram",
+        lambda sx, sy: ck.center_gram(_grams(sx, sy)[0], unbiased=True),
+        lambda sx, sy: sx,
+        1,
+    ),
     ("gram_linear", "gram_linear", _x(ck.gram_linear), lambda sx, sy: sx**2, 1),
     ("gram_rbf", "gram_rbf", _x(ck.gram_rbf), None, 1),
-    ("minibatch_grams", "minibatch_grams", lambda sx, sy: ck.minibatch_grams(_scaled_batches(sx, sy)[0]),
-     lambda sx, sy: np.array(_layer_scales(sx, sy))[:, None, None] ** 2, 2),
+    (
+        "minibatch_grams",
+        "minibatch_grams",
+        lambda sx, sy: ck.minibatch_grams(_scaled_batches(sx, sy)[0]),
+        lambda sx, sy: np.array(_layer_scales(sx, sy))[:, None, None] ** 2,
+        2,
+    ),
     ("MinibatchCKA.update", "MinibatchCKA", lambda sx, sy: _minibatch(sx, sy).result(), None, 2),
     ("MinibatchCKA.update-rbf", "MinibatchCKA", lambda sx, sy: _minibatch(sx, sy, kernel="rbf").result(), None, 2),
     ("MinibatchCKA.update-cross", "MinibatchCKA", _cross, None, 2),
@@ -166,10 +193,22 @@ ROWS = [
     ("MinibatchCKA.update_grams", "MinibatchCKA", _update_grams, None, 2),
     ("MinibatchCKA.update_sharded", "MinibatchCKA", _sharded, None, 2),
     ("MinibatchCKA.merge", "MinibatchCKA", _merge, None, 2),
-    ("MinibatchCKA.bootstrap_samples", "MinibatchCKA",
-     lambda sx, sy: _minibatch(sx, sy, num_bootstrap=8).bootstrap_samples(), None, 2),
-    ("MinibatchCKA.bootstrap_interval", "MinibatchCKA",
-     lambda sx, sy: np.stack(_minibatch(sx, sy, num_bootstrap=8).bootstrap_interval()), None, 2),
+    (
+        "MinibatchCKA.bootstrap_samples",
+        "MinibatchCKA",
+        lambda sx, sy: _minibatch(sx, sy, num_bootstrap=8).bootstrap_samples(),
+        None,
+        2,
+    ),
+    (
+        "MinibatchCKA.bootstrap_interval",
+        "MinibatchCKA",
+        lambda sx, sy: np.stack(_minibatch(sx, sy, num_bootstrap=8).bootstrap_interval()),
+        None,
+        2,
+    ),
+    ("compare", "compare", _compare, None, 2),
+    ("compare-whole-set", "compare", functools.partial(_compare, debiased=False), None, 2),
     ("cca.rho", "cca", functools.partial(_cca, field="rho"), None, 2),
     ("cca.num_valid", "cca", functools.partial(_cca, field="num_valid"), None, 2),
     ("cca.x_variates", "cca", functools.partial(_cca, field="x_variates"), None, 2),
@@ -183,16 +222,26 @@ ROWS = [
     ("unit_correlations", "unit_correlations", _xy(ck.unit_correlations), None, 2),
     ("match_units-bipartite", "match_units", functools.partial(_matching, method="bipartite"), None, 2),
     ("match_units-semi", "match_units", functools.partial(_matching, method="semi"), None, 2),
-    ("sparse_prediction_loss", "sparse_prediction_loss",
-     _xy(lambda x, y: ck.sparse_prediction_loss(x, y, [0.01, 0.1])), None, 2),
+    (
+        "sparse_prediction_loss",
+        "sparse_prediction_loss",
+        _xy(lambda x, y: ck.sparse_prediction_loss(x, y, [0.01, 0.1])),
+        None,
+        2,
+    ),
     ("first_pc_variance_fraction", "first_pc_variance_fraction", _x(ck.first_pc_variance_fraction), None, 1),
     ("first_pc_scores", "first_pc_scores", _x(ck.first_pc_scores), None, 1),
     ("first_pc_direction", "first_pc_direction", _x(ck.first_pc_direction), None, 1),
     ("remove_first_pc", "remove_first_pc", _x(ck.remove_first_pc), lambda sx, sy: sx, 1),
-    ("first_pc_cosine_similarity", "first_pc_cosine_similarity",
-     lambda sx, sy: ck.first_pc_cosine_similarity([_f32(_pair()[0], sx), _f32(_pair()[1], sy)]), None, 2),
+    (
+        "first_pc_cosine_similarity",
+        "first_pc_cosine_similarity",
+        lambda sx, sy: ck.first_pc_cosine_similarity([_f32(_pair()[0], sx), _f32(_pair()[1], sy)]),
+        None,
+        2,
+    ),
 ]
-RESULT_TYPES = {"CCAResult", "UnitMatching"}  # what cca and match_units return; checked through them
+RESULT_TYPES = {"CCAResult", "UnitMatching", "CKAComparison"}  # what cca, match_units and compare return
 
 
 def _cases():
@@ -221,6 +270,7 @@ def _assert_scaled(got, base, factor):
     np.testing.assert_allclose(got[finite], expected[finite], rtol=0, atol=1e-4 * scale + 2 * float(F32.tiny))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row, sx, sy", list(_cases()))
 def test_measure_is_scale_invariant_or_equivariant(row, sx, sy):
     row_id, _, fn, units, _ = row
@@ -241,24 +291,28 @@ def test_every_public_name_is_covered():
 
 # Minibatches whose scales change from one minibatch to the next change the CKA itself (each
 # minibatch's weight scales with it): the accumulator must still match float64 arithmetic.
-GROWING = {"tiny-then-huge": (1e-30, 1.0, 1e30, 1e10), "huge-then-tiny": (1e30, 1e-30, 1.0, 1e-10),
-           "ordinary": (1.0, 2.0, 0.5, 1.0)}
+GROWING = {
+    "tiny-then-huge": (1e-30, 1.0, 1e30, 1e10),
+    "huge-then-tiny": (1e30, 1e-30, 1.0, 1e-10),
+    "ordinary": (1.0, 2.0, 0.5, 1.0),
+}
 
 
 def _per_batch(scales):
-    return [[_f32(a, s) for a in layers] for layers, s in zip(_batches(), scales)]
+    return [[_f32(a, s) for a in layers] for layers, s in zip(_batches(), scales, strict=True)]
 
 
 def _reference(batches):
-    return ref.minibatch_cka([[np.asarray(a, np.float64) for a in b] for b in batches],
-                             [[np.asarray(a, np.float64) for a in b] for b in batches])
+    return ref.minibatch_cka(
+        [[np.asarray(a, np.float64) for a in b] for b in batches],
+        [[np.asarray(a, np.float64) for a in b] for b in batches],
+    )
 
 
 @pytest.mark.parametrize("scales", GROWING.values(), ids=GROWING.keys())
 def test_update_with_changing_scales_matches_float64(scales):
     batches = _per_batch(scales)
-    np.testing.assert_allclose(_accumulate(MinibatchCKA.create(3), batches).result(), _reference(batches),
-                               atol=1e-4)
+    np.testing.assert_allclose(_accumulate(MinibatchCKA.create(3), batches).result(), _reference(batches), atol=1e-4)
 
 
 @pytest.mark.parametrize("scales", GROWING.values(), ids=GROWING.keys())
@@ -303,16 +357,18 @@ def _ref_pair():
 REFERENCES = {
     "linear_cka": (lambda x, y, k, l: ck.linear_cka(x, y), lambda x, y, k, l: ref.cka(k, l)),
     "linear_cka-debiased": (lambda x, y, k, l: ck.linear_cka(x, y, True), lambda x, y, k, l: ref.cka(k, l, True)),
-    "rbf_cka": (lambda x, y, k, l: ck.rbf_cka(x, y),
-                lambda x, y, k, l: ref.cka(ref.gram_rbf(x), ref.gram_rbf(y))),
+    "rbf_cka": (lambda x, y, k, l: ck.rbf_cka(x, y), lambda x, y, k, l: ref.cka(ref.gram_rbf(x), ref.gram_rbf(y))),
     "cka": (lambda x, y, k, l: ck.cka(k.astype(np.float32), l.astype(np.float32)), lambda x, y, k, l: ref.cka(k, l)),
-    "hsic": (lambda x, y, k, l: ck.hsic(k.astype(np.float32), l.astype(np.float32)),
-             lambda x, y, k, l: ref.hsic0(k, l)),
-    "hsic-unbiased": (lambda x, y, k, l: ck.hsic(k.astype(np.float32), l.astype(np.float32), True),
-                      lambda x, y, k, l: ref.hsic1(k, l)),
+    "hsic": (
+        lambda x, y, k, l: ck.hsic(k.astype(np.float32), l.astype(np.float32)),
+        lambda x, y, k, l: ref.hsic0(k, l),
+    ),
+    "hsic-unbiased": (
+        lambda x, y, k, l: ck.hsic(k.astype(np.float32), l.astype(np.float32), True),
+        lambda x, y, k, l: ref.hsic1(k, l),
+    ),
     "gram_rbf": (lambda x, y, k, l: ck.gram_rbf(x), lambda x, y, k, l: ref.gram_rbf(x)),
-    "MinibatchCKA": (lambda x, y, k, l: _minibatch(1.0, 1.0).result(),
-                     lambda x, y, k, l: _reference(_batches())),
+    "MinibatchCKA": (lambda x, y, k, l: _minibatch(1.0, 1.0).result(), lambda x, y, k, l: _reference(_batches())),
 }
 
 
