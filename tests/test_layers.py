@@ -2,7 +2,7 @@
 
     cka_jax/            similarity library (jax, numpy, scipy only at import)
     cka_jax/models/     Flax ResNets              -> library
-    cka_jax/workdir/    the run directory's files -> standard library only
+    cka_jax/workdir/    the run directory's files -> library (its stdlib-only atomic writer)
     cka_jax/train/      population training       -> library, models, workdir
     cka_jax/analysis/   analyses and the report   -> everything below
 
@@ -26,7 +26,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "cka_jax"
 ALLOWED = {
     "library": {"library"},
     "models": {"library"},
-    "workdir": set(),
+    "workdir": {"library"},
     "train": {"library", "models", "workdir"},
     "analysis": {"library", "models", "workdir", "train"},
 }

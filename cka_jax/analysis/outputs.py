@@ -12,8 +12,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from cka_jax import atomic_file
 from cka_jax.analysis.undefined import strict_json
-from cka_jax.workdir import atomic as atomic_file
 
 
 def _atomic(path: str, write: Callable[[IO[bytes]], None]) -> str:

@@ -11,9 +11,10 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
+
+from cka_jax import atomic_file
 
 FORMAT = "cka_jax.compare/1"
 _META = ("name_a", "name_b", "kernel", "threshold", "debiased", "level", "num_bootstrap", "population", "all_pairs")
@@ -113,16 +114,7 @@ class CKAComparison:
         """Writes the comparison to `path` (.npz, written atomically; `load` reads it back)."""
         arrays = _arrays(self)
         arrays["digest"] = np.array(_digest(arrays))
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".cka_comparison.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_file.write(os.fspath(path), lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
 def _short(names: tuple[str, ...], limit: int = 8) -> str:

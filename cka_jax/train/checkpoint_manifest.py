@@ -15,7 +15,7 @@ import os
 
 import orbax.checkpoint as ocp
 
-from cka_jax.workdir import atomic as atomic_file
+from cka_jax import atomic_file
 
 MANIFEST = "cka_jax_manifest.json"  # in the item directory: <step>/default/
 ITEM = "default"  # orbax's directory of a single-item checkpoint

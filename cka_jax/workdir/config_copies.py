@@ -14,8 +14,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from cka_jax import atomic_file
 from cka_jax.workdir import CONFIG_COPIES, Workdir
-from cka_jax.workdir import atomic as atomic_file
 
 
 class DamagedConfigError(ValueError):

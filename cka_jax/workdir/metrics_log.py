@@ -15,8 +15,8 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from cka_jax import atomic_file
 from cka_jax.workdir import Workdir
-from cka_jax.workdir import atomic as atomic_file
 
 logger = logging.getLogger(__name__)
 
