@@ -1,4 +1,5 @@
-"""Population layout: sharded over 8 fake devices (with padding) equals one device; vmap equals loop."""
+"""Population layout: sharded over 8 fake devices (with padding) equals one device; every chunk size
+(vmap, loop and between) computes the same."""
 
 import jax
 import numpy as np
@@ -7,9 +8,6 @@ import tiny
 
 from cka_jax.train import loop
 from cka_jax.train import population as pop
-
-# Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
-pytestmark = pytest.mark.slow
 
 # Runs here compile the same small programs again and again: keep them across runs.
 jax.config.update("jax_compilation_cache_dir", tiny.CACHE_DIR)
@@ -27,7 +25,9 @@ def test_layout_pads_and_chunks_cover_every_model_once():
     assert sorted(models) == list(range(16))
     vmapped = pop.make_layout(10, "vmap", jax.devices())
     assert vmapped.num_chunks == 1 and vmapped.models_per_call == 2
-    assert pop.make_layout(3, "auto", jax.devices()[:1]).strategy == "loop"  # CPU
+    assert pop.make_layout(3, "auto", jax.devices()[:1]).strategy == "loop"  # CPU: the fallback, before measuring
+    between = pop.make_layout(10, "2", jax.devices()[:3])  # 4 per device
+    assert (between.per_device, between.num_chunks, between.models_per_call, between.strategy) == (4, 2, 2, "2")
     with pytest.raises(ValueError, match="at least one model"):
         pop.make_layout(0)
 
@@ -40,6 +40,7 @@ def test_split_and_merge_chunks_round_trip():
     np.testing.assert_array_equal(pop.merge_chunks(chunks, layout)["w"], stacked["w"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_devices", [1, 8])
 def test_merging_chunks_compiles_programs_whose_inputs_do_not_grow_with_the_population(caplog, num_devices):
     """A checkpoint stacks the chunks: in one program of M x leaves inputs it took 3.4 GB to
@@ -68,12 +69,13 @@ def test_merging_chunks_compiles_programs_whose_inputs_do_not_grow_with_the_popu
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Final test logits of 10 models under three layouts."""
+    """Final test logits of 10 models under four layouts."""
     out = {}
     for name, strategy, devices in [
         ("one_device_loop", "loop", jax.devices()[:1]),
         ("sharded_loop", "loop", jax.devices()),
         ("sharded_vmap", "vmap", jax.devices()),
+        ("three_devices_2_per_call", "2", jax.devices()[:3]),  # 4 per device, 2 of them padding slots
     ]:
         workdir = str(tmp_path_factory.mktemp(name))
         result = loop.train_and_evaluate(tiny_config(10, strategy), workdir, devices=devices)
@@ -81,6 +83,7 @@ def runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_sharded_with_padding_equals_unsharded(runs):
     (one, logits_one, _), (sharded, logits_sharded, _) = runs["one_device_loop"], runs["sharded_loop"]
     assert logits_one.shape == logits_sharded.shape == (10, 360, 10)
@@ -90,10 +93,13 @@ def test_sharded_with_padding_equals_unsharded(runs):
     assert np.abs(logits_one[0] - logits_one[1]).max() > 1e-2
 
 
-def test_vmap_strategy_equals_loop_strategy(runs):
-    np.testing.assert_allclose(runs["sharded_vmap"][1], runs["sharded_loop"][1], rtol=1e-4, atol=1e-4)
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sharded_vmap", "three_devices_2_per_call"])
+def test_every_chunk_size_equals_the_loop(runs, name):
+    np.testing.assert_allclose(runs[name][1], runs["sharded_loop"][1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_run_saved_on_8_devices_resumes_on_1(runs):
     """The checkpoint holds 16 slots (10 models padded for 8 devices); one device needs 10."""
     _, logits_sharded, workdir = runs["sharded_loop"]

@@ -18,9 +18,8 @@ from typing import Any
 import ml_collections
 
 from cka_jax import models
-from cka_jax.train import data
+from cka_jax.train import data, population
 
-STRATEGIES = ("auto", "vmap", "loop")
 DTYPES = ("float32", "bfloat16")
 
 # Fields that may change between an interrupted run and its resumption: they change how the
@@ -41,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "digits"  # digits | cifar10 | cifar100 | imagenet2012
+    c.data.name = "digits"  # digits | fashion_mnist | cifar10 | cifar100 | imagenet2012
     c.data.fraction = 1.0  # fraction of the training set, subset drawn from data.seed
     c.data.seed = 0  # seed of the subset, the digits split and random labels
     c.data.random_labels = False  # replace training labels by uniform random ones
@@ -65,7 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.population.size = 4  # M models, one init seed each
     c.population.seed = 0  # model m uses seed (population.seed, m)
     c.population.shared_data_order = False  # True: all models see the same batches/augmentation
-    c.population.strategy = "auto"  # auto | vmap | loop: how one device runs its models
+    # How one device steps its models: "auto" (measured at the start, see train/strategy_tuning.py),
+    # "loop" (one per call), "vmap" (all in one call) or a number of models per call such as "4"
+    # (a divisor of the models per device; a string, as --config.population.strategy=4 gives).
+    c.population.strategy = "auto"
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 40
@@ -221,7 +223,6 @@ CHOICES = {
     "data.name": ("data set", tuple(data.DATASETS)),
     "model.name": ("model", tuple(models.MODELS)),
     "model.dtype": ("dtype", DTYPES),
-    "population.strategy": ("strategy", STRATEGIES),
     "train.prediction_dtype": ("dtype", ("float32", "float16")),
 }
 
@@ -245,7 +246,18 @@ def _type_error(name: str, value: Any, default: Any) -> str | None:
     return None if ok else f"{name} must be {kind}, got {value!r}"
 
 
+def _strategy_error(value: str) -> str | None:
+    """Why ``value`` is no ``population.strategy`` (its divisibility is checked with the layout)."""
+    try:
+        population.parse_strategy(value)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def _range_error(name: str, value: Any) -> str | None:
+    if name == "population.strategy":
+        return _strategy_error(value)
     if name in CHOICES and value not in CHOICES[name][1]:
         what, choices = CHOICES[name]
         return f"unknown {what} {value!r} ({name}: choose from {', '.join(choices)})"

@@ -6,7 +6,8 @@ The run, in the order :func:`train_and_evaluate` does it:
 2. lock the workdir, refuse one that holds another run, write the config copies
    (:mod:`~cka_jax.train.workdir_checks`; the files are those of :mod:`cka_jax.workdir`);
 3. put the data set on the devices (:mod:`~cka_jax.train.device_batches`) and build the population's
-   training states there (:mod:`~cka_jax.train.chunked_states`);
+   training states there (:mod:`~cka_jax.train.chunked_states`), stepping as many models per call as
+   ``population.strategy`` says or, for ``auto``, as measured (:mod:`~cka_jax.train.strategy_tuning`);
 4. resume from the newest checkpoint that verifies (:mod:`~cka_jax.train.checkpoints`), else
    initialise;
 5. train, epoch by epoch: after every epoch and before every checkpoint a health check
@@ -38,6 +39,7 @@ from cka_jax.train.epoch_log import EpochLog, EpochSpeed, ProgressBar
 from cka_jax.train.health import Health, HealthCheck, divergence
 from cka_jax.train.predictions import write_predictions
 from cka_jax.train.run_checks import check_run, check_total_steps
+from cka_jax.train.strategy_tuning import population_states
 from cka_jax.train.workdir_checks import check_workdir, lock_workdir, truncate_metrics
 from cka_jax.workdir import Workdir
 
@@ -137,13 +139,13 @@ def train_checked(
         layout.padded_size,
         layout.num_devices,
         layout.per_device,
-        layout.strategy,
+        config.population.strategy,
     )
     inputs = open_inputs(config, layout.replicated)
     plan = StepPlan.of(config, inputs.steps_per_epoch)
     check_total_steps(config, plan.total_steps)
     tx = training.make_optimizer(config, plan.steps_per_epoch)
-    states = ChunkedStates(config, model, layout, inputs.make_train_step(model, tx), tx)
+    states = population_states(config, workdir, model, layout, inputs, tx, plan.total_steps)  # auto: measured
     check_health = HealthCheck(states, inputs.num_classes)
     log = EpochLog(config, workdir, layout.size, plan.steps_per_epoch, progress)
     checkpoints = ckpt_lib.PopulationCheckpoints(

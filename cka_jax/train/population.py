@@ -3,18 +3,20 @@
 A population state is any pytree whose leaves carry the model index on axis 0 ("stacked").
 It is padded to a multiple of the device count D and sharded over a 1-D mesh axis ``'pop'``,
 so each device holds ``per_device = M_pad / D`` models. Inside a device the models run
-either all at once (``vmap``: one step, per-model kernels become grouped convolutions) or one
-per call (``loop``: the single-model step, called once per local model slot). To keep one
-code path, the state is split into *chunks*: chunk k holds, on every device, that device's
-local models ``[k*c, (k+1)*c)``, where ``c = models_per_call`` (``per_device`` for vmap, 1 for
-loop). Each chunk is itself a stacked pytree sharded over ``'pop'``, and one compiled function
-steps every chunk. Model m always computes the same numbers wherever it is laid out.
+``c = models_per_call`` at a time: c models in one call are vmapped (per-model kernels become
+grouped convolutions), c = 1 calls the single-model step itself. ``population.strategy`` names c:
+``loop`` is 1, ``vmap`` is ``per_device``, an integer is itself (a divisor of ``per_device``), and
+``auto`` is measured (:mod:`cka_jax.train.strategy_tuning`). The state is split into *chunks*:
+chunk k holds, on every device, that device's local models ``[k*c, (k+1)*c)``. Each chunk is
+itself a stacked pytree sharded over ``'pop'``, and one compiled function steps every chunk.
+Model m always computes the same numbers wherever it is laid out.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,30 +29,70 @@ from jax.sharding import PartitionSpec as P
 AXIS = "pop"
 PyTree = Any
 
-# On XLA:CPU (2 cores, ResNet-14 1x, batch 128) vmap over M models runs at 0.54x (M=8, 8x8x1)
-# down to 0.24x (M=8, 32x32x3) of the per-model throughput of a loop of single-model steps, so
-# CPU loops. On GPU, vmap's grouped-convolution backward pass is slow in XLA (jax-ml/jax#13800)
-# so GPU loops too; TPU runs grouped convolutions natively and is launch-bound on small steps,
-# so it vmaps. benchmarks/population_throughput.py measures this on the machine at hand.
+STRATEGY_NAMES = ("auto", "vmap", "loop")
+
+# Where `auto` starts measuring, and its choice when it measures nothing else (a run too short
+# for the budget to hold a second compilation, a single candidate): the measured answer on CPU,
+# a guess on accelerators that `auto` corrects by measuring. On XLA:CPU (2 cores, ResNet-14 1x,
+# batch 128, M = 8) c = 1 holds the single-model throughput while vmap over 8 models falls to
+# 0.30-0.66x (8x8x1, two runs) and 0.23-0.24x (32x32x3), and c = 2 already to 0.27x on 32x32x3
+# (benchmarks/README.md). On GPU vmap's grouped-convolution backward pass is slow in XLA
+# (jax-ml/jax#13800); TPU runs grouped convolutions natively and is launch-bound on small steps.
+# Neither accelerator has been measured here.
 AUTO_STRATEGY = {"cpu": "loop", "gpu": "loop", "cuda": "loop", "rocm": "loop", "tpu": "vmap"}
 
 
-def resolve_strategy(strategy: str, backend: str | None = None) -> str:
-    """``'vmap'`` or ``'loop'``; ``'auto'`` picks per backend (see :data:`AUTO_STRATEGY`)."""
-    if strategy in ("vmap", "loop"):
+def parse_strategy(strategy: str) -> str | int:
+    """``'auto'``, ``'vmap'`` or ``'loop'`` as given; a chunk size written in decimal (``'4'``) as
+    the int. ``ValueError`` (one line) for anything else."""
+    if strategy in STRATEGY_NAMES:
         return strategy
-    if strategy != "auto":
-        raise ValueError(f"population.strategy must be auto, vmap or loop, got '{strategy}'")
-    return AUTO_STRATEGY.get(backend or jax.default_backend(), "loop")
+    if isinstance(strategy, str) and re.fullmatch(r"[0-9]+", strategy) and int(strategy) >= 1:
+        return int(strategy)
+    raise ValueError(
+        "population.strategy must be auto, vmap, loop or a number of models per call "
+        f"(a positive integer such as '4'), got {strategy!r}"
+    )
+
+
+def chunk_sizes(per_device: int) -> list[int]:
+    """Every valid ``models_per_call`` for ``per_device`` models per device: its divisors."""
+    return [c for c in range(1, per_device + 1) if per_device % c == 0]
+
+
+def strategy_chunk_size(strategy: str, per_device: int, backend: str) -> int:
+    """The chunk size ``strategy`` asks for; ``'auto'`` gives the :data:`AUTO_STRATEGY` fallback
+    of ``backend`` (measuring is :mod:`~cka_jax.train.strategy_tuning`'s). ``ValueError`` (one
+    line, naming the valid values) for a chunk size that does not divide ``per_device``."""
+    parsed = parse_strategy(strategy)
+    if parsed == "auto":
+        parsed = AUTO_STRATEGY.get(backend, "loop")
+    if parsed == "loop":
+        return 1
+    if parsed == "vmap":
+        return per_device
+    assert isinstance(parsed, int)
+    if per_device % parsed:
+        valid = ", ".join(["auto", "vmap", "loop"] + [str(c) for c in chunk_sizes(per_device)])
+        raise ValueError(
+            f"population.strategy={strategy!r} does not divide the {per_device} models each device "
+            f"holds: use one of {valid}"
+        )
+    return parsed
 
 
 @dataclasses.dataclass(frozen=True)
 class PopulationLayout:
-    """Where each of ``size`` models lives: ``padded_size`` slots over a 1-D device mesh."""
+    """Where each of ``size`` models lives: ``padded_size`` slots over a 1-D device mesh, stepped
+    ``models_per_call`` per device at a time."""
 
     size: int
     mesh: jax.sharding.Mesh
-    strategy: str  # 'vmap' | 'loop' (resolved)
+    models_per_call: int  # c, a divisor of per_device
+
+    def __post_init__(self):
+        if self.models_per_call < 1 or self.per_device % self.models_per_call:
+            raise ValueError(f"models_per_call={self.models_per_call} must divide per_device={self.per_device}")
 
     @property
     def num_devices(self) -> int:
@@ -65,8 +107,16 @@ class PopulationLayout:
         return self.padded_size // self.num_devices
 
     @property
-    def models_per_call(self) -> int:
-        return self.per_device if self.strategy == "vmap" else 1
+    def strategy(self) -> str:
+        """``'loop'`` (c = 1), ``'vmap'`` (c = per_device > 1) or c in decimal: a value of
+        ``population.strategy`` that gives this layout."""
+        if self.models_per_call == 1:
+            return "loop"
+        return "vmap" if self.models_per_call == self.per_device else str(self.models_per_call)
+
+    def with_models_per_call(self, models_per_call: int) -> PopulationLayout:
+        """The same models on the same devices, stepped ``models_per_call`` at a time."""
+        return dataclasses.replace(self, models_per_call=models_per_call)
 
     @property
     def num_chunks(self) -> int:
@@ -88,18 +138,20 @@ class PopulationLayout:
 
 
 def make_layout(size: int, strategy: str = "auto", devices: Sequence[jax.Device] | None = None) -> PopulationLayout:
-    """Lay ``size`` models over ``devices`` (default: every device of every host).
+    """Lay ``size`` models over ``devices`` (default: every device of every host), stepped as
+    ``strategy`` asks (:func:`strategy_chunk_size`; ``'auto'`` gives the fallback, to be measured).
 
-    Raises ``ValueError`` when the population cannot be laid out (size < 1, no devices).
+    Raises ``ValueError`` when the population cannot be laid out (size < 1, no devices, a
+    strategy that is not one or does not divide the models per device).
     """
     devices = list(jax.devices() if devices is None else devices)
     if size < 1:
         raise ValueError(f"a population needs at least one model, got size={size}")
     if not devices:
         raise ValueError("no devices to lay the population out on")
-    backend = devices[0].platform
     mesh = jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-    return PopulationLayout(size, mesh, resolve_strategy(strategy, backend))
+    per_device = -(-size // len(devices))
+    return PopulationLayout(size, mesh, strategy_chunk_size(strategy, per_device, devices[0].platform))
 
 
 def host_to_sharded(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -133,7 +185,7 @@ def _per_model(fn: Callable, models_per_call: int) -> Callable:
     return apply_vmapped
 
 
-def map_models(fn: Callable, layout: PopulationLayout, donate: bool = False) -> Callable:
+def map_models(fn: Callable, layout: PopulationLayout, donate: bool = False) -> jax.stages.Wrapped:
     """Compile ``fn(model, *shared) -> per-model pytree`` over one chunk of the population.
 
     The returned function takes a chunk (stacked pytree sharded over ``'pop'``) and shared

@@ -80,12 +80,11 @@ def model_state_shape(config: ml_collections.ConfigDict, model: ResNetTrunk) -> 
     )
 
 
-def check_memory(
-    config: ml_collections.ConfigDict, model: ResNetTrunk, state: training.TrainState, layout: pop.PopulationLayout
-) -> None:
-    """``ValueError`` (one line) when the population cannot fit in memory, estimated from one
-    model's ``state`` (:func:`model_state_shape`) and one chunk's activations (shapes only,
-    nothing is run or compiled)."""
+def memory_per_model(
+    config: ml_collections.ConfigDict, model: ResNetTrunk, state: training.TrainState
+) -> tuple[int, int]:
+    """(bytes of one model's training ``state``, bytes of the activations one model's training
+    step keeps), from shapes only: nothing is run or compiled."""
     images = jax.ShapeDtypeStruct((config.train.batch_size,) + data.image_shape(config), jnp.dtype(config.model.dtype))
     _, captured = jax.eval_shape(
         lambda variables, x: model.apply(
@@ -97,8 +96,20 @@ def check_memory(
     # The output of every module of a training step: about what its backward pass keeps (a
     # block's output is counted with its layers' outputs, which covers the activations between
     # them); 22 GB for ImageNet ResNet-50 at batch 128. Evaluation keeps less.
-    activations = _nbytes(captured["intermediates"]) * layout.models_per_call
-    pop.check_memory(layout, _nbytes(state), activations)
+    return _nbytes(state), _nbytes(captured["intermediates"])
+
+
+def check_memory(
+    config: ml_collections.ConfigDict, model: ResNetTrunk, state: training.TrainState, layout: pop.PopulationLayout
+) -> None:
+    """``ValueError`` (one line) when the population cannot fit in memory, estimated from one
+    model's ``state`` (:func:`model_state_shape`) and one chunk's activations. With
+    ``population.strategy=auto`` the smallest chunk (one model per call) is checked: the
+    measuring skips chunk sizes that do not fit (:mod:`~cka_jax.train.strategy_tuning`)."""
+    state_bytes, activation_bytes = memory_per_model(config, model, state)
+    if pop.parse_strategy(config.population.strategy) == "auto":
+        layout = layout.with_models_per_call(1)
+    pop.check_memory(layout, state_bytes, activation_bytes * layout.models_per_call)
 
 
 def _nbytes(tree) -> int:

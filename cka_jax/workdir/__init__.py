@@ -6,6 +6,7 @@
         checkpoints/config.json  the config copy that travels with the checkpoints
         metrics.jsonl            one strict-JSON row per (epoch, model); see `metrics_log`
         predictions/test.npz     test logits (M, N, C) and labels (N,), written when training ends
+        population_strategy.json the chunk size population.strategy=auto measured, and the timings
         .lock                    held (flock) by the one process writing the run; see `lock`
         analysis/                analyze.py's default output directory
 
@@ -25,6 +26,7 @@ METRICS = "metrics.jsonl"
 PREDICTIONS_DIR = "predictions"
 PREDICTIONS = os.path.join(PREDICTIONS_DIR, "test.npz")
 LOCK = ".lock"
+POPULATION_STRATEGY = "population_strategy.json"
 ANALYSIS = "analysis"
 # The run's config is kept twice, beside the outputs and with the checkpoints: deleting one copy
 # never lets a run with another config resume (or set aside) these checkpoints.
@@ -69,6 +71,11 @@ class Workdir:
     @property
     def predictions_dir(self) -> str:
         return self._join(PREDICTIONS_DIR)
+
+    @property
+    def population_strategy(self) -> str:
+        """What ``population.strategy=auto`` measured and chose (cka_jax.train.strategy_tuning)."""
+        return self._join(POPULATION_STRATEGY)
 
     @property
     def lock(self) -> str:
