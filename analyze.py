@@ -13,6 +13,8 @@ The report opens with the training curves from metrics.jsonl (diverged and under
 named); they always run. Streamed data sets (ImageNet) are analysed from predictions/test.npz
 alone: training curves and disagreement. Analyses the populations do not allow (one model, no
 residual connections, a single checkpoint) are skipped with a note unless named in --analyses.
+Runs in one process: a workdir that train.py wrote with several processes (hosts) is analysed
+the same way, on any one host that sees it; the checkpoints are read onto its devices.
 Exit status: 0 on success, 1 if an analysis failed (the others' outputs are written),
 2 for bad input: flags, workdirs, config, predictions, --outdir (one line; nothing is written).
 """

@@ -112,3 +112,55 @@ def test_importing_train_py_neither_reads_argv_nor_defines_flags(tmp_path):
     leaves sys.argv and absl's global flags alone."""
     code, err = run_train(str(tmp_path / "run"), script=IMPORT_TRAIN_PY, timeout=120)
     assert code == 0, err
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(process_id=2, num_processes=2, coordinator_address="10.0.0.1:7777"), "--process_id=2 must be from 0"),
+        (dict(process_id=-1, num_processes=2, coordinator_address="10.0.0.1:7777"), "--process_id=-1 must be from 0"),
+        (dict(process_id=0, num_processes=0, coordinator_address="10.0.0.1:7777"), "--num_processes=0 must be"),
+        (dict(num_processes=2), "--coordinator_address and --process_id missing"),
+        (dict(process_id=0, coordinator_address="h:1"), "--num_processes missing"),
+        (dict(process_id=0, num_processes=2, coordinator_address="10.0.0.1"), "is not host:port"),
+        (dict(process_id=0, num_processes=2, coordinator_address=":7777"), "is not host:port"),
+        (dict(process_id=0, num_processes=2, coordinator_address="h:http"), "port 'http'"),
+        (dict(process_id=0, num_processes=2, coordinator_address="h:0"), "port '0'"),
+        (dict(process_id=0, num_processes=2, coordinator_address="::1:7777"), "IPv6 host in brackets"),
+        (dict(distributed=True, initialization_timeout=0), "--initialization_timeout=0 must be at least 1"),
+        (dict(distributed=True, heartbeat_timeout_seconds=-5), "--heartbeat_timeout_seconds=-5 must be at least 1"),
+    ],
+)
+def test_bad_process_flags_are_refused_naming_the_flag(flags, message):
+    args = {"distributed": False, "coordinator_address": None, "num_processes": None, "process_id": None, **flags}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        _train_module().distributed_options(**args)
+
+
+def test_process_flags_select_distributed_initialization():
+    options = _train_module().distributed_options
+    assert options(False, None, None, None) is None  # one process: nothing to initialize
+    assert options(True, None, None, None, 60, 20) == {"initialization_timeout": 60, "heartbeat_timeout_seconds": 20}
+    explicit = options(False, "[::1]:7777", 4, 3)  # the three flags imply --distributed
+    assert explicit == dict(
+        coordinator_address="[::1]:7777",
+        num_processes=4,
+        process_id=3,
+        initialization_timeout=300,
+        heartbeat_timeout_seconds=100,
+    )
+
+
+def test_bad_process_flags_exit_2_with_one_line_before_any_work(tmp_path):
+    code, err = run_train(
+        *TINY, "--workdir", str(tmp_path / "run"), "--num_processes=2", "--process_id=2", "--coordinator_address=h:1"
+    )
+    assert code == 2 and err.count("\n") == 1 and "--process_id=2 must be from 0 to" in err, err
+    assert not (tmp_path / "run").exists()

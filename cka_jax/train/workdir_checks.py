@@ -1,6 +1,7 @@
 """A training run's claim on its workdir: the lock, refusing a workdir that holds another run,
 the config copies, and trimming metrics to the checkpoint a run resumes from. (Reading a
-trained workdir back is :mod:`cka_jax.train.trained`.)
+trained workdir back is :mod:`cka_jax.train.trained`.) With several processes, process 0 locks,
+checks and writes; the others share its verdict.
 
 The files are named and written by :mod:`cka_jax.workdir`; what makes two configs the same run
 (:func:`~cka_jax.train.config.config_differences`) is :mod:`cka_jax.train.config`'s. Every refusal
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from cka_jax.train import config as run_config
 from cka_jax.train.run_checks import RunConfigError
@@ -28,25 +30,62 @@ def _check_is_directory(workdir: str) -> None:
         raise RunConfigError(f"--workdir {workdir} is a file, not a directory; use another --workdir")
 
 
+# Bytes of a refusal's message that process 0 sends the other processes (longer ones are cut).
+MESSAGE_BYTES = 4096
+
+
+def _broadcast_text(text: str) -> str:
+    """Process 0's ``text`` on every process (a collective: every process calls it)."""
+    from jax.experimental import multihost_utils
+
+    buffer = np.zeros(MESSAGE_BYTES, np.uint8)
+    encoded = text.encode("utf-8")[:MESSAGE_BYTES]
+    buffer[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    return bytes(received).rstrip(b"\0").decode("utf-8", "replace")
+
+
+def _on_process_0(check: Callable[[], None]) -> None:
+    """Run ``check`` on process 0 only and raise its :class:`RunConfigError` on every process, so
+    that all processes go on or stop together (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return check()
+    refusal = ""
+    if jax.process_index() == 0:
+        try:
+            check()
+        except RunConfigError as error:
+            refusal = str(error)
+    refusal = _broadcast_text(refusal)
+    if refusal:
+        raise RunConfigError(refusal)
+
+
 @contextlib.contextmanager
 def lock_workdir(workdir: str) -> Iterator[None]:
-    """Hold ``workdir``'s lock (:mod:`cka_jax.workdir.lock`; process 0 of a multi-process run
-    only) while the body runs. Creates the workdir. :class:`RunConfigError` if another run holds
-    it or it cannot be created or written."""
-    if jax.process_index() != 0:
-        yield
-        return
-    _check_is_directory(workdir)
-    try:
-        lock = workdir_lock.acquire(workdir)
-    except workdir_lock.WorkdirBusyError as error:
-        raise RunConfigError(str(error)) from error
-    except OSError as error:
-        raise RunConfigError(f"cannot create or write --workdir {workdir} ({error})") from error
+    """Hold ``workdir``'s lock (:mod:`cka_jax.workdir.lock`) while the body runs. Creates the
+    workdir. :class:`RunConfigError` if another run holds it or it cannot be created or written.
+
+    Several processes: process 0 holds the lock for all of them (the others share its run) and
+    every process raises its refusal.
+    """
+    held: list[workdir_lock.WorkdirLock] = []
+
+    def acquire() -> None:
+        _check_is_directory(workdir)
+        try:
+            held.append(workdir_lock.acquire(workdir))
+        except workdir_lock.WorkdirBusyError as error:
+            raise RunConfigError(str(error)) from error
+        except OSError as error:
+            raise RunConfigError(f"cannot create or write --workdir {workdir} ({error})") from error
+
+    _on_process_0(acquire)
     try:
         yield
     finally:
-        lock.release()
+        for lock in held:
+            lock.release()
 
 
 def saved_configs(workdir: str) -> dict[str, dict[str, Any]]:
@@ -64,7 +103,17 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     Refused (:class:`RunConfigError`, nothing written): a file; a damaged copy; a copy that differs
     from ``config`` outside :data:`~cka_jax.train.config.RESUMABLE_FIELDS`; a run (checkpoints,
     metrics, predictions) with neither copy. A missing copy is restored.
+
+    Several processes: process 0 checks and writes, then every process checks that it sees the
+    copies process 0 wrote (the workdir must be storage they all share); a refusal is raised on
+    every process.
     """
+    _on_process_0(lambda: _check_and_write(workdir, config))
+    if jax.process_count() > 1:
+        _check_shared(workdir, config)
+
+
+def _check_and_write(workdir: str, config: ml_collections.ConfigDict) -> None:
     _check_is_directory(workdir)
     copies = saved_configs(workdir)
     for name, saved in copies.items():
@@ -80,11 +129,32 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
             f"config copies ({' and '.join(CONFIG_COPIES)}), so nothing tells whether it is this "
             "run: restore one of them, or use another --workdir"
         )
-    if jax.process_index() == 0:
-        try:
-            config_copies.write(workdir, run_config.flat_config(config))
-        except OSError as error:
-            raise RunConfigError(f"cannot write to --workdir {workdir} ({error})") from error
+    try:
+        config_copies.write(workdir, run_config.flat_config(config))
+    except OSError as error:
+        raise RunConfigError(f"cannot write to --workdir {workdir} ({error})") from error
+
+
+def _check_shared(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """:class:`RunConfigError` on every process unless every process sees the config copies that
+    process 0 wrote (a collective)."""
+    from jax.experimental import multihost_utils
+
+    try:
+        copies = saved_configs(workdir)
+        sees = len(copies) == len(CONFIG_COPIES) and not any(
+            run_config.config_differences(saved, config) for saved in copies.values()
+        )
+    except RunConfigError:
+        sees = False
+    seen = np.asarray(multihost_utils.process_allgather(np.int32(sees))).reshape(-1)
+    blind = np.flatnonzero(seen == 0).tolist()
+    if blind:
+        raise RunConfigError(
+            f"process(es) {', '.join(map(str, blind))} of {jax.process_count()} do not see the config "
+            f"copies that process 0 wrote into --workdir {workdir}: every process must see the same "
+            "workdir (a shared file system mounted at the same path)"
+        )
 
 
 def truncate_metrics(workdir: str, max_step: int) -> None:

@@ -1,0 +1,283 @@
+"""Training with several processes: train.py run as 2 processes x 4 CPU devices on 127.0.0.1 (the
+way hosts of a pod or cluster run it), against one process with 8 devices; stop signals, a killed
+process, MinibatchCKA over both processes, and analyze.py on the workdir they wrote."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from tiny import CACHE_DIR, DIGITS, ROOT
+
+from cka_jax.train.trained import load_trained_population
+
+# Starts train.py processes that train together: part of `pytest`, not of the fast loop.
+pytestmark = pytest.mark.slow
+
+SIZE, EPOCHS, STEPS = 8, 8, 32  # 144 digits in batches of 32: 4 steps per epoch
+# ResNet-8 (1/4 width) on 8 devices, 1 model each; step 1 (0.03 of 32 steps) is kept for comparing.
+RUN = [
+    "--config",
+    DIGITS + f":depth=8,width=0.25,size={SIZE}",
+    "--config.data.fraction=0.1",
+    "--config.train.batch_size=32",
+    "--config.train.eval_batch_size=360",
+    f"--config.train.epochs={EPOCHS}",
+    "--config.checkpoint.keep_at_fractions=(0.0,0.03,1.0)",
+]
+HEARTBEAT_S = 10  # --heartbeat_timeout_seconds of these tests (JAX's default is 100)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices):
+    return dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=ROOT
+    )
+
+
+def launch(log_prefix, *args, processes=2, script=None):
+    """``processes`` train.py processes (or Python ``script`` with argv port, process id) of one run,
+    4 CPU devices each, output to ``<log_prefix>.<i>.log``; returns their Popen objects."""
+    port = free_port()
+    procs = []
+    for i in range(processes):
+        if script is None:
+            flags = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}"]
+            timeouts = ["--initialization_timeout=120", f"--heartbeat_timeout_seconds={HEARTBEAT_S}"]
+            command = [os.path.join(ROOT, "train.py"), "--compilation_cache=" + CACHE_DIR, *flags, *timeouts, *args]
+        else:
+            command = ["-c", script, str(port), str(i)]
+        log = open(f"{log_prefix}.{i}.log", "w")
+        procs.append(
+            subprocess.Popen([sys.executable, *command], cwd=ROOT, env=_env(4), stdout=log, stderr=subprocess.STDOUT)
+        )
+        log.close()
+    return procs
+
+
+def finish(procs, log_prefix, timeout=300):
+    """[(exit status, output)] of every process once all have ended (all killed after ``timeout`` s)."""
+    deadline = time.time() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(deadline - time.time(), 1))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [(proc.returncode, open(f"{log_prefix}.{i}.log", errors="replace").read()) for i, proc in enumerate(procs)]
+
+
+def train_two(workdir, *args, timeout=300):
+    log = workdir + ".run"
+    return finish(launch(log, *RUN, "--workdir", workdir, *args), log, timeout)
+
+
+def wait_for_first_epoch(workdir, procs, timeout=180):
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)):
+        assert all(p.poll() is None for p in procs), "a process ended before the first epoch"
+        assert time.time() < deadline, "no epoch finished in time"
+        time.sleep(0.1)
+
+
+def metric_rows(workdir):
+    """metrics.jsonl rows without images_per_second (a timing)."""
+    lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+    assert len(lines) == len(set(lines)), "duplicate lines"
+    return [{k: v for k, v in json.loads(line).items() if k != "images_per_second"} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("multihost") / "two")
+    results = train_two(workdir)
+    assert [code for code, _ in results] == [0, 0], results
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("multihost") / "one")
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            "--compilation_cache=" + CACHE_DIR,
+            *RUN,
+            "--workdir",
+            workdir,
+        ],
+        cwd=ROOT,
+        env=_env(8),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return workdir
+
+
+def test_process_0_writes_each_shared_file_once(two_process_run):
+    names = sorted(os.listdir(two_process_run))
+    assert {"config.json", "metrics.jsonl", "predictions", "checkpoints"} <= set(names), names
+    assert sorted(os.listdir(os.path.join(two_process_run, "predictions"))) == ["test.npz"]
+    predictions = np.load(os.path.join(two_process_run, "predictions", "test.npz"))
+    assert predictions["logits"].shape == (SIZE, 360, 10) and np.isfinite(predictions["logits"]).all()
+    rows = metric_rows(two_process_run)
+    assert [(r["epoch"], r["model"]) for r in rows] == [(e, m) for e in range(1, EPOCHS + 1) for m in range(SIZE)]
+    kept = sorted(int(d) for d in os.listdir(os.path.join(two_process_run, "checkpoints")) if d.isdigit())
+    assert kept[:2] == [0, 1] and kept[-1] == STEPS, kept
+    shards = os.listdir(os.path.join(two_process_run, "checkpoints", str(STEPS), "default"))
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(shards), shards  # both processes wrote theirs
+
+
+def test_two_processes_train_as_one_process_with_all_8_devices(two_process_run, one_process_run):
+    """Same global layout (8 devices, 1 model each): the same numbers. Measured on XLA:CPU: equal
+    to the bit after step 1 and in the final logits."""
+    for step in (1, STEPS):
+        _, _, two, _ = load_trained_population(two_process_run, step)
+        _, _, one, _ = load_trained_population(one_process_run, step)
+        assert jax.tree.structure(two) == jax.tree.structure(one)
+        for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    two = np.load(os.path.join(two_process_run, "predictions", "test.npz"))["logits"]
+    one = np.load(os.path.join(one_process_run, "predictions", "test.npz"))["logits"]
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-4)
+    assert metric_rows(two_process_run) == metric_rows(one_process_run)
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_rerun_resumes(two_process_run, tmp_path):
+    workdir, log = str(tmp_path / "run"), str(tmp_path / "stopped")
+    procs = launch(log, *RUN, "--workdir", workdir)
+    wait_for_first_epoch(workdir, procs)
+    procs[1].send_signal(signal.SIGTERM)
+    results = finish(procs, log, timeout=120)
+    assert [code for code, _ in results] == [128 + signal.SIGTERM] * 2, results
+    stopped_at = {int(out.split("interrupted at step ")[1].split()[0]) for _, out in results}
+    assert len(stopped_at) == 1, results  # the same step on both
+    (step,) = stopped_at
+    assert 0 < step < STEPS and os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+
+    assert [code for code, _ in train_two(workdir)] == [0, 0]
+    resumed = np.load(os.path.join(workdir, "predictions", "test.npz"))["logits"]
+    uninterrupted = np.load(os.path.join(two_process_run, "predictions", "test.npz"))["logits"]
+    np.testing.assert_allclose(resumed, uninterrupted, rtol=0, atol=1e-6)
+    assert metric_rows(workdir) == metric_rows(two_process_run)
+
+
+def test_a_busy_workdir_refuses_both_and_a_killed_process_is_reported_by_the_other(tmp_path):
+    workdir, log = str(tmp_path / "run"), str(tmp_path / "long")
+    procs = launch(log, *RUN, "--config.train.epochs=500", "--workdir", workdir)
+    wait_for_first_epoch(workdir, procs)
+    second = finish(launch(str(tmp_path / "second"), *RUN, "--workdir", workdir), str(tmp_path / "second"), 180)
+    assert [code for code, _ in second] == [2, 2], second
+    assert all("train.py: error: workdir" in out and "is in use by" in out for _, out in second), second
+
+    procs[1].kill()
+    start = time.time()
+    ((code, out),) = finish(procs[:1], log, timeout=HEARTBEAT_S + 60)
+    elapsed = time.time() - start
+    # A collective with the dead process fails at once (exit 4, one line); during steps, which
+    # exchange nothing, JAX's coordination service misses its heartbeats and aborts this one.
+    reported = ("an exchange with the other processes failed" in out and code == 4) or (
+        "JAX distributed service detected fatal errors" in out and code == -signal.SIGABRT
+    )
+    assert reported, (code, out[-3000:])
+    assert elapsed < HEARTBEAT_S + 30, elapsed
+
+
+def test_processes_that_never_connect_fail_with_one_line_in_time(tmp_path):
+    port = free_port()
+    start = time.time()
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *RUN, "--workdir", str(tmp_path / "run")]
+        + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1"]
+        + ["--initialization_timeout=3"],
+        cwd=ROOT,
+        env=_env(4),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 4 and time.time() - start < 60, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "did not all connect" in errors[0], done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+CKA_WORKER = """
+import sys
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+port, process_id = sys.argv[1], int(sys.argv[2])
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id, initialization_timeout=120)
+import cka_jax
+rng = np.random.default_rng(0)  # the same activations in both processes
+k, models, batch = 8, 3, 16
+acts = [rng.normal(size=(k, models, batch, 5)).astype(np.float32) * s for s in (1.0, 1e3)]
+acts.append(np.tanh(acts[0][..., :3] @ rng.normal(size=(3, 7)).astype(np.float32)))
+mesh = jax.make_mesh((jax.device_count(),), ("batch",))  # 8 devices, 4 in each process
+sharded = cka_jax.MinibatchCKA.create(3, num_models_a=models).update_sharded(acts, mesh=mesh)
+mine = cka_jax.MinibatchCKA.create(3, num_models_a=models)  # this process's half of the minibatches
+for i in range(process_id * k // 2, (process_id + 1) * k // 2):
+    mine = mine.update([a[i] for a in acts])
+both = multihost_utils.process_allgather(jax.tree.map(np.asarray, mine))
+merged = jax.tree.map(lambda x: x[0], both).merge(jax.tree.map(lambda x: x[1], both))
+np.save(f"{sys.argv[3]}.{process_id}.npy", np.stack([np.asarray(sharded.result()), np.asarray(merged.result())]))
+print("devices", jax.device_count(), jax.local_device_count())
+"""
+
+
+def test_minibatch_cka_over_two_processes_equals_one_process(tmp_path):
+    """A population's within-model CKA: update_sharded over a mesh of both processes' devices,
+    and each process's half merged, equal k serial updates in this process."""
+    import cka_jax
+
+    out = str(tmp_path / "cka")
+    results = finish(launch(out, script=CKA_WORKER.replace("sys.argv[3]", repr(out))), out, timeout=180)
+    assert [code for code, _ in results] == [0, 0], results
+    assert all("devices 8 4" in text for _, text in results)
+    rng = np.random.default_rng(0)
+    k, models, batch = 8, 3, 16
+    acts = [rng.normal(size=(k, models, batch, 5)).astype(np.float32) * s for s in (1.0, 1e3)]
+    acts.append(np.tanh(acts[0][..., :3] @ rng.normal(size=(3, 7)).astype(np.float32)))
+    serial = cka_jax.MinibatchCKA.create(3, num_models_a=models)
+    for i in range(k):
+        serial = serial.update([a[i] for a in acts])
+    expected = np.asarray(serial.result())
+    assert expected.shape == (models, models, 3, 3) and np.isfinite(expected).all()
+    for i in range(2):
+        sharded, merged = np.load(f"{out}.{i}.npy")
+        np.testing.assert_allclose(sharded, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(merged, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_analyze_reads_a_two_process_workdir_in_one_process(two_process_run, tmp_path):
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "analyze.py"), "--workdir", two_process_run, "--outdir", str(tmp_path)]
+        + ["--analyses=within", "--passes=1"],
+        cwd=ROOT,
+        env=_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    within = np.load(tmp_path / "cka_within.npz")
+    assert within["cka"].shape[0] == SIZE and np.isfinite(within["cka"]).all()
+    assert (tmp_path / "report.html").exists()
