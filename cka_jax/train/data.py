@@ -1,8 +1,9 @@
-"""Data sets for population training: digits (bundled), CIFAR-10/100 and ImageNet via tfds.
+"""Data sets for population training: digits (bundled), Fashion-MNIST (IDX files or tfds),
+CIFAR-10/100 and ImageNet via tfds.
 
 :data:`DATASETS` holds one :class:`DatasetInfo` per data set (classes, image shape, held in
 memory or streamed, split and class names, loader): the one place these facts are written down.
-Small data sets (digits, CIFAR) are loaded once as uint8 arrays and held on device; each
+Small data sets (digits, Fashion-MNIST, CIFAR) are loaded once as uint8 arrays and held on device; each
 model's batches are gathered and augmented there with ``jax.random`` (see
 :func:`augment_images`). ImageNet is streamed from host (:mod:`cka_jax.train.imagenet_stream`).
 Images are ``(N, H, W, C)`` uint8, labels ``(N,)`` int32.
@@ -18,6 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cka_jax.train import fashion_mnist
 
 DIGITS_SPLIT_SEED = 0  # the digits train/test split is fixed, whatever data.seed is
 DIGITS_TEST_FRACTION = 0.2
@@ -120,6 +123,29 @@ def load_tfds_arrays(name: str, data_dir: str | None = None) -> ImageData:
     return ImageData(train_images, train_labels, test_images, test_labels, info.num_classes, mean, std)
 
 
+def load_fashion_mnist(data_dir: str | None = None) -> ImageData:
+    """Fashion-MNIST as (28, 28, 1) uint8 images from its IDX files (``data_dir``, else Debian's
+    package) or tfds; :class:`DataNotAvailableError` saying how to install it when neither has it,
+    or when a file is damaged (see :mod:`cka_jax.train.fashion_mnist`)."""
+    directory = fashion_mnist.idx_directory(data_dir)
+    try:
+        if directory is None:
+            return load_tfds_arrays("fashion_mnist", data_dir)
+        train_images, train_labels = fashion_mnist.read_split(directory, "train")
+        test_images, test_labels = fashion_mnist.read_split(directory, "test")
+    except fashion_mnist.IdxFileError as error:
+        raise DataNotAvailableError(str(error)) from error
+    except DataNotAvailableError as error:
+        raise DataNotAvailableError(
+            f"Fashion-MNIST's IDX files are in neither {data_dir or 'data.data_dir (not set)'} nor "
+            f"{fashion_mnist.DEBIAN_DIR}, and tensorflow-datasets does not have it either: "
+            f"{fashion_mnist.INSTALL_HINT}"
+        ) from error
+    logger.info("Fashion-MNIST from the IDX files in %s", directory)
+    mean, std = channel_stats(train_images)
+    return ImageData(train_images, train_labels, test_images, test_labels, fashion_mnist.NUM_CLASSES, mean, std)
+
+
 def subset_indices(num_examples: int, fraction: float, seed: int) -> np.ndarray:
     """Sorted indices of a reproducible random ``fraction`` of ``num_examples`` (at least 1).
 
@@ -208,8 +234,11 @@ class DatasetInfo:
     side: int | None  # height = width of its images; None: resized to data.image_size (streamed)
     streamed: bool  # read and augmented on the host every step, else held in memory (on device)
     splits: tuple[str, str]  # (train, test) split names
-    source: str  # "scikit-learn" or "tfds": where the images and the class names come from
+    source: (
+        str  # "scikit-learn", "idx" (IDX files, else tfds) or "tfds": where the images and the class names come from
+    )
     load: Callable[[str | None], ImageData] | None  # (data_dir) -> all of it in memory; None if streamed
+    label_names: tuple[str, ...] | None = None  # class names by index, where the package knows them
 
     def image_shape(self, image_size: int | None = None) -> tuple[int, int, int]:
         """(H, W, C) of its images as the models see them; ``image_size`` (data.image_size) sets
@@ -221,8 +250,11 @@ class DatasetInfo:
         return (image_size, image_size, self.channels)
 
     def class_names(self, data_dir: str | None = None) -> list[str]:
-        """Names of the classes, by class index: tfds's label names (ImageNet: WordNet ids) where
-        tfds knows them here (CIFAR's need the prepared data), else the class indices."""
+        """Names of the classes, by class index: the package's own list (Fashion-MNIST), tfds's
+        label names (ImageNet: WordNet ids) where tfds knows them here (CIFAR's need the prepared
+        data), else the class indices."""
+        if self.label_names is not None:
+            return list(self.label_names)
         indices = [str(c) for c in range(self.num_classes)]
         if self.source != "tfds":
             return indices
@@ -243,6 +275,11 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo(
             "digits", num_classes=10, channels=1, side=8, streamed=False, splits=_TRAIN_TEST,
             source="scikit-learn", load=lambda data_dir: load_digits(),
+        ),
+        DatasetInfo(
+            "fashion_mnist", num_classes=fashion_mnist.NUM_CLASSES, channels=1, side=fashion_mnist.SIDE,
+            streamed=False, splits=_TRAIN_TEST, source="idx", load=load_fashion_mnist,
+            label_names=fashion_mnist.CLASS_NAMES,
         ),
         DatasetInfo(
             "cifar10", num_classes=10, channels=3, side=32, streamed=False, splits=_TRAIN_TEST,
