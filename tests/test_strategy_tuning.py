@@ -1,5 +1,6 @@
 """population.strategy as a chunk size: the same numbers at every size, bad values refused, and
-`auto` measuring (choice, budget, record, reuse on resume, agreement with an explicit size)."""
+`auto` measuring (choice, interleaved timing, budget, record, reuse on resume, agreement with an
+explicit size)."""
 
 import importlib.util
 import json
@@ -139,44 +140,102 @@ def test_candidates_are_spaced_divisors_walked_from_the_fallback():
         assert len(sizes(per_device, 1)) <= np.log2(per_device) + 1
 
 
-def fake_measure(step_s, compile_s=1.0, setup_s=0.1):
-    """measure(c) of the tuning rule from a table of step times; records the sizes measured."""
-    calls = []
+class FakeBench:
+    """The tuning's throwaway states on a fake clock: chunk size c's step takes step_s[c] (10x
+    for its warm-up step), setup and compilation their seconds, each times ``load(t)`` at the
+    fake time t. Records the sizes prepared and the most of them alive at once."""
 
-    def measure(c):
-        calls.append(c)
-        return setup_s, compile_s, [10 * step_s[c]] + [step_s[c]] * strategy_tuning.TIMED_STEPS
+    def __init__(self, step_s, compile_s=1.0, setup_s=0.1, load=lambda t: 1.0):
+        self.step_s, self.compile_s, self.setup_s, self.load = step_s, compile_s, setup_s, load
+        self.now, self.calls, self.alive, self.stepped, self.most_alive = 0.0, [], set(), set(), 0
 
-    return measure, calls
+    def _take(self, seconds):
+        seconds *= self.load(self.now)
+        self.now += seconds
+        return seconds
+
+    def prepare(self, c):
+        self.calls.append(c)
+        self.alive.add(c)
+        self.most_alive = max(self.most_alive, len(self.alive))
+        return self._take(self.setup_s), self._take(self.compile_s)
+
+    def steps(self, order):
+        assert set(order) <= self.alive, (order, self.alive)
+        times = []
+        for c in order:
+            times.append(self._take(self.step_s[c] * (1 if c in self.stepped else 10)))
+            self.stepped.add(c)
+        return times
+
+    def drop(self, c):
+        self.alive.discard(c)
 
 
 def test_tuning_takes_the_fastest_and_stops_after_a_much_slower_one():
-    measure, calls = fake_measure({1: 1.0, 2: 0.5, 4: 0.55, 8: 0.7, 16: 0.3})
-    tuning = strategy_tuning.tune([1, 2, 4, 8, 16], measure, total_steps=10**6)
-    assert calls == [1, 2, 4, 8] and tuning.models_per_call == 2  # 8 is 1.4x the best: 16 is not tried
+    bench = FakeBench({1: 1.0, 2: 0.5, 4: 0.55, 8: 0.7, 16: 0.3})
+    tuning = strategy_tuning.tune([1, 2, 4, 8, 16], bench, total_steps=10**6)
+    assert bench.calls == [1, 2, 4, 8] and tuning.models_per_call == 2  # 8 is 1.4x the best: 16 is not tried
     assert [c.status for c in tuning.candidates] == ["measured"] * 4 + ["stopped early"]
-    assert tuning.candidates[1].step_s == 0.5
+    assert tuning.candidates[1].step_s == 0.5 and tuning.timing == "interleaved"
+    assert [c.compared_with for c in tuning.candidates[:4]] == [None, 1, 2, 2]
+    assert [c.ratio for c in tuning.candidates[:4]] == pytest.approx([None, 0.5, 1.1, 1.4])
+    assert bench.most_alive == 2 and not bench.alive  # the best's and the candidate's; none at the end
+
+
+def test_a_change_of_load_between_candidates_does_not_decide():
+    """c = 2 is 11% slower than c = 1, but the machine runs 1.5x slower until fake time 10 s,
+    while c = 1 is measured: timed one after the other, c = 2 looks faster (0.40 s against
+    0.54 s per step); stepped in turn with c = 1 in one window it is not."""
+    step_s = {1: 0.36, 2: 0.40}
+
+    def load(t):
+        return 1.5 if t < 10 else 1.0
+
+    bench = FakeBench(step_s, load=load)
+    sequential = strategy_tuning.tune([1, 2], bench, total_steps=10**6, interleave=False)
+    assert sequential.models_per_call == 2 and sequential.timing.startswith("sequential")  # misled
+    assert sequential.candidates[1].timing == "sequential" and bench.most_alive == 1
+    bench = FakeBench(step_s, load=load)
+    tuning = strategy_tuning.tune([1, 2], bench, total_steps=10**6)
+    assert tuning.models_per_call == 1 and bench.calls == [1, 2] and bench.now > 10
+    two = tuning.candidates[1]
+    assert two.timing == "interleaved" and two.compared_with == 1 and two.ratio == pytest.approx(0.40 / 0.36)
+    assert two.best_times_s == pytest.approx([0.36] * 3) and two.step_times_s[1:] == pytest.approx([0.40] * 3)
+    assert tuning.candidates[0].step_s == pytest.approx(0.54)  # c = 1 alone, under the load
 
 
 def test_tuning_stays_within_its_budget():
     # a 10 s run (1000 steps of 10 ms) gets the minimum budget: another 8 s compile does not fit
-    measure, calls = fake_measure({1: 0.01, 2: 0.005}, compile_s=8.0)
-    tuning = strategy_tuning.tune([1, 2], measure, total_steps=1000)
-    assert calls == [1] and tuning.models_per_call == 1 and tuning.budget_s == strategy_tuning.MIN_TUNING_SECONDS
-    assert tuning.candidates[1].status == "over the budget"
+    bench = FakeBench({1: 0.01, 2: 0.005}, compile_s=8.0)
+    tuning = strategy_tuning.tune([1, 2], bench, total_steps=1000)
+    assert bench.calls == [1] and tuning.models_per_call == 1
+    assert tuning.budget_s == strategy_tuning.MIN_TUNING_SECONDS and tuning.candidates[1].status == "over the budget"
     # a run of 10^4 s (10^6 steps of 10 ms) may add 100 s, less as faster sizes shorten the run:
     # 1 (its compile is not counted), 2 (budget 50 s), 4 (25 s), and 8 would pass 25 s
-    measure, calls = fake_measure({c: 0.01 / c for c in (1, 2, 4, 8, 16)}, compile_s=10.0)
-    tuning = strategy_tuning.tune([1, 2, 4, 8, 16], measure, total_steps=10**6)
-    assert calls == [1, 2, 4] and tuning.models_per_call == 4
+    bench = FakeBench({c: 0.01 / c for c in (1, 2, 4, 8, 16)}, compile_s=10.0)
+    tuning = strategy_tuning.tune([1, 2, 4, 8, 16], bench, total_steps=10**6)
+    assert bench.calls == [1, 2, 4] and tuning.models_per_call == 4
     assert tuning.budget_s == pytest.approx(0.01 * 0.0025 * 10**6) and 20 < tuning.added_s <= tuning.budget_s
     assert [c.status for c in tuning.candidates[3:]] == ["over the budget"] * 2
+    # the best's steps in each window count: everything the fake clock ran, but the first compile
+    assert tuning.added_s == pytest.approx(bench.now - 10.0)
 
 
 def test_a_single_candidate_is_taken_without_measuring():
-    measure, calls = fake_measure({1: 1.0})
-    tuning = strategy_tuning.tune([1], measure, total_steps=100)
-    assert calls == [] and tuning.models_per_call == 1 and tuning.candidates[0].status == "only one"
+    bench = FakeBench({1: 1.0})
+    tuning = strategy_tuning.tune([1], bench, total_steps=100)
+    assert bench.calls == [] and tuning.models_per_call == 1 and tuning.candidates[0].status == "only one"
+
+
+def test_interleaving_needs_room_for_two_copies_of_the_state(monkeypatch):
+    """12 model slots on 3 CPU devices, 1 MB of state each, counted DEVICE_COPIES (set to 1 here)
+    + HOST_COPIES = 3 times: 36 MB for one copy, 72 MB for two; 50 MB are available."""
+    layout = pop.make_layout(10, "loop", THREE)
+    monkeypatch.setattr(pop, "DEVICE_COPIES", 1)
+    monkeypatch.setattr(pop, "host_available_bytes", lambda: 50 * 10**6)
+    assert strategy_tuning._fits(layout, 2, 10**6, 0)
+    assert not strategy_tuning._fits(layout, 2, 10**6, 0, state_copies=2)
 
 
 # --- auto in training runs -------------------------------------------------------------------
@@ -207,7 +266,13 @@ def test_auto_records_the_fastest_and_reuses_it_on_resume(tmp_path, caplog, meas
     assert all(
         c["compile_s"] > 0 and len(c["step_times_s"]) == 1 + strategy_tuning.TIMED_STEPS for c in measured.values()
     )
-    assert record["models_per_call"] == min(measured, key=lambda c: measured[c]["step_s"])
+    assert record["models_per_call"] == min(measured, key=lambda c: measured[c]["relative"])
+    assert record["timing"] == "interleaved" and measured[1]["timing"] == "alone"
+    for c in (2, 4):  # each against the best before it, in one window
+        window = measured[c]["best_times_s"]
+        assert measured[c]["timing"] == "interleaved" and measured[c]["compared_with"] in (1, 2)
+        assert len(window) == strategy_tuning.TIMED_STEPS
+        assert measured[c]["ratio"] == pytest.approx(measured[c]["step_s"] / min(window))
     assert record["layout"] == {**record["layout"], "num_devices": 3, "per_device": 4, "size": 10}
     assert "population step of 1: " in caplog.text
     caplog.clear()
@@ -222,6 +287,18 @@ def test_auto_records_the_fastest_and_reuses_it_on_resume(tmp_path, caplog, meas
     assert "measured for another layout (num_devices 3 -> 2, per_device 4 -> 5)" in caplog.text
     with open(path) as f:
         assert json.load(f)["layout"]["num_devices"] == 2
+
+
+@pytest.mark.slow
+def test_auto_times_one_after_the_other_where_two_copies_do_not_fit(tmp_path, monkeypatch, measure_everything):
+    fits = strategy_tuning._fits
+    monkeypatch.setattr(strategy_tuning, "_fits", lambda *args, state_copies=1: state_copies == 1 and fits(*args))
+    auto_run(tmp_path)
+    with open(Workdir(str(tmp_path)).population_strategy) as f:
+        record = json.load(f)
+    assert record["timing"] == "sequential: two throwaway copies do not fit in memory"
+    assert [c["timing"] for c in record["candidates"]] == ["alone", "sequential", "sequential"]
+    assert all(c["best_times_s"] == [] for c in record["candidates"])
 
 
 @pytest.mark.slow
