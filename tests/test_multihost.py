@@ -112,23 +112,21 @@ def two_process_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("multihost") / "one")
+    _one_process("--compilation_cache=" + CACHE_DIR, *RUN, "--workdir", workdir)
+    return workdir
+
+
+def _one_process(*args, script="train.py", devices=8):
+    """``script`` with ``args`` in one process of ``devices`` CPU devices, which must succeed."""
     done = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "train.py"),
-            "--compilation_cache=" + CACHE_DIR,
-            *RUN,
-            "--workdir",
-            workdir,
-        ],
+        [sys.executable, os.path.join(ROOT, script), *args],
         cwd=ROOT,
-        env=_env(8),
+        env=_env(devices),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    return workdir
 
 
 def test_process_0_writes_each_shared_file_once(two_process_run):
@@ -271,16 +269,9 @@ def test_auto_on_two_processes_chooses_one_chunk_size_and_trains_as_one_process(
     assert [n for n in os.listdir(workdir) if "population_strategy" in n] == ["population_strategy.json"]
 
     one = str(tmp_path / "one")
-    done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train.py"), "--compilation_cache=" + CACHE_DIR, *AUTO_RUN]
-        + [f"--config.population.strategy={chosen}", "--workdir", one],
-        cwd=ROOT,
-        env=_env(8),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    _one_process(
+        "--compilation_cache=" + CACHE_DIR, *AUTO_RUN, f"--config.population.strategy={chosen}", "--workdir", one
     )
-    assert done.returncode == 0, done.stderr
     two_logits, one_logits = (np.load(os.path.join(w, "predictions", "test.npz"))["logits"] for w in (workdir, one))
     assert two_logits.shape == (16, 360, 10)
     np.testing.assert_allclose(two_logits, one_logits, rtol=0, atol=0 if chosen == 1 else 2e-5)
@@ -335,16 +326,8 @@ def test_minibatch_cka_over_two_processes_equals_one_process(tmp_path):
 
 
 def test_analyze_reads_a_two_process_workdir_in_one_process(two_process_run, tmp_path):
-    done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "analyze.py"), "--workdir", two_process_run, "--outdir", str(tmp_path)]
-        + ["--analyses=within", "--passes=1"],
-        cwd=ROOT,
-        env=_env(1),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
+    args = ["--workdir", two_process_run, "--outdir", str(tmp_path), "--analyses=within", "--passes=1"]
+    _one_process(*args, script="analyze.py", devices=1)
     within = np.load(tmp_path / "cka_within.npz")
     assert within["cka"].shape[0] == SIZE and np.isfinite(within["cka"]).all()
     assert (tmp_path / "report.html").exists()
