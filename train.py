@@ -191,10 +191,7 @@ def start_distributed(options: dict[str, Any], stop: StopOnSignal) -> None:
     notice on; from then on a stop signal reaches every process (:meth:`StopOnSignal.hand_over`).
     Exits 2 when there is no cluster to detect, 4 when the processes do not all connect within
     ``options['initialization_timeout']`` seconds."""
-    if getattr(jax.config, "jax_cpu_collectives_implementation", None) in (
-        None,
-        "none",
-    ):  # CPU devices of several processes
+    if getattr(jax.config, "jax_cpu_collectives_implementation", None) in (None, "none"):  # CPU, several processes
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_enable_preemption_service", True)  # the loop stops all processes through it
     timeout = options["initialization_timeout"]

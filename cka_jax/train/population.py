@@ -73,7 +73,7 @@ def strategy_chunk_size(strategy: str, per_device: int, backend: str) -> int:
         return per_device
     assert isinstance(parsed, int)
     if per_device % parsed:
-        valid = ", ".join(["auto", "vmap", "loop"] + [str(c) for c in chunk_sizes(per_device)])
+        valid = ", ".join([*STRATEGY_NAMES, *map(str, chunk_sizes(per_device))])
         raise ValueError(
             f"population.strategy={strategy!r} does not divide the {per_device} models each device "
             f"holds: use one of {valid}"
