@@ -16,21 +16,36 @@ residual connections, a single checkpoint) are skipped with a note unless named 
 Runs in one process: a workdir that train.py wrote with several processes (hosts) is analysed
 the same way, on any one host that sees it; the checkpoints are read onto its devices.
 Exit status: 0 on success, 1 if an analysis failed (the others' outputs are written),
-2 for bad input: flags, workdirs, config, predictions, --outdir (one line; nothing is written).
+2 for bad input: flags, workdirs, config, predictions, --outdir (one line; nothing is written),
+128 + signal when stopped by SIGTERM (143), SIGINT (130) or SIGHUP (129): one line; the outputs
+written before it are kept, the file being written is not left half-written, no temporary file
+is left; rerunning the same command runs every analysis again.
 """
 
-import logging
+import signal
 import sys
 
-import matplotlib
-from absl import app, flags
-from absl import logging as absl_logging
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_EARLY_SIGNALS: list[int] = []  # stop signals received before main took over their handling
+if __name__ == "__main__":  # the imports below take seconds: honour a signal sent meanwhile
+    for _signal in STOP_SIGNALS:
+        signal.signal(_signal, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
-from cka_jax.analysis import runner
-from cka_jax.analysis.context import AnalysisOptions
-from cka_jax.analysis.inputs import AnalysisInputError, check_workdir, has_test_images
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+from typing import NoReturn  # noqa: E402
+
+import matplotlib  # noqa: E402
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
+
+from cka_jax.analysis import runner  # noqa: E402
+from cka_jax.analysis.context import AnalysisOptions  # noqa: E402
+from cka_jax.analysis.inputs import AnalysisInputError, check_workdir, has_test_images  # noqa: E402
+from cka_jax.workdir import Workdir  # noqa: E402
 
 DEFAULTS = AnalysisOptions()
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "Trained workdir to analyse (train.py output).")
@@ -59,10 +74,38 @@ _BOOTSTRAP = flags.DEFINE_integer("num_bootstrap", DEFAULTS.num_bootstrap, "Boot
 _SEED = flags.DEFINE_integer("seed", DEFAULTS.seed, "Seed of shuffles and bootstrap resamples.")
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """One line on stderr, exit status 2 (bad input: nothing was written)."""
     print(f"analyze.py: error: {' '.join(str(message).split())}", file=sys.stderr)
     sys.exit(2)
+
+
+class Stopped(BaseException):
+    """A stop signal arrived: raised wherever the program is (not an ``Exception``, so that no
+    analysis's error handling takes it for a failure), so that the file being written removes its
+    temporary file on the way out (see ``cka_jax.atomic_file``)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOPPING: list[int] = []  # the stop signal being acted on
+
+
+def _stop(signum: int, frame) -> None:
+    """The stop signals' handler once main runs: raise ``Stopped`` at the first; a later one is
+    only recorded, so that it cannot cut short the clean-up the first started."""
+    if _STOPPING:
+        return
+    _STOPPING.append(signum)
+    raise Stopped(signum)
+
+
+def stopped(signum: int, what: str) -> NoReturn:
+    """Exit with 128 + ``signum`` after one line saying what the signal stopped."""
+    print(f"analyze.py: stopped by signal {signum} ({signal.Signals(signum).name}) {what}", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -92,6 +135,30 @@ def analysis_options() -> AnalysisOptions:
 
 
 def main(argv: list[str]) -> None:
+    outdir = _OUTDIR.value or (Workdir(_WORKDIR.value).analysis if flags.FLAGS["workdir"].present else "analysis")
+    created = not os.path.lexists(outdir)
+    for signum in STOP_SIGNALS:  # from here on a stop signal raises Stopped
+        signal.signal(signum, _stop)
+    if _EARLY_SIGNALS:
+        stopped(_EARLY_SIGNALS[0], "while starting; nothing was written")
+    try:
+        analyze(argv)
+    except Stopped as stop:
+        if created:
+            with contextlib.suppress(OSError):  # created by this run and still empty: nothing to keep
+                os.rmdir(outdir)
+        written = (
+            "nothing was written"
+            if not os.path.lexists(outdir)
+            else f"the analyses finished before it are in {outdir} (report.html) and nothing half-written or "
+            "temporary is left; rerun the same command to run them all again"
+        )
+        stopped(stop.signum, f"while analysing; {written}")
+    if _STOPPING:  # the signal's exception was swallowed somewhere, and the run went on to its end
+        stopped(_STOPPING[0], "as the analyses finished; their outputs are written")
+
+
+def analyze(argv: list[str]) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-restore INFO lines

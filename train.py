@@ -29,10 +29,10 @@ Exit status:
        the models and the step; the last finite checkpoint is kept, no predictions are written.
   4    several processes: one did not connect within --initialization_timeout, or an exchange
        with another one failed (it died); one line.
-  128 + signal   stopped by SIGTERM (143) or SIGINT (130), at any time from start-up on; what was
-       trained is checkpointed and the same command resumes. Several processes all stop at the
-       same step: a SIGTERM or SIGINT to any one of them stops every one, and each exits 143
-       (130 the process that got a SIGINT).
+  128 + signal   stopped by SIGTERM (143), SIGINT (130) or SIGHUP (129, the terminal closed), at
+       any time from start-up on; what was trained is checkpointed and the same command resumes.
+       Several processes all stop at the same step: a stop signal to any one of them stops every
+       one, and each exits 143 (130 or 129 the process that got a SIGINT or SIGHUP).
   134  several processes: another one sent no heartbeat for --heartbeat_timeout_seconds (it died or
        hangs); JAX aborts this one ("Terminating process because the JAX distributed service ...").
 """
@@ -40,9 +40,9 @@ Exit status:
 import signal
 import sys
 
-_EARLY_SIGNALS: list[int] = []  # SIGTERM/SIGINT received before main took over their handling
+_EARLY_SIGNALS: list[int] = []  # stop signals received before main took over their handling
 if __name__ == "__main__":  # the imports below take seconds: honour a signal sent meanwhile
-    for _signal in (signal.SIGTERM, signal.SIGINT):
+    for _signal in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(_signal, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
 import errno  # noqa: E402
@@ -63,6 +63,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 from cka_jax.train import checkpoints, data, loop, orbax_noise  # noqa: E402
 from cka_jax.train import config as run_config  # noqa: E402
 from cka_jax.train.health import TrainingDiverged  # noqa: E402
+from cka_jax.train.population import failed_exchange  # noqa: E402
 from cka_jax.train.run_checks import RunConfigError, check_run  # noqa: E402
 from cka_jax.train.stop_signal import StopOnSignal  # noqa: E402
 from cka_jax.train.workdir_checks import check_workdir, lock_workdir  # noqa: E402
@@ -82,13 +83,6 @@ def fail(message: str, status: int = EXIT_USAGE, alone: bool = False) -> NoRetur
     if alone:
         os._exit(status)
     sys.exit(status)
-
-
-def root_cause(error: BaseException) -> BaseException:
-    """The error ``error`` was raised from, and so on down."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return error
 
 
 def stopped(signum: int, what: str) -> NoReturn:
@@ -174,7 +168,7 @@ def distributed_options(
     return {**explicit, **timeouts}
 
 
-def lost_process(error: Exception) -> NoReturn:
+def lost_process(error: BaseException) -> NoReturn:
     """One line and exit 4 when an exchange across processes failed (at once: JAX's shutdown
     barrier would wait for the lost process until the heartbeat timeout)."""
     fail(
@@ -336,8 +330,9 @@ class TrainCommand:
         re-raise it. Several processes: exit without JAX's shutdown barrier, which would wait for the
         others until its timeout; they stop at their next exchange or missed heartbeat instead."""
         alone = jax.process_count() > 1
-        if alone and isinstance(root_cause(error), jax.errors.JaxRuntimeError):
-            lost_process(error)
+        exchange = failed_exchange(error)  # also under a checkpoint write, metrics, predictions, a check
+        if exchange is not None:
+            lost_process(exchange)
         if isinstance(error, checkpoints.CheckpointWriteError):
             fail(str(error), EXIT_DISK_FULL, alone)
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -371,6 +366,7 @@ class TrainCommand:
                 self.heartbeat_timeout_seconds.value,
             )
         model, layout = check_run(config)
+        data.check_data(config.data.name, config.data.data_dir or None)  # its mistakes: before anything is written
         with lock_workdir(workdir):
             check_workdir(workdir, config)
             if stop.is_set():

@@ -1,6 +1,7 @@
 """cka_jax: representation similarity (CKA, SVCCA, PWCCA, unit matching) for populations of networks.
 
 The similarity library, this package's top-level modules (importing it loads jax, numpy, scipy):
+    owned         host arrays as compiled code reads them: private copies, values unchanged
     checks        the input checks every measure runs on the host: one-line ValueErrors
     scaling       exact power-of-two rescaling and feature centring (so no scale under/overflows)
     hsic, cka     grams, centering, HSIC; CKA of grams and of representations

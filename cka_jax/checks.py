@@ -2,10 +2,14 @@
 
 Conventions: a representation is `x: (n, ...)`, n examples by any feature shape; trailing dims are
 flattened to `(n, p)`. Inputs must be arrays (NumPy or JAX; Python lists are refused, as JAX does)
-of real numbers: bool, integer and 16-bit float inputs are upcast to float32, float64 stays float64
-with `jax_enable_x64`; complex, string and object arrays raise `ValueError`. Every check reads only
-shapes and dtypes, so it runs on the host for concrete arrays and for tracers alike (inside a
-user's jit or vmap); each failure is one `ValueError` line naming the argument.
+of real numbers: bool, integer and 16-bit float inputs are upcast to float32, float64 and 64-bit
+integers to float64 with `jax_enable_x64`; complex, string and object arrays raise `ValueError`.
+Every check reads only shapes and dtypes, so it runs on the host for concrete arrays and for
+tracers alike (inside a user's jit or vmap); each failure is one `ValueError` line naming the
+argument.
+
+What a check returns is what compiled code reads (`cka_jax.owned`): host arrays become private
+copies, with their values unchanged.
 
 The compiled side of the same conventions is here too: `to_float` and `float_matrix` turn a
 checked input into the float array the measures compute in, and `nan_unless` keeps NaN or inf
@@ -22,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-Array = jax.Array | np.ndarray
+from cka_jax.owned import Array, owned
+
 Activations = Sequence[Any] | Mapping[str, Any]
 
 
@@ -36,23 +41,31 @@ class Shaped(Protocol):
 def float_dtype(dtype: Any, name: str = "x") -> np.dtype:
     """The float dtype a real `dtype` is computed in; ValueError naming `name` for any other dtype.
 
-    bool, integers and floats narrower than 32 bits -> float32; float64 -> float64 when
-    `jax_enable_x64` is on (float32 otherwise); float32 stays.
+    bool, integers and floats narrower than 64 bits -> float32; float64 and 64-bit integers ->
+    float64 when `jax_enable_x64` is on (float32 otherwise: `owned` converts host arrays first).
     """
     dtype = np.dtype(dtype)
     real = dtype.kind in "biu" or (dtype.kind in "fV" and jnp.issubdtype(dtype, jnp.floating))
     if not real:
         raise ValueError(f"{name} must hold real numbers (bool, integer or float), got dtype {dtype}")
-    wide = dtype.kind == "f" and dtype.itemsize >= 8
+    wide = dtype.kind in "fiu" and dtype.itemsize >= 8
     return np.dtype(jax.dtypes.canonicalize_dtype(jnp.float64 if wide else jnp.float32))
 
 
-def check_input(x: Any, name: str = "x", min_ndim: int = 2) -> Array:
-    """x as a NumPy or JAX array (other array-likes converted to NumPy; dtype unchanged).
+def check_input(
+    x: Any, name: str = "x", min_ndim: int = 2, centre_axis: int | None = None, scale_lead: int | None = None
+) -> Array:
+    """x as compiled code may read it: a JAX array or tracer as is, a host array (NumPy, or any
+    array-like) as `owned` makes it, with `centre_axis` and `scale_lead` (see there).
 
     ValueError naming `name` unless x is an array (not a Python list or tuple) of real numbers
     with at least `min_ndim` dims and no zero-length axis.
     """
+    return owned(validated(x, name, min_ndim), name, centre_axis, scale_lead)
+
+
+def validated(x: Any, name: str = "x", min_ndim: int = 2) -> Array:
+    """`check_input` without taking ownership: x as a NumPy or JAX array, dtype unchanged."""
     if isinstance(x, (list, tuple)):
         raise ValueError(
             f"{name} must be an array (NumPy or JAX), got a Python {type(x).__name__}; convert it with np.asarray"
@@ -69,9 +82,14 @@ def check_input(x: Any, name: str = "x", min_ndim: int = 2) -> Array:
     return x
 
 
-def check_pair(x: Any, y: Any) -> tuple[Array, Array]:
-    """Checked x: (n, ...), y: (n, ...) (see `check_input`); ValueError unless both have the same n."""
-    xc, yc = check_input(x, "x"), check_input(y, "y")
+def check_pair(x: Any, y: Any, own: bool = True) -> tuple[Array, Array]:
+    """Checked representations x: (n, ...), y: (n, ...) (see `check_input`) of a measure that
+    depends neither on per-feature offsets nor on scale; ValueError unless both have the same n.
+    own=False: validated only (for code that copies them to float64 on the host itself)."""
+    if own:
+        xc, yc = check_input(x, "x", centre_axis=0, scale_lead=0), check_input(y, "y", centre_axis=0, scale_lead=0)
+    else:
+        xc, yc = validated(x, "x"), validated(y, "y")
     if xc.shape[0] != yc.shape[0]:
         raise ValueError(
             f"x and y must be (n, ...) arrays with the same number n of examples; got {np.shape(x)} and {np.shape(y)}"
@@ -79,17 +97,18 @@ def check_pair(x: Any, y: Any) -> tuple[Array, Array]:
     return xc, yc
 
 
-def check_gram(gram: Any, name: str = "gram") -> Array:
-    """A checked square (..., n, n) gram; ValueError naming `name` otherwise."""
-    gram = check_input(gram, name)
+def check_gram(gram: Any, name: str = "gram", scale_free: bool = False) -> Array:
+    """A checked square (..., n, n) gram; ValueError naming `name` otherwise. scale_free: the
+    result does not depend on each gram's scale (`owned` may rescale each one)."""
+    gram = validated(gram, name)
     if gram.shape[-2] != gram.shape[-1]:
         raise ValueError(f"{name} must be square, (..., n, n), got shape {tuple(gram.shape)}")
-    return gram
+    return owned(gram, name, scale_lead=gram.ndim - 2 if scale_free else None)
 
 
-def check_gram_pair(gram_x: Any, gram_y: Any) -> tuple[Array, Array]:
+def check_gram_pair(gram_x: Any, gram_y: Any, scale_free: bool = False) -> tuple[Array, Array]:
     """Two checked grams of the same shape (see `check_gram`)."""
-    gram_x, gram_y = check_gram(gram_x, "gram_x"), check_gram(gram_y, "gram_y")
+    gram_x, gram_y = check_gram(gram_x, "gram_x", scale_free), check_gram(gram_y, "gram_y", scale_free)
     if gram_x.shape != gram_y.shape:
         raise ValueError(f"grams must have the same shape, got {tuple(gram_x.shape)} and {tuple(gram_y.shape)}")
     return gram_x, gram_y
@@ -120,6 +139,12 @@ def check_number(value: Any, name: str, valid: Callable[[float], bool], requirem
         raise ValueError(f"{name} {requirement}, got {value!r}")
 
 
+def check_flag(value: Any, name: str) -> None:
+    """ValueError unless value is a bool (Python or NumPy): "no" or 0.5 is not a switch."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def check_count(value: Any, name: str, minimum: int | None) -> None:
     """ValueError unless value is an integer (not a bool) >= minimum (any integer for None)."""
     if not is_int(value) or (minimum is not None and value < minimum):
@@ -135,9 +160,9 @@ def check_threshold(threshold: Any) -> None:
 
 
 def named_layers(acts: Activations, side: str) -> list[tuple[str, Array]]:
-    """acts (a list or mapping of per-layer arrays) -> [(label, checked array)], labels like
+    """acts (a list or mapping of per-layer arrays) -> [(label, validated array)], labels like
     "acts_a[2]" or "acts_a['logits']" for messages; dtype and empty axes checked here, the layout
-    by `check_layers`."""
+    by `check_layers`, ownership taken by `owned_layers` once the layout is known."""
     if isinstance(acts, Mapping):
         items = [(f"{side}[{name!r}]", a) for name, a in acts.items()]
     elif isinstance(acts, (list, tuple)):
@@ -146,7 +171,7 @@ def named_layers(acts: Activations, side: str) -> list[tuple[str, Array]]:
         raise ValueError(f"{side} must be a list or a mapping of per-layer arrays, got {type(acts).__name__}")
     if not items:
         raise ValueError(f"{side} is empty: pass one activation array per layer")
-    return [(label, check_input(a, label, min_ndim=0)) for label, a in items]
+    return [(label, validated(a, label, min_ndim=0)) for label, a in items]
 
 
 def check_layers(items: Sequence[tuple[str, Shaped]], num_models: int | None) -> int:
@@ -214,20 +239,70 @@ def check_minibatch(
 
 
 def check_minibatch_grams(grams: Any, name: str, layout: Layout, population: bool) -> Array:
-    """Checked grams (L, n, n), or (M, L, n, n) in population mode, n >= 4."""
-    grams = check_input(grams, name, min_ndim=0)
+    """Checked U-centred grams (L, n, n), or (M, L, n, n) in population mode, n >= 4, `owned`;
+    ValueError unless they are symmetric with zero diagonal and zero row sums up to rounding
+    (`check_symmetric`)."""
+    grams = validated(grams, name, min_ndim=0)
     expected = layout if population else layout[1:]
     shape = tuple(grams.shape)
     if len(shape) != len(expected) + 2 or shape[:-2] != expected or shape[-1] != shape[-2]:
         raise ValueError(f"{name} must have shape {expected + ('n', 'n')}, got {shape}")
     if shape[-1] < 4:
         raise ValueError(f"HSIC₁ needs at least 4 examples per minibatch, got {name} of shape {shape}")
+    grams = owned(grams, name)  # a gram's scale is its minibatch's weight: kept
+    check_symmetric(grams, name, u_centred=True)
     return grams
 
 
-def check_stacked(items: Sequence[tuple[str, Shaped]], devices: int, axis_name: str) -> int:
-    """k of layers stacked as (k, ...) for `MinibatchCKA.update_sharded`; ValueError unless every
-    layer has the same k, a positive multiple of the mesh axis size."""
+def _gram_defects(grams: Any, xp: Any) -> tuple[Any, Any, Any]:
+    """Largest |G - Gᵀ|, |diag G| and |row sum of G| of grams (..., n, n), each relative to the
+    gram's largest entry or largest row of absolute values (NaN grams give NaN)."""
+    grams = grams.astype(xp.float32) if grams.dtype.itemsize < 4 else grams
+    grams = grams.astype(xp.float32) if grams.dtype.kind != "f" else grams
+    size = xp.max(xp.abs(grams), axis=(-2, -1))
+    rows = xp.max(xp.sum(xp.abs(grams), axis=-1), axis=-1)
+    asym = xp.max(xp.abs(grams - xp.swapaxes(grams, -1, -2)), axis=(-2, -1)) / size
+    diag = xp.max(xp.abs(xp.diagonal(grams, axis1=-2, axis2=-1)), axis=-1) / size
+    sums = xp.max(xp.abs(xp.sum(grams, axis=-1)), axis=-1) / rows
+    return xp.max(asym), xp.max(diag), xp.max(sums)
+
+
+_device_gram_defects = jax.jit(lambda grams: _gram_defects(grams, jnp))
+
+
+def check_symmetric(grams: Array, name: str, u_centred: bool = False) -> None:
+    """ValueError naming `name` unless the concrete grams (..., n, n) are symmetric, and with
+    u_centred also U-centred (zero diagonal, zero row sums), up to rounding. Tracers are not
+    checked (their values are unknown until the program runs); all-zero or NaN grams pass."""
+    if isinstance(grams, jax.core.Tracer):
+        return
+    with np.errstate(all="ignore"):
+        if isinstance(grams, jax.Array):
+            asym, diag, sums = (float(v) for v in jax.device_get(_device_gram_defects(grams)))
+        else:
+            asym, diag, sums = (float(v) for v in _gram_defects(np.asarray(grams), np))
+    tolerance = max(1e-3, 64 * float(np.finfo(float_dtype(grams.dtype)).eps))
+    if asym > tolerance:
+        raise ValueError(
+            f"{name} is not symmetric (|G - Gᵀ| up to {asym:.2g} of its largest entry): pass grams K = k(x_i, x_j)"
+        )
+    if u_centred and (diag > tolerance or sums > tolerance):
+        raise ValueError(
+            f"{name} is not U-centred (diagonal up to {diag:.2g} of the largest entry, row sums up to {sums:.2g} "
+            "of the largest row): pass the grams of cka_jax.minibatch_grams, or U-centre them with "
+            "cka_jax.center_gram(gram, unbiased=True)"
+        )
+
+
+def check_stacked(items: Sequence[tuple[str, Shaped]], mesh: Any, axis_name: Any) -> int:
+    """k of layers stacked as (k, ...) for `MinibatchCKA.update_sharded`; ValueError unless mesh
+    is a Mesh with an axis `axis_name` and every layer has the same k, a positive multiple of
+    that axis's size."""
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((k,), ('batch',))), got {mesh!r}")
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh; its axes are {mesh.axis_names}")
+    devices = mesh.shape[axis_name]
     k = items[0][1].shape[0] if len(items[0][1].shape) else 0
     if k == 0 or k % devices or any(tuple(a.shape[:1]) != (k,) for _, a in items):
         shapes = ", ".join(f"{label}: {tuple(a.shape)}" for label, a in items)

@@ -14,7 +14,15 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from cka_jax.checks import check_gram_pair, check_pair, check_threshold, float_matrix, to_float
+from cka_jax.checks import (
+    check_flag,
+    check_gram_pair,
+    check_pair,
+    check_symmetric,
+    check_threshold,
+    float_matrix,
+    to_float,
+)
 from cka_jax.hsic import rbf_gram, ucenter
 from cka_jax.scaling import HIGHEST, normalise, scaled_centred
 
@@ -48,10 +56,15 @@ def cka(gram_x: jax.Array, gram_y: jax.Array, debiased: bool = False) -> jax.Arr
     """CKA between two symmetric grams, (n, n) each -> scalar.
 
     debiased=True uses U-centering, i.e. the ratio of unbiased HSIC₁ estimates (needs n >= 4).
+    Grams that are not symmetric up to rounding raise ValueError (a kernel gives k(x_i, x_j) =
+    k(x_j, x_i)); CKA does not depend on either gram's scale, so any finite scale is fine.
     """
-    checked_x, checked_y = check_gram_pair(gram_x, gram_y)
+    check_flag(debiased, "debiased")
+    checked_x, checked_y = check_gram_pair(gram_x, gram_y, scale_free=True)
     if checked_x.ndim != 2:
         raise ValueError(f"cka takes two (n, n) grams, got shape {tuple(checked_x.shape)}")
+    check_symmetric(checked_x, "gram_x")
+    check_symmetric(checked_y, "gram_y")
     if debiased:
         _check_min_examples(checked_x.shape[-1], debiased, f"grams of shape {tuple(checked_x.shape)}")
     return _cka(checked_x, checked_y, bool(debiased))
@@ -96,6 +109,7 @@ def linear_cka(x: jax.Array, y: jax.Array, debiased: bool = False) -> jax.Array:
     Uses the feature-space form ‖yᵀx‖²_F / (‖xᵀx‖_F ‖yᵀy‖_F) (no n×n gram) when n·(p² + pq + q²)
     is below the gram cost n²·(p + q), and the gram form otherwise; both give the same value.
     """
+    check_flag(debiased, "debiased")
     xc, yc = check_pair(x, y)
     _check_min_examples(xc.shape[0], debiased, str(xc.shape[0]))
     return _linear_cka(xc, yc, bool(debiased))
@@ -109,6 +123,7 @@ def _rbf_cka(x: jax.Array, y: jax.Array, threshold: jax.Array, debiased: bool) -
 def rbf_cka(x: jax.Array, y: jax.Array, threshold: float = 1.0, debiased: bool = False) -> jax.Array:
     """CKA with RBF kernels (bandwidth from the median distance, see `gram_rbf`) -> scalar."""
     check_threshold(threshold)
+    check_flag(debiased, "debiased")
     xc, yc = check_pair(x, y)
     _check_min_examples(xc.shape[0], debiased, str(xc.shape[0]))
     return _rbf_cka(xc, yc, threshold, bool(debiased))

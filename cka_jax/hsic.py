@@ -17,7 +17,16 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from cka_jax.checks import Array, check_gram, check_gram_pair, check_input, check_threshold, float_matrix, to_float
+from cka_jax.checks import (
+    Array,
+    check_flag,
+    check_gram,
+    check_gram_pair,
+    check_input,
+    check_threshold,
+    float_matrix,
+    to_float,
+)
 from cka_jax.scaling import HIGHEST, normalise, scaled_centred, times_pow2
 
 
@@ -27,7 +36,7 @@ def _gram_linear(x: jax.Array) -> jax.Array:
     return times_pow2(jnp.matmul(xc, xc.T, precision=HIGHEST), 2 * k)
 
 
-def gram_linear(x: jax.Array) -> jax.Array:
+def gram_linear(x: Array) -> jax.Array:
     """Linear-kernel gram of the feature-centred representation, x: (n, ...) -> (n, n).
 
     Equals x xᵀ up to terms of the form a1ᵀ + 1aᵀ + c11ᵀ, which both centerings remove, so every
@@ -36,7 +45,7 @@ def gram_linear(x: jax.Array) -> jax.Array:
     float32 its entries leave float32's range (use `linear_cka` or `MinibatchCKA`, which are
     scale-proof).
     """
-    return _gram_linear(check_input(x))
+    return _gram_linear(check_input(x, centre_axis=0))
 
 
 def rbf_gram(x: jax.Array, threshold: jax.Array | float) -> jax.Array:
@@ -55,14 +64,14 @@ def _gram_rbf(x: jax.Array, threshold: jax.Array) -> jax.Array:
     return rbf_gram(float_matrix(x), threshold)
 
 
-def gram_rbf(x: jax.Array, threshold: float = 1.0) -> jax.Array:
+def gram_rbf(x: Array, threshold: float = 1.0) -> jax.Array:
     """RBF gram exp(-d²/(2σ²)) with σ² = threshold² × median squared distance, x: (n, ...) -> (n, n).
 
     The median runs over all n² entries (diagonal included), as in Kornblith et al. 2019. The
     gram does not depend on x's scale, and is computed from exactly rescaled x.
     """
     check_threshold(threshold)
-    return _gram_rbf(check_input(x), threshold)
+    return _gram_rbf(check_input(x, centre_axis=0, scale_lead=0), threshold)
 
 
 def ucenter(gram: jax.Array, unbiased: bool) -> jax.Array:
@@ -104,6 +113,7 @@ def center_gram(gram: jax.Array, unbiased: bool = False) -> jax.Array:
     row and column sums/(n-2), add total/((n-1)(n-2)), zero diagonal), so that
     <U(K), U(L)> / (n(n-3)) is the unbiased HSIC₁ of Song et al. 2012.
     """
+    check_flag(unbiased, "unbiased")
     checked = check_gram(gram)
     _check_unbiased_n(checked, unbiased, "gram")
     return _center_gram(checked, bool(unbiased))
@@ -125,6 +135,7 @@ def hsic(gram_x: jax.Array, gram_y: jax.Array, unbiased: bool = False) -> jax.Ar
     Bilinear in the grams: computed from exactly rescaled grams, the result is the float rounding
     of the exact value (inf or 0 only where that lies outside the dtype's range).
     """
+    check_flag(unbiased, "unbiased")
     checked_x, checked_y = check_gram_pair(gram_x, gram_y)
     _check_unbiased_n(checked_x, unbiased, "gram_x")
     return _hsic(checked_x, checked_y, bool(unbiased))

@@ -124,7 +124,7 @@ def sparse_prediction_loss(
     NaN. Returns `(len(l1_penalties),)` losses in standardised units (predicting 0 scores
     about 1).
     """
-    xa, ya = (host_matrix(a) for a in check_pair(x, y))
+    xa, ya = (host_matrix(a) for a in check_pair(x, y, own=False))
     try:
         penalties = np.asarray(l1_penalties, dtype=np.float64)
     except (TypeError, ValueError):

@@ -65,6 +65,7 @@ from cka_jax.checks import (
 )
 from cka_jax.hsic_sums import NO_SCALE, HsicSums, Scales, Totals, batch_hsic, cka_ratio, combine, weighted
 from cka_jax.layer_grams import KERNELS, GramKind, batch_totals, fit_grams, minibatch_grams
+from cka_jax.owned import owned_layers
 from cka_jax.sharded_sums import sharded_totals
 
 __all__ = ["MinibatchCKA", "minibatch_grams"]
@@ -138,6 +139,8 @@ class MinibatchCKA:
         check_threshold(threshold)
         check_count(num_bootstrap, "num_bootstrap", 0)
         check_count(seed, "seed", None)
+        if not -(2**63) <= seed < 2**63:
+            raise ValueError(f"seed must fit in 64 bits, -2**63 <= seed < 2**63, got {seed!r}")
         la, lb = num_layers_a, num_layers_a if num_layers_b is None else num_layers_b
         ma = 1 if num_models_a is None else num_models_a
         mb = ma if num_models_b is None else num_models_b
@@ -223,7 +226,7 @@ class MinibatchCKA:
         items_b = None if acts_b is None else named_layers(acts_b, "acts_b")
         items_a = named_layers(acts_a, "acts_a")
         check_minibatch(items_a, items_b, self.layouts, self.population)
-        arrays_a, arrays_b, b_is_a = _arrays(items_a, items_b)
+        arrays_a, arrays_b, b_is_a = _arrays(items_a, items_b, int(self.population))
         return _update(self, arrays_a, arrays_b, b_is_a)
 
     def update_grams(self, grams_a: jax.Array, grams_b: jax.Array | None = None) -> MinibatchCKA:
@@ -254,11 +257,11 @@ class MinibatchCKA:
         """
         items_a = named_layers(acts_a, "acts_a")
         items_b = None if acts_b is None else named_layers(acts_b, "acts_b")
-        check_stacked(items_a + (items_b or []), mesh.shape[axis_name], axis_name)
+        check_stacked(items_a + (items_b or []), mesh, axis_name)
         check_minibatch(
             _one_minibatch(items_a), None if items_b is None else _one_minibatch(items_b), self.layouts, self.population
         )
-        arrays_a, arrays_b, b_is_a = _arrays(items_a, items_b)
+        arrays_a, arrays_b, b_is_a = _arrays(items_a, items_b, 1 + int(self.population))
         # Auto axes: the result is an ordinary replicated array, usable outside any mesh context.
         mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
         return _update_sharded(self, arrays_a, arrays_b, b_is_a, mesh, axis_name)
@@ -312,17 +315,16 @@ class MinibatchCKA:
 
 
 def _arrays(
-    items_a: list[tuple[str, Array]], items_b: list[tuple[str, Array]] | None
+    items_a: list[tuple[str, Array]], items_b: list[tuple[str, Array]] | None, examples_axis: int
 ) -> tuple[list[Array], list[Array] | None, bool]:
-    """Both sides' arrays, without their labels, and whether b's are a's very arrays (then b's
-    list is None and their grams are built once)."""
-    arrays_a = [a for _, a in items_a]
+    """Both sides' checked arrays as compiled code reads them (`owned_layers`), and whether b's
+    are a's very arrays (then b's list is None and their grams are built once)."""
+    arrays_a = owned_layers(items_a, examples_axis)
     if items_b is None:
         return arrays_a, None, False
-    arrays_b = [b for _, b in items_b]
-    if len(arrays_a) == len(arrays_b) and all(a is b for a, b in zip(arrays_a, arrays_b, strict=True)):
+    if len(items_a) == len(items_b) and all(a is b for (_, a), (_, b) in zip(items_a, items_b, strict=True)):
         return arrays_a, None, True
-    return arrays_a, arrays_b, False
+    return arrays_a, owned_layers(items_b, examples_axis), False
 
 
 def _one_minibatch(items: list[tuple[str, Array]]) -> list[tuple[str, jax.ShapeDtypeStruct]]:

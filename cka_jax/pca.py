@@ -56,7 +56,7 @@ _direction = jax.jit(lambda x: _first_pc_summary(x)[2])
 
 def first_pc_variance_fraction(x: jax.Array) -> jax.Array:
     """Fraction of the total variance of `x: (n, ...)` explained by its first PC: scalar in [0, 1]."""
-    return _variance_fraction(check_input(x))
+    return _variance_fraction(check_input(x, centre_axis=0, scale_lead=0))
 
 
 def first_pc_scores(x: jax.Array) -> jax.Array:
@@ -66,7 +66,7 @@ def first_pc_scores(x: jax.Array) -> jax.Array:
     so it is comparable across layers of different widths. Sign: its largest-magnitude entry
     is positive.
     """
-    return _scores(check_input(x))
+    return _scores(check_input(x, centre_axis=0, scale_lead=0))
 
 
 def first_pc_direction(x: jax.Array) -> jax.Array:
@@ -74,7 +74,7 @@ def first_pc_direction(x: jax.Array) -> jax.Array:
 
     Sign matches `first_pc_scores`: centred `x @ direction` is a positive multiple of the scores.
     """
-    return _direction(check_input(x))
+    return _direction(check_input(x, centre_axis=0, scale_lead=0))
 
 
 @jax.jit
@@ -89,7 +89,7 @@ def _remove_first_pc(x: jax.Array) -> jax.Array:
 def remove_first_pc(x: jax.Array) -> jax.Array:
     """Centred `x: (n, ...)` with its first PC projected out, same shape as `x` and in its units
     (equivariant: remove_first_pc(c·x) = c·remove_first_pc(x))."""
-    return _remove_first_pc(check_input(x))
+    return _remove_first_pc(check_input(x, centre_axis=0))
 
 
 def first_pc_cosine_similarity(xs: Sequence[jax.Array]) -> jax.Array:
@@ -101,7 +101,7 @@ def first_pc_cosine_similarity(xs: Sequence[jax.Array]) -> jax.Array:
     if not isinstance(xs, (list, tuple)) or not xs:
         got = f"an empty {type(xs).__name__}" if isinstance(xs, (list, tuple)) else f"a {type(xs).__name__}"
         raise ValueError(f"xs must be a list of at least one (n, ...) array, one per layer; got {got}")
-    checked = [check_input(x, f"xs[{i}]") for i, x in enumerate(xs)]
+    checked = [check_input(x, f"xs[{i}]", centre_axis=0, scale_lead=0) for i, x in enumerate(xs)]
     if len({x.shape[0] for x in checked}) != 1:
         raise ValueError(f"representations must be (n, ...) with the same n; got shapes {[jnp.shape(x) for x in xs]}")
     return _cosine_similarity(checked)

@@ -2,6 +2,7 @@
 plausible number (bootstrap, intervals, JSON, layer status, probes, deletion, CCA, unit matching,
 principal components)."""
 
+import os
 from collections import OrderedDict
 
 import numpy as np
@@ -117,3 +118,35 @@ def test_principal_components_of_undefined_layers_are_undefined():
     pcs = principal_components(reps)
     assert np.isfinite(pcs.variance_fraction[0]).all() and np.isnan(pcs.variance_fraction[1, 1])
     assert np.isfinite(pcs.cka[1, 0, 0]) and np.isnan(pcs.cka[1, 0, 1]) and np.isnan(pcs.cosine[1, 1, 1])
+
+
+def test_training_curves_of_a_run_whose_every_seed_diverged_are_undefined(tmp_path):
+    """Every seed diverged: no seed is left to average, and the means are undefined (this crashed
+    with "cannot reshape array of size 0")."""
+    import json
+    import types
+
+    from cka_jax.analysis import training_curves
+    from cka_jax.analysis.context import AnalysisContext
+    from cka_jax.train.config import base_config
+    from cka_jax.workdir import Workdir, metrics_log
+
+    workdir = str(tmp_path)
+    rows = [
+        {"epoch": 1, "step": 3, "model": m, "train_loss": None, "train_accuracy": None, "diverged": True}
+        for m in (0, 1)
+    ]
+    metrics_log.append(Workdir(workdir).metrics, rows)
+    curves = training_curves.read_curves(workdir, 2, 10)
+    summary = training_curves.describe(curves)
+    assert summary["diverged_seeds"] == [0, 1] and summary["under_trained_seeds"] == []
+    assert np.isnan(summary["final_train_loss_mean"]) and np.isnan(summary["final_test_accuracy_mean"])
+    population = types.SimpleNamespace(name="run", workdir=workdir, size=2, config=base_config())
+    ctx = AnalysisContext([population], types.SimpleNamespace(num_classes=10), str(tmp_path / "out"))
+    os.makedirs(ctx.outdir)
+    section = training_curves.section(ctx)
+    row = section.tables[0].rows[0]
+    assert row[3] == row[4] == "undefined (every seed diverged)" and row[5] == "seeds 0, 1"
+    record = json.loads(open(ctx.path("training.json")).read(), parse_constant=pytest.fail)[0]
+    assert record["final_train_loss_mean"] is None and record["final_test_accuracy"] == [None, None]
+    assert "diverged: seeds 0 (epoch 1), 1 (epoch 1)" in section.text

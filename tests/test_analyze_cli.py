@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -295,3 +296,58 @@ def test_inapplicable_analyses_are_skipped_when_chosen_by_default_and_refused_wh
     assert runner.check_analyses(ctx, ["within", "seeds", "matching", "sparse"]) == ["within"]
     assert set(ctx.skipped) == {"seeds", "matching", "sparse"}
     assert "Not run: seeds (cross-seed CKA needs at least 2 models" in runner.report_intro(ctx)
+
+
+# analyze.py with ARGS, run by a Python process that sends itself signal SIGNAL from WHERE: as
+# the first figure starts to be written (the file is then half done), or as the output directory
+# is checked (before anything is written).
+SIGNALLED_ANALYZE = """
+import os, runpy, sys
+import matplotlib.figure
+import cka_jax.analysis.runner
+def signalled(function):
+    def call(*args, **kwargs):
+        os.kill(os.getpid(), SIGNAL)
+        return function(*args, **kwargs)
+    return call
+if WHERE == "figure":
+    matplotlib.figure.Figure.savefig = signalled(matplotlib.figure.Figure.savefig)
+else:
+    cka_jax.analysis.runner.check_writable_directory = signalled(cka_jax.analysis.runner.check_writable_directory)
+sys.argv = ["analyze.py", *ARGS]
+runpy.run_path("analyze.py", run_name="__main__")
+"""
+
+
+def analyze_signalled(signum, where, *args):
+    script = SIGNALLED_ANALYZE.replace("SIGNAL", str(int(signum))).replace("WHERE", repr(where))
+    return subprocess.run(
+        [sys.executable, "-c", script.replace("ARGS", repr(list(args)))],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_stop_signal_exits_128_plus_it_with_one_line_and_leaves_no_temporary_file(workdirs, tmp_path, signum):
+    out = tmp_path / "out"
+    result = analyze_signalled(signum, "figure", f"--workdir={workdirs[0]}", f"--outdir={out}", "--analyses=training")
+    lines = [x for x in result.stderr.splitlines() if x.strip() and not x.startswith("analyses:")]  # no progress bar
+    assert result.returncode == 128 + signum, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"analyze.py: stopped by signal {int(signum)} "), lines
+    assert f"the analyses finished before it are in {out}" in lines[0] and "Traceback" not in result.stderr
+    written = [str(p.relative_to(out)) for p in out.rglob("*")]
+    assert written == ["training.json"], written  # written before the figure; no .tmp-* file
+
+
+def test_a_stop_signal_before_any_output_leaves_no_outdir(workdirs, tmp_path):
+    out = tmp_path / "out"
+    result = analyze_signalled(signal.SIGTERM, "outdir", f"--workdir={workdirs[0]}", f"--outdir={out}")
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "analyze.py: stopped by signal 15 (SIGTERM) while analysing; nothing was written"
+    ], result.stderr[-2000:]
+    assert not out.exists()

@@ -92,6 +92,8 @@ ROWS = {
     "predictions-0-bytes": ([], ("main", empty_predictions), "test.npz cannot be read"),
     "outdir-below-a-file": bad_flags("--outdir={file}/analysis", says="--outdir"),
     "outdir-in-proc": bad_flags("--outdir=/proc/self/no_such/analysis", says="--outdir"),
+    "compare-symlink-to-workdir": bad_flags("--compare={link}", says="is the same directory as --workdir"),
+    "compare-relative-path-to-workdir": bad_flags("--compare={main}/../narrow", says="is the same directory as"),
     "compare-nan-logits": bad_compared_predictions(_nan, "not all finite"),
     "compare-5-classes": bad_compared_predictions(
         lambda g, y: (g[..., :5], y), "logits over 5 classes, but the data set has 10"
@@ -112,7 +114,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(row, workdirs, tmp_path
     regular_file = tmp_path / "a_file"
     regular_file.write_text("not a directory")
     out = tmp_path / "out"
-    names = {"file": str(regular_file), "missing": str(tmp_path / "missing")}
+    (tmp_path / "link").symlink_to(main)
+    names = {"file": str(regular_file), "missing": str(tmp_path / "missing"), "link": str(tmp_path / "link")}
+    names["main"] = main
     args = [f"--workdir={main}", f"--outdir={out}"]
     if "--analyses=disagreement" in flags:
         args.append(f"--compare={compare}")

@@ -76,6 +76,13 @@ def garble_manifest(directory, step):
     open(os.path.join(_item(directory, step), MANIFEST), "w").write("{not json")
 
 
+def copied_from_an_earlier_step(directory, step):
+    """`cp -r <earlier> <step>` (or a `mv`): a whole, verified checkpoint under another step's name."""
+    earlier = max(s for s in map(int, filter(str.isdigit, os.listdir(directory))) if s < step)
+    shutil.rmtree(os.path.join(directory, str(step)))
+    shutil.copytree(os.path.join(directory, str(earlier)), os.path.join(directory, str(step)))
+
+
 def delete_data_file_and_its_checksum(directory, step):
     """Damage the manifest cannot see: orbax itself fails (and used to print 4,700 lines)."""
     path = _largest_file(directory, step)
@@ -93,6 +100,7 @@ DAMAGES = [
     pytest.param(delete_manifest, "no checksum manifest", id="no-manifest"),
     pytest.param(garble_manifest, "manifest", id="garbled-manifest"),
     pytest.param(delete_data_file_and_its_checksum, "orbax failed", id="orbax-fails"),
+    pytest.param(copied_from_an_earlier_step, "its state is at step 1, not 2", id="another-steps-state"),
 ]
 
 
@@ -108,7 +116,7 @@ def _fallback_lines(caplog):
 def saved(tmp_path):
     """A checkpoint directory with steps 1 and 2 of a small state; yields (manager, state)."""
     manager = checkpoints.PopulationCheckpoints(str(tmp_path / "ck"), max_to_keep=3)
-    state = {"w": jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64), "b": jnp.ones(8)}
+    state = {"w": jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64), "b": jnp.ones(8), "step": jnp.ones(4, int)}
     manager.save(1, state)
     manager.save(2, jax.tree.map(lambda x: x + 1, state))
     manager.wait()
@@ -198,6 +206,24 @@ def test_resume_after_flipped_bytes_retrains_from_the_previous_checkpoint(traine
         np.testing.assert_array_equal(a, b)
 
 
+def test_resume_after_a_renamed_checkpoint_retrains_from_the_previous_one(trained, tmp_path, caplog):
+    """`mv checkpoints/4 checkpoints/8` used to resume as step 8 with step 4's state (and so end
+    with other parameters): its state's own step says it is not step 8's, so it is set aside."""
+    workdir = _copy(trained[0], tmp_path)
+    directory = os.path.join(workdir, "checkpoints")
+    shutil.rmtree(os.path.join(directory, "8"))
+    os.rename(os.path.join(directory, "4"), os.path.join(directory, "8"))
+    with pytest.raises(analysis_workdir.AnalysisInputError, match="step 8 .*its state is at step 4, not 8"):
+        analysis_workdir.load_population(workdir)  # a reader refuses it, and moves nothing
+    result = loop.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
+    assert result.step == 8 and os.path.isdir(os.path.join(workdir, "checkpoints.corrupt", "8"))
+    (line,) = _fallback_lines(caplog)
+    assert "step 8" in line and "its state is at step 4, not 8" in line
+    assert "moved it to" in line and "falling back to the checkpoint at step 0" in line
+    for a, b in zip(_params(workdir), trained[1], strict=True):  # the same run, retrained from step 0
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("damage, reason", DAMAGES[:4])
 def test_analysis_of_a_damaged_checkpoint_is_refused_naming_step_and_file(trained, tmp_path, damage, reason):
     workdir = _copy(trained[0], tmp_path)
@@ -211,15 +237,42 @@ def test_analysis_of_a_damaged_checkpoint_is_refused_naming_step_and_file(traine
         np.testing.assert_array_equal(a, b)
 
 
-def _training_replaces_step_8_by_12(workdir):
-    """What a running training does between two reads: write a newer checkpoint, delete one."""
+def _saved_as_a_later_step(workdir, step, later):
+    """The checkpoint at `step` of `workdir` saved again at step `later` (its state's step moved
+    on to `later`) in a directory beside the workdir: what a training writes at step `later`.
+    Returns that checkpoint's directory."""
+    from cka_jax.train.config import build_model
+    from cka_jax.train.run_checks import model_state_shape
+    from cka_jax.train.trained import load_config
+
+    config = load_config(workdir)
+    one = model_state_shape(config, build_model(config))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def abstract_for(padded):
+        size = padded or config.population.size
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct((size,) + a.shape, a.dtype, sharding=device), one)
+
+    reader = checkpoints.PopulationCheckpoints(os.path.join(workdir, "checkpoints"), read_only=True)
+    _, state = reader.read(abstract_for, step)
+    reader.close()
+    writer = checkpoints.PopulationCheckpoints(workdir + ".later")
+    writer.save(later, state.replace(step=state.step + (later - step)))
+    writer.close()
+    return os.path.join(workdir + ".later", str(later))
+
+
+def _training_replaces_step_8_by_12(workdir, step_12):
+    """What a running training does between two reads: write a newer checkpoint (`step_12`,
+    from :func:`_saved_as_a_later_step`), delete one."""
     directory = os.path.join(workdir, "checkpoints")
-    shutil.copytree(os.path.join(directory, "8"), os.path.join(directory, "12"))
+    shutil.move(step_12, os.path.join(directory, "12"))
     shutil.rmtree(os.path.join(directory, "8"))
 
 
 def _delete_during(monkeypatch, workdir, where):
     """Delete step 8 the first time the reader reaches ``where`` (verifying or restoring)."""
+    step_12 = _saved_as_a_later_step(workdir, 8, 12)
     calls = []
     if where == "verifying":
         original, owner, name = checkpoint_manifest._digest, checkpoint_manifest, "_digest"
@@ -229,7 +282,7 @@ def _delete_during(monkeypatch, workdir, where):
     def deleting(*args, **kwargs):
         if not calls and os.path.isdir(os.path.join(workdir, "checkpoints", "8")):
             calls.append(1)
-            _training_replaces_step_8_by_12(workdir)
+            _training_replaces_step_8_by_12(workdir, step_12)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(owner, name, deleting)

@@ -201,6 +201,44 @@ MISUSE = {
         lambda: _sharded_update()(MinibatchCKA.create(1), [np.stack([_x()[:3]] * 8)]),
         "at least 4 examples",
     ),
+    "MinibatchCKA.update_sharded-axis-name": (
+        lambda: MinibatchCKA.create(1).update_sharded(
+            [np.stack([_x()] * 8)], mesh=jax.make_mesh((8,), ("batch",)), axis_name="x"
+        ),
+        r"axis_name='x' is not an axis of the mesh; its axes are \('batch',\)",
+    ),
+    "MinibatchCKA.update_sharded-no-mesh": (
+        lambda: MinibatchCKA.create(1).update_sharded([np.stack([_x()] * 8)], mesh=None),
+        "mesh must be a jax.sharding.Mesh",
+    ),
+    "MinibatchCKA.create-seed-2**70": (lambda: MinibatchCKA.create(1, seed=2**70), "seed must fit in 64 bits"),
+    "linear_cka-debiased-text": (lambda: ck.linear_cka(_x(), _y(), debiased="no"), "debiased must be True or False"),
+    "rbf_cka-debiased-number": (lambda: ck.rbf_cka(_x(), _y(), debiased=0.5), "debiased must be True or False"),
+    "cka-debiased-text": (lambda: ck.cka(_gram(), _gram(), debiased="yes"), "debiased must be True or False"),
+    "hsic-unbiased-text": (lambda: ck.hsic(_gram(), _gram(), unbiased="no"), "unbiased must be True or False"),
+    "center_gram-unbiased-text": (lambda: ck.center_gram(_gram(), unbiased="no"), "unbiased must be True or False"),
+    "cka-asymmetric-gram": (lambda: ck.cka(np.triu(_gram()), _gram()), "gram_x is not symmetric"),
+    "MinibatchCKA.update_grams-raw-gram": (
+        lambda: MinibatchCKA.create(1).update_grams(_gram()[None]),
+        "grams_a is not U-centred",
+    ),
+    "hsic-float64-beyond-float32": (lambda: ck.hsic(_gram().astype(np.float64) * 1e300, _gram()), "float32's range"),
+    "gram_linear-float64-beyond-float32": (
+        lambda: ck.gram_linear(_x().astype(np.float64) * 1e-300),
+        "x holds float64 values .* outside float32's range",
+    ),
+    "MinibatchCKA.update-float64-beyond-float32": (
+        lambda: MinibatchCKA.create(1).update([_x().astype(np.float64) * 1e300]),
+        r"acts_a\[0\] holds float64 values",
+    ),
+    "compare-population-stream-without-features": (
+        lambda: ck.compare(None, batches=[{"h": _x()}], population=True, progress=False),
+        r"acts_a\['h'\] has shape \(20, 5\): in population mode",
+    ),
+    "compare-int64-input-beyond-int32": (
+        lambda: ck.compare(lambda v: {"v": v * 1.0}, batches=[_x().astype(np.int64) + 2**40], progress=False),
+        "the input of batch 0 holds int64 values .* beyond int32",
+    ),
     "MinibatchCKA.merge-not-accumulator": (lambda: MinibatchCKA.create(1).merge("acc"), "another MinibatchCKA"),
     "MinibatchCKA.bootstrap_interval-level-nan": (
         lambda: MinibatchCKA.create(1, num_bootstrap=2).bootstrap_interval(float("nan")),

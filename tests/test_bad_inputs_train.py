@@ -137,6 +137,7 @@ FIELD_MISTAKES = [
     ("data.crop_padding", 9, "data.crop_padding must be at most the image side (8)"),
     ("model.residual", 1, "model.residual must be true or false, got 1"),
     ("data.name", "mnist", "unknown data set 'mnist'"),
+    ("data.data_dir", "/data/digits", "data.data_dir=/data/digits is given, but digits comes with scikit-learn"),
 ]
 
 
@@ -310,7 +311,8 @@ def test_sigterm_while_starting_exits_143_at_once(tmp_path):
     assert not os.path.exists(workdir)
 
 
-def test_sigterm_during_setup_stops_before_training_and_resumes(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_during_setup_stops_before_training_and_resumes(tmp_path, signum):
     workdir = str(tmp_path / "run")
     args = [*TINY, "--config.train.epochs=2", "--workdir", workdir]
     proc = start_train(*args)
@@ -318,9 +320,9 @@ def test_sigterm_during_setup_stops_before_training_and_resumes(tmp_path):
     while not os.path.exists(os.path.join(workdir, "config.json")):  # setup has begun
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert proc.returncode == 128 + signum, err
     assert "Traceback" not in err
     steps = checkpoint_steps(workdir) if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
     assert set(steps) <= {0}, steps  # no training step was taken
@@ -342,6 +344,37 @@ def _write(path, text):
 
 def _file(tmp):
     return _write(os.path.join(tmp, "a_file"), "")
+
+
+FASHION = os.path.join(ROOT, "configs", "fashion_mnist.py")
+
+
+def _fashion(data_dir):
+    """train.py's flags of a tiny Fashion-MNIST run (120 training images) reading `data_dir`."""
+    return [
+        "--config",
+        FASHION + ":depth=8,width=0.25,size=1,epochs=1,fraction=0.002",
+        f"--config.data.data_dir={data_dir}",
+    ]
+
+
+def _idx_files(tmp, kind):
+    """A directory of Fashion-MNIST IDX files under `tmp`: `kind` says what is wrong with them."""
+    from test_fashion_mnist import _full_size, _write_set
+
+    directory = os.path.join(tmp, kind)
+    if kind == "lacks_a_file":
+        _write_set(directory)
+        os.remove(os.path.join(directory, "t10k-labels-idx1-ubyte.gz"))
+    elif kind == "swapped":
+        _full_size(directory, swapped=True)
+    elif kind == "empty":
+        _write_set(directory, num_train=0, num_test=0)
+    elif kind == "none":
+        os.makedirs(directory)
+    else:
+        _full_size(directory)
+    return directory
 
 
 CLI_MISTAKES = [
@@ -374,6 +407,27 @@ CLI_MISTAKES = [
         lambda t: TINY + ["--workdir", os.path.dirname(_write(f"{t}/run/config.json", "{oops"))],
         ["config.json is damaged"],
     ),
+    # a data location given is used or refused, never replaced; the splits are Fashion-MNIST's;
+    # the refused run leaves nothing in the workdir (it used to leave config.json, .lock, checkpoints/)
+    ("data_dir_does_not_exist", lambda t: _fashion(f"{t}/nowhere"), ["data.data_dir=", "nowhere does not exist"]),
+    (
+        "data_dir_lacks_a_file",
+        lambda t: _fashion(_idx_files(t, "lacks_a_file")),
+        ["lacks_a_file lacks Fashion-MNIST's t10k-labels-idx1-ubyte"],
+    ),
+    ("train_and_test_swapped", lambda t: _fashion(_idx_files(t, "swapped")), ["holds 10000 images", "swapped"]),
+    ("empty_idx_files", lambda t: _fashion(_idx_files(t, "empty")), ["holds 0 images", "has 60000"]),
+    ("data_dir_without_the_data", lambda t: _fashion(_idx_files(t, "none")), ["none holds none of Fashion-MNIST's"]),
+    (
+        "tfds_data_dir_not_prepared",  # tfds's own "Variant folder ... has no dataset_info.json" was a 2nd line
+        lambda t: [
+            "--config",
+            os.path.join(ROOT, "configs", "cifar10.py:depth=8,size=1"),
+            f"--config.data.data_dir={t}",
+        ],
+        ["'cifar10' (split 'train') is not prepared in "],
+    ),
+    ("digits_with_a_data_dir", lambda t: TINY + [f"--config.data.data_dir={t}"], ["digits comes with scikit-learn"]),
 ]
 
 
@@ -405,3 +459,56 @@ def test_a_refused_nan_leaves_the_workdir_usable(tmp_path):
     config = tiny_config()
     workdir_checks.check_workdir(workdir, config)  # a valid run may use it
     assert json.load(open(os.path.join(workdir, "config.json")))["train.momentum"] == 0.9
+
+
+# --- 7. a run refused for its data, and the modes of the files a run writes ---------------------
+
+
+def _fashion_config(data_dir):
+    """The in-process twin of `_fashion`: 1 ResNet-8 (1/4 width), 120 training images, 3 steps."""
+    config = tiny.tiny_config(1, 1, eval_batch_size=1000)
+    config.data.name, config.data.crop_padding, config.data.fraction = "fashion_mnist", 2, 0.002
+    config.data.data_dir = data_dir
+    return config
+
+
+def test_a_run_refused_for_its_data_leaves_nothing_and_the_corrected_one_runs(tmp_path):
+    """The refused run used to leave config.json, .lock and checkpoints/, and the corrected
+    command (another data.data_dir) was then refused as "a different config"."""
+    from cka_jax.train.data import DataNotAvailableError
+
+    workdir = str(tmp_path / "run")
+    with pytest.raises(DataNotAvailableError, match="lacks Fashion-MNIST's t10k-labels-idx1-ubyte"):
+        loop.train_and_evaluate(_fashion_config(_idx_files(str(tmp_path), "lacks_a_file")), workdir, devices=ONE_DEVICE)
+    assert not os.path.exists(workdir)
+    os.makedirs(workdir)
+    with pytest.raises(DataNotAvailableError, match="swapped"):
+        loop.train_and_evaluate(_fashion_config(_idx_files(str(tmp_path), "swapped")), workdir, devices=ONE_DEVICE)
+    assert os.listdir(workdir) == []  # the directory was there before the run: it stays
+    result = loop.train_and_evaluate(_fashion_config(_idx_files(str(tmp_path), "good")), workdir, devices=ONE_DEVICE)
+    assert result.step == result.total_steps == 3
+    assert json.load(open(os.path.join(workdir, "config.json")))["data.data_dir"].endswith("good")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_every_file_of_a_run_has_the_umasks_mode(tmp_path, umask):
+    """config.json, the metrics, predictions, checkpoints (orbax's files and the manifest),
+    population_strategy.json and the lock: 0o666 less the umask (atomic writes were 0o600)."""
+    workdir = str(tmp_path / "run")
+    previous = os.umask(umask)
+    try:
+        loop.train_and_evaluate(
+            tiny.tiny_config(2, 1, strategy="auto", eval_batch_size=360), workdir, devices=ONE_DEVICE
+        )
+    finally:
+        os.umask(previous)
+    modes = {}
+    for root, dirs, files in os.walk(workdir):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            kind = 0o777 if os.path.isdir(path) else 0o666
+            modes[os.path.relpath(path, workdir)] = (oct(os.stat(path).st_mode & 0o777), oct(kind & ~umask))
+    wrong = {path: mode for path, mode in modes.items() if mode[0] != mode[1]}
+    assert not wrong, wrong
+    expected = {"config.json", "checkpoints/config.json", "metrics.jsonl", "predictions/test.npz", ".lock"}
+    assert expected | {"population_strategy.json", "checkpoints/4/default/cka_jax_manifest.json"} <= set(modes)

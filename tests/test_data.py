@@ -56,6 +56,31 @@ def test_missing_tfds_data_is_a_clear_error(tmp_path):
         data.tfds_source("cifar10", "train", data_dir=str(tmp_path))
 
 
+@pytest.mark.parametrize("name", ["cifar10", "imagenet2012"])
+def test_an_empty_split_is_refused_naming_it(name):
+    """A prepared split without examples is one line (it used to end in a ZeroDivisionError or
+    numpy's 'need at least one array to stack')."""
+    from cka_jax.train.config import base_config
+    from cka_jax.train.imagenet_stream import ImageNetStream
+
+    config = base_config()
+    config.data.name, config.data.image_size, config.data.num_workers = name, 24, 1
+    with tfds.testing.mock_data(num_examples=0, policy=tfds.testing.MockPolicy.USE_CODE):
+        with pytest.raises(data.DataNotAvailableError, match=f"'{name}' .*holds no examples in its split 'train'"):
+            ImageNetStream(config) if name == "imagenet2012" else data.load_in_memory(name)
+
+
+@pytest.mark.parametrize("made", ["nothing", "a file"])
+def test_a_given_tfds_data_dir_that_is_not_a_directory_is_refused(tmp_path, made):
+    """data.data_dir is used or refused: tfds would look nowhere else, but with TensorFlow
+    installed it would create the directory and download the data set into it."""
+    given = tmp_path / "typo"
+    if made == "a file":
+        given.write_text("")
+    with pytest.raises(data.DataNotAvailableError, match=f"data.data_dir={given} (does not exist|is not a directory)"):
+        data.load_in_memory("cifar10", data_dir=str(given))
+
+
 def test_augmentation_shapes_determinism_and_effect():
     images = jax.random.randint(jax.random.PRNGKey(0), (16, 8, 8, 3), 0, 255).astype(np.uint8)
     key = jax.random.PRNGKey(1)

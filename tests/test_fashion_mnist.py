@@ -56,6 +56,12 @@ def no_debian_files(monkeypatch, tmp_path):
     monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", str(tmp_path / "not_installed"))
 
 
+@pytest.fixture
+def small_splits(monkeypatch):
+    """The sizes of `_write_set`'s splits stand for Fashion-MNIST's 60000 and 10000."""
+    monkeypatch.setattr(fashion_mnist, "SPLIT_SIZES", {"train": 20, "test": 10})
+
+
 @needs_files
 def test_real_files_shapes_labels_balance_and_known_values():
     d = data.load_in_memory("fashion_mnist")
@@ -78,6 +84,7 @@ def test_fraction_subsets_the_real_training_set_only():
     assert np.bincount(d.train_labels).min() > 650  # a random eighth keeps every class
 
 
+@pytest.mark.usefixtures("small_splits")
 @pytest.mark.parametrize("gz", [True, False])
 def test_data_dir_comes_first_gzipped_or_not(tmp_path, gz):
     arrays = _write_set(tmp_path, gz=gz)
@@ -119,6 +126,7 @@ def _damage(directory, how):
     raise AssertionError(how)
 
 
+@pytest.mark.usefixtures("small_splits")
 @pytest.mark.parametrize(
     "how", ["truncated", "not gzip", "cut gzip", "wrong magic", "other shape", "fewer labels", "bad label"]
 )
@@ -130,6 +138,7 @@ def test_damaged_files_are_an_error_naming_the_file(tmp_path, how):
     assert os.path.basename(path) in str(error.value)
 
 
+@pytest.mark.usefixtures("small_splits")
 def test_missing_everywhere_says_how_to_install(tmp_path, no_debian_files):
     (tmp_path / "empty").mkdir()
     _write_set(tmp_path / "half")
@@ -139,12 +148,88 @@ def test_missing_everywhere_says_how_to_install(tmp_path, no_debian_files):
             data.load_fashion_mnist(data_dir)
 
 
-def test_debian_location_is_used_when_data_dir_lacks_the_files(tmp_path, monkeypatch):
-    arrays = _write_set(tmp_path / "debian")
+def _lacking(directory, name):
+    _write_set(directory)
+    os.remove(os.path.join(directory, name + ".gz"))
+
+
+GIVEN_DATA_DIRS = [
+    # (id, make the given data_dir under tmp_path, substrings of the refusal)
+    ("does_not_exist", lambda d: None, ["does not exist"]),
+    ("is_a_file", lambda d: open(d, "w").close(), ["is not a directory"]),
+    ("empty", os.mkdir, ["holds none of Fashion-MNIST's IDX files", "no tensorflow-datasets fashion_mnist"]),
+    *[
+        (f"lacks_{name}", lambda d, name=name: _lacking(d, name), ["lacks Fashion-MNIST's " + name])
+        for pair in fashion_mnist.FILES.values()
+        for name in pair
+    ],
+]
+
+
+@pytest.mark.usefixtures("small_splits")
+@pytest.mark.parametrize(
+    "make, expected", [(m, e) for _, m, e in GIVEN_DATA_DIRS], ids=[i for i, _, _ in GIVEN_DATA_DIRS]
+)
+def test_a_given_data_dir_is_used_or_refused_never_replaced(tmp_path, monkeypatch, make, expected):
+    """Debian's copy is there, but a data.data_dir the user gave is the only place looked in: it
+    lacking the data is one line naming it and what it lacks (it used to fall back to Debian's)."""
+    debian = _write_set(tmp_path / "debian")
     monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", str(tmp_path / "debian"))
-    (tmp_path / "elsewhere").mkdir()
-    d = data.load_fashion_mnist(str(tmp_path / "elsewhere"))
-    np.testing.assert_array_equal(d.train_labels, arrays["train"][1])
+    given = str(tmp_path / "given")
+    make(given)
+    with pytest.raises(data.DataNotAvailableError) as error:
+        data.load_fashion_mnist(given)
+    message = str(error.value)
+    assert f"data.data_dir={given} " in message and "\n" not in message, message
+    for text in expected:
+        assert text in message, message
+    np.testing.assert_array_equal(data.load_fashion_mnist(None).train_labels, debian["train"][1])  # none given
+
+
+def _full_size(directory, swapped=False, test_from_train=False, num_test=10000):
+    """Uncompressed IDX files of Fashion-MNIST's sizes (mostly blank images, each one distinct);
+    `swapped`: the test split under the train names and the other way round; `test_from_train`:
+    the test images are the first training images."""
+    os.makedirs(directory, exist_ok=True)
+    train = np.zeros((fashion_mnist.SPLIT_SIZES["train"], 28, 28), np.uint8)
+    train.reshape(len(train), -1)[:, :3] = np.stack(np.unravel_index(np.arange(len(train)), (256, 256, 256)), 1)
+    test = train[:num_test].copy() if test_from_train else 255 - train[:num_test]
+    arrays = {"train": test, "test": train} if swapped else {"train": train, "test": test}
+    for split, images in arrays.items():
+        _idx(os.path.join(directory, fashion_mnist.FILES[split][0]), images, gz=False)
+        _idx(os.path.join(directory, fashion_mnist.FILES[split][1]), np.arange(len(images)) % 10, gz=False)
+
+
+SPLIT_MISTAKES = [
+    # (id, write the IDX files into a directory, substrings of the refusal)
+    ("swapped", lambda d: _full_size(d, swapped=True), ["holds 10000 images", "train split has 60000", "swapped"]),
+    ("test_is_train", lambda d: _full_size(d, test_from_train=True), ["10000 of the 10000 test images", "also in"]),
+    ("empty", lambda d: _write_set(d, num_train=0, num_test=0), ["holds 0 images", "train split has 60000"]),
+    ("empty_test", lambda d: _full_size(d, num_test=0), ["holds 0 images", "test split has 10000"]),
+    ("another_size", lambda d: _write_set(d), ["holds 20 images", "train split has 60000"]),
+]
+
+
+@pytest.mark.parametrize(
+    "write, expected", [(w, e) for _, w, e in SPLIT_MISTAKES], ids=[i for i, _, _ in SPLIT_MISTAKES]
+)
+def test_splits_that_are_not_fashion_mnists_are_refused(tmp_path, write, expected):
+    """The file names are all that tells the splits apart: each split must have Fashion-MNIST's
+    size, and the test images must not be training images (swapped files used to train on the
+    test set; empty ones ended in a ZeroDivisionError)."""
+    write(str(tmp_path / "idx"))
+    with pytest.raises(data.DataNotAvailableError) as error:
+        data.load_in_memory("fashion_mnist", data_dir=str(tmp_path / "idx"))
+    message = str(error.value)
+    for text in expected:
+        assert text in message, message
+    assert str(tmp_path / "idx") in message and "\n" not in message
+
+
+def test_full_size_distinct_splits_are_read(tmp_path):
+    _full_size(str(tmp_path / "idx"))
+    d = data.load_in_memory("fashion_mnist", fraction=0.5, data_dir=str(tmp_path / "idx"))
+    assert len(d.train_labels) == 30000 and len(d.test_labels) == 10000
 
 
 @pytest.mark.slow

@@ -198,6 +198,132 @@ def test_a_busy_workdir_refuses_both_and_a_killed_process_is_reported_by_the_oth
     assert elapsed < HEARTBEAT_S + 30, elapsed
 
 
+# train.py in each of 2 processes, with FLAGS; process 1 kills itself (SIGKILL) as it makes its
+# CALLS-th call of WHERE ("module:Class.method" or "module.function"), so that process 0 is the
+# first to reach the exchange that follows.
+DYING_WORKER = """
+import importlib, os, runpy, signal, sys
+port, process_id = sys.argv[1], sys.argv[2]
+if process_id == "1":
+    path, name = WHERE.rsplit(".", 1)
+    module, _, owner = path.partition(":")
+    target = importlib.import_module(module)
+    target = getattr(target, owner) if owner else target
+    original, calls = getattr(target, name), []
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == CALLS:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+    setattr(target, name, dying)
+sys.argv = ["train.py", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={process_id}"]
+sys.argv += ["--initialization_timeout=120", f"--heartbeat_timeout_seconds=HEARTBEAT", *FLAGS]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(
+    "where, calls",
+    [
+        ("cka_jax.train.health:HealthCheck.__call__", 2),  # the health check at the first epoch's end
+        ("cka_jax.train.chunked_states:ChunkedStates.test_accuracy", 1),  # the first evaluation
+        ("cka_jax.train.checkpoints:PopulationCheckpoints.save", 2),  # the first epoch's checkpoint
+        ("cka_jax.train.loop.write_predictions", 1),  # the test predictions
+    ],
+    ids=["health_check", "evaluation", "checkpoint", "predictions"],
+)
+def test_a_process_killed_anywhere_makes_the_other_exit_4_with_one_line(tmp_path, where, calls):
+    """Whatever exchange the survivor reaches first fails at once: exit status 4 and one line,
+    not JAX's abort (it used to wait for the checkpoint in flight, whose barriers wait for the
+    dead process, until JAX's coordination service aborted it)."""
+    workdir, log = str(tmp_path / "run"), str(tmp_path / "dying")
+    flags = ["--compilation_cache=" + CACHE_DIR, *RUN, "--config.train.epochs=2", "--workdir", workdir]
+    script = DYING_WORKER.replace("WHERE", repr(where)).replace("CALLS", str(calls))
+    script = script.replace("HEARTBEAT", str(HEARTBEAT_S)).replace("FLAGS", repr(flags))
+    (code, out), (killed, _) = finish(launch(log, script=script), log, timeout=240)
+    assert killed == -signal.SIGKILL, killed
+    errors = [line for line in out.splitlines() if line.startswith("train.py:")]
+    assert code == 4 and len(errors) == 1, (code, out[-3000:])
+    assert errors[0].startswith("train.py: error: process 0 of 2: an exchange with the other processes failed")
+    assert "Traceback" not in out and "Fatal Python error" not in out
+
+
+def _train_module():
+    """train.py imported as a module (its main does not run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("link", ["cause", "context", "message"])
+def test_a_failed_exchange_under_a_checkpoint_write_is_a_lost_process(monkeypatch, capsys, link):
+    """The failure reaches train.py as a CheckpointWriteError raised from the collective's error
+    (cause), while handling it (context), or repeating its message: exit 4, one line; it was
+    reported as a checkpoint that could not be written, exit 1."""
+    from absl import flags
+
+    from cka_jax.train.checkpoints import CheckpointWriteError
+
+    train = _train_module()
+    gloo = "UNKNOWN: Gloo AllGather failed: [pair.cc:538] Read error [127.0.0.1]:14729: Connection reset by peer"
+    what = f"failed (JaxRuntimeError: {gloo}) writing the checkpoint at step 4 in /w/checkpoints; fix this"
+    error = CheckpointWriteError(what, 4, "/w/checkpoints")
+    if link == "cause":
+        error.__cause__ = jax.errors.JaxRuntimeError(gloo)
+    elif link == "context":
+        error.__context__ = jax.errors.JaxRuntimeError(gloo)
+
+    def exit_now(status):
+        raise SystemExit(status)
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(train.os, "_exit", exit_now)
+    with pytest.raises(SystemExit) as exited:
+        train.TrainCommand(flags.FlagValues()).failed(error)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 4 and len(lines) == 1, lines
+    assert lines[0].startswith("train.py: error: process 0 of 2: an exchange with the other processes failed")
+    assert "Gloo AllGather failed" in lines[0]
+
+
+# train.py in each of 2 processes, process 1 with one config field changed (EXTRA).
+DIFFERENT_CONFIG_WORKER = """
+import runpy, sys
+port, process_id = sys.argv[1], sys.argv[2]
+sys.argv = ["train.py", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={process_id}"]
+sys.argv += ["--initialization_timeout=120", *FLAGS, *(EXTRA if process_id == "1" else [])]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["--config.train.epochs=3"], "train.epochs: 8 on process 0, 3 on process 1"),
+        (["--config.checkpoint.every_steps=2"], "checkpoint.every_steps: 0 on process 0, 2 on process 1"),
+    ],
+    ids=["epochs", "resumable_field"],
+)
+def test_processes_given_different_configs_are_told_the_difference(tmp_path, extra, says):
+    """Each process gets one line naming the field and both values (as one process is told how
+    its config differs from the workdir's), exit 2, and nothing is left in the workdir; not "use
+    a shared file system". A field that may change on resume must still agree between processes."""
+    workdir, log = str(tmp_path / "run"), str(tmp_path / "different")
+    flags = ["--compilation_cache=" + CACHE_DIR, *RUN, "--workdir", workdir]
+    script = DIFFERENT_CONFIG_WORKER.replace("FLAGS", repr(flags)).replace("EXTRA", repr(extra))
+    results = finish(launch(log, script=script), log, timeout=180)
+    assert [code for code, _ in results] == [2, 2], results
+    for _, out in results:
+        errors = [line for line in out.splitlines() if line.startswith("train.py:")]
+        assert len(errors) == 1 and "was given a different config" in errors[0], out[-3000:]
+        assert "Traceback" not in out
+        assert says in errors[0] and "shared file system" not in errors[0], errors[0]
+    assert not os.path.exists(os.path.join(workdir, "config.json"))
+
+
 def test_processes_that_never_connect_fail_with_one_line_in_time(tmp_path):
     port = free_port()
     start = time.time()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
@@ -44,12 +45,10 @@ def check_writable_directory(path: str) -> None:
         raise NotADirectoryError(f"{existing} is not a directory")
     probe = tempfile.mkdtemp(dir=existing, prefix=".tmp-")
     try:
-        inside = os.path.join(probe, "probe")
-        with open(inside, "wb") as f:
+        with open(os.path.join(probe, "probe"), "wb") as f:
             f.write(b"0")
-        os.unlink(inside)
-    finally:
-        os.rmdir(probe)
+    finally:  # also when a stop signal interrupts the probe: nothing is left, and its error stays
+        shutil.rmtree(probe, ignore_errors=True)
 
 
 def write_text(path: str, text: str) -> str:

@@ -96,8 +96,7 @@ def load_context(
     directory can be written, then loads them: with `images`, the restored models and the test
     images; without, the predictions' labels only. Writes nothing."""
     workdirs = [workdir, *compare]
-    if len({os.path.abspath(w) for w in workdirs}) != len(workdirs):
-        raise AnalysisInputError(f"each workdir may appear once; got {workdirs}")
+    _check_distinct(workdirs)
     check_comparable(workdirs, [check_workdir(w) for w in workdirs])
     outdir = outdir or Workdir(workdir).analysis
     try:
@@ -125,6 +124,31 @@ def load_context(
         if status:
             logger.warning("%s%s", population.workdir, status)
     return ctx
+
+
+def _directory_identity(path: str) -> tuple[int, int] | str:
+    """What makes two paths the same directory: device and inode (through symlinks, bind mounts
+    and `..`), or the real path of one that cannot be read."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return info.st_dev, info.st_ino
+
+
+def _check_distinct(workdirs: Sequence[str]) -> None:
+    """AnalysisInputError naming a workdir of `workdirs` (--workdir, then the --compare ones) that
+    is the same directory as an earlier one, however it is spelled (a symlink, a relative path):
+    a population compared with itself."""
+    seen: dict[tuple[int, int] | str, int] = {}
+    for i, path in enumerate(workdirs):
+        first = seen.setdefault(_directory_identity(path), i)
+        if first != i:
+            earlier = "--workdir" if first == 0 else "--compare"
+            raise AnalysisInputError(
+                f"--compare {path!r} is the same directory as {earlier} {workdirs[first]!r}: a population would "
+                "be compared with itself; each workdir may appear once, so compare a different one"
+            )
 
 
 def check_analyses(ctx: AnalysisContext, names: Sequence[str], skip_inapplicable: bool = True) -> list[str]:

@@ -308,7 +308,11 @@ def _summary_row(name: str, size: int, summary: Mapping[str, Any]) -> list[str]:
     test = summary["final_test_accuracy"]
     ok = np.isfinite(test)
     spread = f" (seeds {test[ok].min():.3f} to {test[ok].max():.3f})" if ok.sum() > 1 else ""
-    undefined = "no seed reached a finite final value" if not ok.any() else ""
+    undefined = ""
+    if len(summary["diverged_seeds"]) == size:
+        undefined = "every seed diverged"
+    elif not ok.any():
+        undefined = "no seed reached a finite final value"
 
     def seeds(key: str) -> str:
         return model_list(summary[key]) if summary[key] else "none"

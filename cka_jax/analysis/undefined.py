@@ -70,12 +70,12 @@ class LayerStatus:
 
 def _finite(r: np.ndarray) -> np.ndarray:
     """(M, n, ...) -> (M,) bool: every value of the model is finite."""
-    return np.isfinite(r).reshape(r.shape[0], -1).all(1)
+    return np.isfinite(r).reshape(r.shape[0], math.prod(r.shape[1:])).all(1)
 
 
 def _varying(r: np.ndarray) -> np.ndarray:
     """(M, n, ...) -> (M,) bool: the model's values differ between the n examples."""
-    return (r != r[:, :1]).reshape(r.shape[0], -1).any(1)
+    return (r != r[:, :1]).reshape(r.shape[0], math.prod(r.shape[1:])).any(1)
 
 
 def measurable(reps: np.ndarray) -> np.ndarray:
@@ -126,7 +126,8 @@ def interval(mean, low, high, digits: int = 3, reason: str = "") -> str:
 def defined_rows(values: np.ndarray) -> np.ndarray:
     """(K, ...) -> (K,) bool: rows whose every value is finite."""
     values = np.asarray(values, np.float64)
-    return np.isfinite(values.reshape(values.shape[0], -1)).all(1)
+    # Not reshape(K, -1): with K = 0 (no model left, e.g. every seed diverged) -1 is ambiguous.
+    return np.isfinite(values.reshape(values.shape[0], math.prod(values.shape[1:]))).all(1)
 
 
 def mean_of_defined(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -9,8 +9,11 @@ Kinds (`as_model`):
   an NNX module  ``nnx.capture(..., method_outputs=nnx.Intermediate)`` on an evaluation-mode copy
       (``.eval()``: no dropout, BatchNorm running averages): every submodule's public method
       outputs and every ``sow(nnx.Intermediate, ...)``, named by attribute path (``conv1``,
-      ``layers/0``, ``block/feat``), ordered by where the trace computes them.
-  a callable  ``x -> mapping name -> activation``, traceable by JAX; names in the mapping's order.
+      ``layers/0``, ``block/feat``), ordered by where the trace computes them; a value several
+      modules return (eval-mode dropout passes its input on) by the order their calls finish.
+  a callable  ``x -> mapping name -> activation``; names in the mapping's order. It is compiled
+      when JAX can trace it; one that cannot (NumPy code, a PyTorch model) is run eagerly on
+      NumPy inputs (`cka_jax.compare.sources`).
 A module called more than once reports ``name#1``, ``name#2``, ...; a structured output (tuple,
 dict) reports one layer per array leaf (``name/0``, ``name/key``). A value captured twice (a
 parent returning its last child's output, ``output`` of a model ending in a layer, eval-mode
@@ -23,6 +26,7 @@ flax is imported only when a Flax model is seen.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -33,7 +37,7 @@ import numpy as np
 
 ROOT = "output"  # name of the module's own output
 
-Capture = Callable[[Any, jax.Array], "OrderedDict[str, jax.Array]"]
+Capture = Callable[[Any, Any], "OrderedDict[str, jax.Array]"]  # (params, x): x a JAX or NumPy array
 
 
 class Model:
@@ -59,6 +63,8 @@ class Model:
         self.label, self.name, self.params = label, name, params
         self.capture, self.population, self.num_models = capture, population, num_models
         self.cache_key = _hashable(cache_key)
+        self.is_function = False  # a plain function x -> {name: activation}, not a Flax model
+        self.eager = False  # set when JAX cannot trace the function: run it on NumPy inputs
 
     def forward(self, names: tuple[str, ...]) -> Callable[[Any, jax.Array], list[jax.Array]]:
         """(params, x) -> the activations of `names`, in that order."""
@@ -201,22 +207,46 @@ def _call_order(fn: Callable, *args) -> list[int]:
     return [where.get(id(var), -1) for var in jaxpr.outvars]
 
 
+@contextlib.contextmanager
+def _sow_order(nnx, log: list[tuple[int, str]]):
+    """Records (id(module), name) of every `sow` while the block runs, in call-finish order
+    (nnx.capture's method_outputs sow each method's output as the method returns)."""
+    original = nnx.Module.sow
+
+    def sow(self, variable_type, name, value, *args, **kwargs):
+        log.append((id(self), name))
+        return original(self, variable_type, name, value, *args, **kwargs)
+
+    nnx.Module.sow = sow
+    try:
+        yield
+    finally:
+        nnx.Module.sow = original
+
+
 def _nnx_model(label: str, module, population: bool) -> Model:
     from flax import nnx
 
     graphdef, state = nnx.split(module)
 
     def flat(state, x) -> list[tuple[int, str, Any]]:
-        """(path depth, name, array) of every captured value, in flat_state (sorted path) order."""
+        """(finish position, name, array) of every captured value, in flat_state (sorted path)
+        order; the finish position is where the call that captured it returned."""
         copy = nnx.merge(graphdef, state)
         copy.eval()
-        _, found = nnx.capture(copy, nnx.Intermediate, method_outputs=nnx.Intermediate)(x)
+        log: list[tuple[int, str]] = []
+        with _sow_order(nnx, log):
+            _, found = nnx.capture(copy, nnx.Intermediate, method_outputs=nnx.Intermediate)(x)
+        paths = {id(m): tuple(p) for p, m in nnx.iter_modules(copy)}
+        finished: dict[tuple, int] = {}
+        for position, (owner, name) in enumerate(log):
+            finished.setdefault(paths.get(owner, ()) + (name,), position)
         triples = []
         for path, var in nnx.to_flat_state(found):
-            depth = sum(p != "__call__" for p in path)
-            triples += [(depth, name, leaf) for name, leaf in named_leaves(tuple(path), var.get_value())]
+            position = finished.get(tuple(path), len(log))
+            triples += [(position, name, leaf) for name, leaf in named_leaves(tuple(path), var.get_value())]
         names = unique([(name, None) for _, name, _ in triples])
-        return [(depth, name, leaf) for (depth, _, leaf), name in zip(triples, names, strict=True)]
+        return [(position, name, leaf) for (position, _, leaf), name in zip(triples, names, strict=True)]
 
     order: list[str] = []
 
@@ -224,8 +254,9 @@ def _nnx_model(label: str, module, population: bool) -> Model:
         triples = flat(state, x)
         if not order:  # first trace: order the layers by where the computation produces them
             index = _call_order(lambda s, x: [leaf for _, _, leaf in flat(s, x)], state, x)
-            # ties (a parent returning its last child's output): deeper paths first, as linen does
-            rank = sorted(range(len(triples)), key=lambda i: (index[i], -triples[i][0], i))
+            # ties (one value returned by several calls: a parent returning its last child's
+            # output, eval-mode dropout passing its input on): the call that finished first
+            rank = sorted(range(len(triples)), key=lambda i: (index[i], triples[i][0], i))
             order.extend(name for name, _ in first_of_each([triples[i][1:] for i in rank]))
         named = {name: leaf for _, name, leaf in triples}
         return OrderedDict((name, named[name]) for name in order)
@@ -244,7 +275,9 @@ def _callable_model(label: str, fn: Callable, population: bool) -> Model:
             )
         return OrderedDict((str(k), v) for k, v in acts.items())
 
-    return Model(label, getattr(fn, "__name__", type(fn).__name__), None, capture, population)
+    model = Model(label, getattr(fn, "__name__", type(fn).__name__), None, capture, population)
+    model.is_function = True
+    return model
 
 
 def _is_linen(obj) -> bool:

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from cka_jax.checks import check_flag
 from cka_jax.compare.adapters import as_model
 from cka_jax.compare.engine import Engine, resolve_devices
 from cka_jax.compare.full import WholeSetCKA
@@ -47,9 +48,10 @@ def compare(
 
     Models: a ``(linen_module, variables)`` pair (optionally with a dict of `apply` keyword
     arguments as a third element, e.g. ``{"train": False}``), an NNX module, or a function
-    ``x -> {name: activation}``; model_b=None compares model_a with itself. ``model_a=None``: the
-    activations are given by `batches` itself, each batch a mapping name -> activation (compared
-    with itself) or a pair ``(acts_a, acts_b)`` of them (NumPy/torch/JAX arrays, e.g. from
+    ``x -> {name: activation}`` (compiled when JAX can trace it; otherwise, e.g. NumPy code or a
+    PyTorch model, run eagerly on NumPy inputs); model_b=None compares model_a with itself.
+    ``model_a=None``: the activations are given by `batches` itself, each batch a mapping
+    name -> activation (compared with itself) or a pair ``(acts_a, acts_b)`` of them (NumPy/torch/JAX arrays, e.g. from
     PyTorch forward hooks).
     batches: any iterable of minibatches: arrays (batch, ...), or tuples/lists/mappings whose
     element `input_key` is the input (default 0: the x of (x, y)); read once, in order.
@@ -126,8 +128,7 @@ class Options:
         )
         flags = dict(debiased=self.debiased, population=self.population, all_pairs=self.all_pairs)
         for flag, value in {**flags, "drop_remainder": drop_remainder, "progress": progress}.items():
-            if not isinstance(value, (bool, np.bool_)):
-                raise ValueError(f"{flag} must be True or False, got {value!r}")
+            check_flag(value, flag)
         if isinstance(self.level, bool) or not isinstance(self.level, (int, float)) or not 0 < self.level < 1:
             raise ValueError(f"level must lie in (0, 1), got {self.level!r}")
         if max_batches is not None and (type(max_batches) is not int or max_batches < 1):

@@ -11,7 +11,6 @@ first batch with NaN or inf activations.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,17 +39,6 @@ def resolve_devices(devices) -> list:
     raise ValueError(f"devices must be None, a device count or a list of jax devices, got {devices!r}")
 
 
-@jax.jit
-def _update(acc: MinibatchCKA, acts_a, acts_b) -> MinibatchCKA:
-    return acc.update(acts_a, acts_b)
-
-
-@functools.lru_cache(maxsize=4)
-def _sharded_update(mesh: Mesh):
-    """update_sharded on `mesh`, compiled once per mesh and shapes across calls."""
-    return jax.jit(functools.partial(MinibatchCKA.update_sharded, mesh=mesh))
-
-
 def _finite(acc) -> tuple[Any, Any]:
     if isinstance(acc, WholeSetCKA):
         return acc.finite[0].copy(), acc.finite[-1].copy()
@@ -69,7 +57,6 @@ class Engine:
         self.first_bad: list[dict[tuple[int, int], tuple[int, int]]] = [{}, {}]
         if self.sharded:
             self.mesh = Mesh(np.array(devices), ("batch",), axis_types=(AxisType.Auto,))
-            self.sharded_update = _sharded_update(self.mesh)
 
     def add(self, index: int, payload) -> None:
         if not self.sharded:
@@ -80,15 +67,13 @@ class Engine:
         self.buffer.append((index, payload))
         if len(self.buffer) == self.k:
             acts_a, acts_b = self.source.stacked([p for _, p in self.buffer], self.mesh)
-            self.acc = self.sharded_update(self.acc, acts_a, acts_b)
+            self.acc = self.acc.update_sharded(acts_a, acts_b, mesh=self.mesh)
             self._record(self.buffer[0][0], self.buffer[-1][0])
             self.buffer = []
 
     def _serial(self, index: int, payload) -> None:
         acts_a, acts_b = self.source.acts(payload)
-        self.acc = (
-            self.acc.update(acts_a, acts_b) if isinstance(self.acc, WholeSetCKA) else _update(self.acc, acts_a, acts_b)
-        )
+        self.acc = self.acc.update(acts_a, acts_b)
         self._record(index, index)
 
     def _drain(self) -> None:

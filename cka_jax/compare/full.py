@@ -2,7 +2,8 @@
 
 CKA(K, L) = <HKH, HLH> / (‖HKH‖ ‖HLH‖) with K, L the (n, n) grams of all n examples at once
 (`cka_jax.cka` on `gram_linear` / `gram_rbf`). Unlike minibatch CKA it needs every example's
-activations together: they are kept on the host, (n, features) per layer, and each layer's gram
+activations together: they are copied to the host as they come (the caller may reuse its arrays),
+(n, features) per layer in their own dtype, and each layer's gram
 takes n² floats (n = 10,000: 400 MB per layer in float32), so it suits a few thousand examples.
 Its bias shrinks as 1/n; the minibatch estimator (`debiased=True`) has none at any batch size.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+
+from cka_jax.owned import owned_copy
 
 
 @jax.jit
@@ -24,8 +27,8 @@ def _unit_scale(x: np.ndarray) -> np.ndarray:
     """x: (n, p) times the power of two that brings its largest magnitude into [1, 2): exact, and
     CKA is unchanged by it (linear kernel; the RBF bandwidth follows the median distance), but the
     gram of activations near 1e-30 or 1e30 no longer under- or overflows float32."""
-    if x.dtype.kind != "f":
-        x = x.astype(np.float32)  # bool/int activations: scaled as floats, not truncated back
+    if x.dtype.kind != "f":  # bool/int activations: scaled as floats (64-bit integers exactly), not truncated back
+        x = x.astype(np.float64 if x.dtype.itemsize >= 8 else np.float32)
     largest = np.max(np.abs(x), initial=0.0) if x.size else 0.0
     if not np.isfinite(largest) or largest == 0:
         return x  # NaN/inf stay and make the layer's CKA NaN; a constant-zero layer stays undefined
@@ -49,7 +52,7 @@ class WholeSetCKA:
     def update(self, acts_a: list, acts_b: list | None = None) -> WholeSetCKA:
         for side, acts in enumerate([acts_a, acts_b][: len(self.parts)]):
             for layer, a in enumerate(acts or ()):
-                a = np.asarray(a)
+                a = owned_copy(np.asarray(a))
                 a = a.reshape(a.shape[0], -1)
                 self.finite[side][0, layer] &= bool(np.isfinite(a).all()) if a.dtype.kind == "f" else True
                 self.parts[side][layer].append(a)
@@ -61,7 +64,7 @@ class WholeSetCKA:
 
         grams = []
         for chunks in self.parts[side]:
-            x = jax.numpy.asarray(_unit_scale(np.concatenate(chunks)))
+            x = _unit_scale(np.concatenate(chunks))  # host float64 stays float64 for gram_*'s own checks
             grams.append(gram_linear(x) if self.kernel == "linear" else gram_rbf(x, self.threshold))
         return grams
 

@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from cka_jax.owned import owned, owned_copy, x64_enabled
+
 InputKey = int | str | Callable[[Any], Any]
 
 
@@ -60,7 +62,27 @@ def model_input(batch, index: int, input_key: InputKey):
     x = as_array(value, f"the input of {what}")
     if x.ndim < 1:
         raise ValueError(f"the input of {what} must be (batch, ...), got a scalar")
-    return x
+    return owned_input(x, f"the input of {what}")
+
+
+def owned_input(x, what: str):
+    """A model input as the compiled forward may read it at any later time: a JAX array as is, a
+    host array as a private copy (the caller's loader may refill its buffer). Without
+    `jax_enable_x64`, 64-bit integers become 32-bit ones when every value fits (ValueError naming
+    `what` otherwise: JAX would wrap them) and float64 becomes float32 when its values fit
+    (`cka_jax.checks.owned`)."""
+    if isinstance(x, jax.Array) or x64_enabled() or x.dtype.itemsize < 8:
+        return owned(x, what)
+    if x.dtype.kind == "f":
+        return owned(x, what)
+    narrow = np.dtype(np.int32 if x.dtype.kind == "i" else np.uint32)
+    info = np.iinfo(narrow)
+    if x.size and (x.min() < info.min or x.max() > info.max):
+        raise ValueError(
+            f"{what} holds {x.dtype} values from {x.min()} to {x.max()}, beyond {narrow}, which JAX uses without "
+            "64-bit mode: enable it (jax.config.update('jax_enable_x64', True)) or map the values into range"
+        )
+    return owned_copy(x, narrow)
 
 
 def stream_activations(batch, index: int) -> tuple[OrderedDict, OrderedDict | None]:

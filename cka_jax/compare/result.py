@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
 import os
 
 import numpy as np
@@ -47,6 +49,9 @@ class CKAComparison:
     all_pairs: bool = False
 
     def __post_init__(self):
+        """ValueError (one line, naming the argument) for contents no comparison can have: they
+        would be shown as a plausible result, or make repr and plot fail."""
+        _check_fields(self)
         lead = (2 if self.all_pairs else 1) if self.population else 0
         shape = np.shape(self.heatmap)
         if len(shape) != lead + 2 or shape[lead:] != (len(self.layers_a), len(self.layers_b)):
@@ -117,6 +122,65 @@ class CKAComparison:
         atomic_file.write(os.fspath(path), lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_real_array(value, name: str) -> None:
+    """ValueError unless `value` holds real numbers, none infinite (NaN marks an undefined value)."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must hold real numbers (CKA values), got dtype {array.dtype}")
+    if np.isinf(array).any():
+        raise ValueError(f"{name} holds infinite values; CKA is at most 1 in size, and undefined entries are NaN")
+
+
+def _check_fields(result: CKAComparison) -> None:
+    """ValueError naming the first field of `result` that no comparison can have."""
+    for flag in ("debiased", "population", "all_pairs"):
+        if not isinstance(getattr(result, flag), (bool, np.bool_)):
+            raise ValueError(f"{flag} must be True or False, got {getattr(result, flag)!r}")
+    for side in ("a", "b"):
+        layers, name = getattr(result, f"layers_{side}"), getattr(result, f"name_{side}")
+        if isinstance(layers, str) or not all(isinstance(n, str) for n in layers) or not len(layers):
+            raise ValueError(f"layers_{side} must be one or more layer names (strings), got {layers!r}")
+        if not isinstance(name, str):
+            raise ValueError(f"name_{side} must be a string, got {name!r}")
+    examples, minibatches = result.num_examples, result.num_minibatches
+    if not (_is_integer(examples) and _is_integer(minibatches) and examples >= minibatches >= 1):
+        raise ValueError(
+            f"num_examples={examples!r}, num_minibatches={minibatches!r}: must be integers with "
+            "num_examples >= num_minibatches >= 1 (every minibatch holds examples)"
+        )
+    if result.kernel not in ("linear", "rbf"):
+        raise ValueError(f"kernel must be 'linear' or 'rbf', got {result.kernel!r}")
+    if not (_is_real(result.threshold) and 0 < result.threshold < math.inf):
+        raise ValueError(f"threshold must be a positive finite number, got {result.threshold!r}")
+    if not (_is_integer(result.num_bootstrap) and result.num_bootstrap >= 0):
+        raise ValueError(f"num_bootstrap must be an integer >= 0, got {result.num_bootstrap!r}")
+    if result.level is not None and not (_is_real(result.level) and 0 < result.level < 1):
+        raise ValueError(f"level must lie in (0, 1) or be None, got {result.level!r}")
+    if result.interval is not None and (result.level is None or result.num_bootstrap < 1):
+        raise ValueError(
+            f"an interval needs its level and num_bootstrap >= 1, got level={result.level!r}, "
+            f"num_bootstrap={result.num_bootstrap!r}"
+        )
+    if result.all_pairs and not result.population:
+        raise ValueError("all_pairs=True needs population=True (every model pair of two populations)")
+    if not result.debiased and (result.population or result.interval is not None):
+        raise ValueError("debiased=False (whole-set CKA) has neither populations nor bootstrap intervals")
+    _check_real_array(result.heatmap, "heatmap")
+    if result.interval is not None:
+        if not isinstance(result.interval, (tuple, list)) or len(result.interval) != 2:
+            raise ValueError("interval must be a pair of arrays (low, high) or None")
+        for bound, value in zip(("interval low", "interval high"), result.interval, strict=True):
+            _check_real_array(value, bound)
+
+
 def _short(names: tuple[str, ...], limit: int = 8) -> str:
     shown = list(names) if len(names) <= limit else list(names[: limit // 2]) + ["..."] + list(names[-limit // 2 :])
     return f"{', '.join(shown)} ({len(names)} layers)"
@@ -162,18 +226,60 @@ def load(path: str | os.PathLike) -> CKAComparison:
         raise ValueError(f"{path} is not a CKA comparison file (no '{FORMAT}' format tag)")
     if "digest" not in arrays or str(arrays["digest"]) != _digest(arrays):
         raise ValueError(f"{path} is damaged: its contents do not match the digest written with them")
+    # The digest only says the file is as written, not what wrote it: check what save writes.
     try:
-        meta = json.loads(str(arrays["meta"]))
-        interval = (arrays["interval_low"], arrays["interval_high"]) if "interval_low" in arrays else None
-        num_examples, num_minibatches = (int(c) for c in arrays["counts"])
-        return CKAComparison(
-            heatmap=arrays["heatmap"],
-            layers_a=tuple(str(s) for s in arrays["layers_a"]),
-            layers_b=tuple(str(s) for s in arrays["layers_b"]),
-            num_examples=num_examples,
-            num_minibatches=num_minibatches,
-            interval=interval,
-            **{key: meta[key] for key in _META},
-        )
+        return _from_arrays(arrays)
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path} is not a valid CKA comparison file ({type(error).__name__}: {error})") from None
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"{path} is not a valid CKA comparison file: {reason}") from None
+
+
+_REQUIRED = ("format", "digest", "heatmap", "layers_a", "layers_b", "counts", "meta")
+_INTERVAL = ("interval_low", "interval_high")
+
+
+def _from_arrays(arrays: dict[str, np.ndarray]) -> CKAComparison:
+    """The comparison that `_arrays` wrote as `arrays`; ValueError naming the first array or field
+    that `save` cannot have written (a wrong dtype or shape, a field of the wrong type)."""
+    missing = [key for key in _REQUIRED if key not in arrays]
+    unknown = sorted(set(arrays) - {*_REQUIRED, *_INTERVAL})
+    if missing or unknown:
+        raise ValueError(f"missing arrays {missing}" if missing else f"unexpected arrays {unknown}")
+    if ("interval_low" in arrays) != ("interval_high" in arrays):
+        raise ValueError("an interval needs both interval_low and interval_high")
+    for key in ("format", "digest", "meta"):
+        if arrays[key].dtype.kind != "U" or arrays[key].ndim != 0:
+            raise ValueError(f"{key} must be one string, got {arrays[key].dtype} of shape {arrays[key].shape}")
+    for key in ("heatmap", *_INTERVAL):
+        if key in arrays and arrays[key].dtype.kind != "f":
+            raise ValueError(f"{key} must hold real floats (CKA values), got dtype {arrays[key].dtype}")
+    for key in ("layers_a", "layers_b"):
+        if arrays[key].dtype.kind != "U" or arrays[key].ndim != 1:
+            raise ValueError(
+                f"{key} must be a list of names, got dtype {arrays[key].dtype} and shape {arrays[key].shape}"
+            )
+    counts = arrays["counts"]
+    if counts.dtype.kind not in "iu" or counts.shape != (2,):
+        raise ValueError(
+            f"counts must be 2 integers (num_examples, num_minibatches), got {counts.dtype} of shape {counts.shape}"
+        )
+    meta = json.loads(str(arrays["meta"]))
+    if not isinstance(meta, dict) or set(meta) != set(_META):
+        fields = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"meta must hold the fields {sorted(_META)}, got {fields}")
+    for key in ("threshold", "level", "num_bootstrap"):  # JSON true/false would pass as 1/0
+        if isinstance(meta[key], bool):
+            raise ValueError(f"meta field {key} must be a number, got {meta[key]!r}")
+    interval = (arrays["interval_low"], arrays["interval_high"]) if "interval_low" in arrays else None
+    result = CKAComparison(
+        heatmap=arrays["heatmap"],
+        layers_a=tuple(str(s) for s in arrays["layers_a"]),
+        layers_b=tuple(str(s) for s in arrays["layers_b"]),
+        num_examples=int(counts[0]),
+        num_minibatches=int(counts[1]),
+        interval=interval,
+        **{key: meta[key] for key in _META},
+    )
+    if interval is not None and (interval[0] > interval[1]).any():  # NaN compares False
+        raise ValueError("the interval's low bound lies above its high bound")
+    return result

@@ -4,7 +4,13 @@ Both sources turn an element of `batches` into a payload, choose the layers on t
 check every payload's shapes (`check` -> batch size), and give the selected activations of one
 payload (`acts`) or of k payloads stacked on a new leading axis (`stacked`, for the sharded
 update), each a list per side, `None` for a model compared with itself. Activations without a
-feature axis, (batch,), get one.
+feature axis, (batch,), get one; in population mode, activations a stream or a function gives
+must carry (models, batch, features...) themselves: (models, batch) could be read either way.
+
+Compiled and eager forwards: Flax models, and functions JAX can trace, run as one compiled
+forward per input shape. A function that JAX cannot trace (NumPy code, a PyTorch model) is run
+eagerly: it gets each input as a NumPy array, and its outputs (NumPy, torch, JAX) are copied as
+activations.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cka_jax.compare.adapters import Model
-from cka_jax.compare.inputs import InputKey, model_input, stream_activations
+from cka_jax.compare.inputs import InputKey, as_array, model_input, stream_activations
 from cka_jax.compare.layers import LayerSpec, ShapeCheck, select, shape_of
 
 
@@ -39,8 +45,44 @@ _COMPILED: OrderedDict = OrderedDict()
 CACHE_SIZE = 16
 
 
+def _eager(model: Model, names: tuple[str, ...], lead: int):
+    """(params, x) -> the activations of `names` of a model JAX cannot trace, run on NumPy x."""
+
+    def run(params, x):
+        acts = model.capture(params, np.asarray(x))
+        return _with_features([as_array(acts[n], f"{model.label}[{n!r}]") for n in names], lead)
+
+    return run
+
+
+def _traced_shapes(model: Model, x) -> OrderedDict:
+    """Every layer's shape of `model` on input x, traced abstractly (no computation) when JAX can
+    trace the model; a function it cannot trace is run once eagerly and marked `eager`."""
+    try:
+        found = jax.eval_shape(model.capture, model.params, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    except Exception:
+        if not model.is_function:
+            raise
+        found = model.capture(model.params, np.asarray(x))  # its own error, if it fails on data too
+        model.eager = True
+    return OrderedDict((name, shape_of(s)) for name, s in found.items())
+
+
+def _check_population_features(label: str, shapes: dict) -> None:
+    """ValueError unless every activation of a population stream or function is (models, batch, ...features)."""
+    for name, shape in shapes.items():
+        if len(shape) < 3:
+            raise ValueError(
+                f"{label}[{name!r}] has shape {shape}: in population mode every activation is "
+                "(models, batch, features...); give a (models, batch) one a feature axis, a[..., None]"
+            )
+
+
 def compiled(model: Model, names: tuple[str, ...], lead: int, vmapped: bool):
-    """jit(forward) or jit(vmap(forward)) over stacked inputs, reused across calls when the model allows."""
+    """jit(forward) or jit(vmap(forward)) over stacked inputs, reused across calls when the model
+    allows; a model JAX cannot trace gets its eager forward (one input at a time)."""
+    if model.eager:
+        return _eager(model, names, lead)
     key = None if model.cache_key is None else (model.cache_key, names, lead, vmapped)
     if key in _COMPILED:
         _COMPILED.move_to_end(key)
@@ -94,8 +136,9 @@ class ModelSource:
         examples = x.shape[0]
         first = []
         for model, spec in zip(self.models, self.specs, strict=False):
-            found = jax.eval_shape(model.capture, model.params, jax.ShapeDtypeStruct(x.shape, x.dtype))
-            shapes = OrderedDict((name, shape_of(s)) for name, s in found.items())
+            shapes = _traced_shapes(model, x)
+            if model.population and model.is_function:
+                _check_population_features(model.label, shapes)
             names = select(shapes, spec, model.label, self.lead, examples)
             self.names.append(names)
             first.append([shapes[name] for name in names])
@@ -115,8 +158,8 @@ class ModelSource:
         if key not in self.shapes:
             spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
             self.shapes[key] = [
-                [shape_of(s) for s in jax.eval_shape(m.forward(n), m.params, spec)]
-                for m, n in zip(self.models, self.names, strict=True)
+                [shape_of(s) for s in (f(m.params, x) if m.eager else jax.eval_shape(m.forward(n), m.params, spec))]
+                for f, m, n in zip(self.forwards, self.models, self.names, strict=True)
             ]
         sides = [
             (m.label, dict(zip(n, s, strict=True)))
@@ -133,6 +176,10 @@ class ModelSource:
 
     def stacked(self, xs: list, mesh) -> tuple[list, list | None]:
         """The activations of k inputs (k, batch, ...), computed where the sharded update reads them."""
+        if any(m.eager for m in self.models):
+            per_input = [self.acts(x) for x in xs]
+            sides = [[np.stack(layer) for layer in zip(*(p[side] for p in per_input), strict=True)] for side in (0, 1)]
+            return sides[0], sides[1] if len(self.models) == 2 else None
         if not hasattr(self, "replicated"):
             self.replicated = [jax.device_put(m.params, NamedSharding(mesh, P())) for m in self.models]
             self.vmapped = [compiled(m, n, self.lead, True) for m, n in zip(self.models, self.names, strict=True)]
@@ -164,6 +211,8 @@ class StreamSource:
                 shapes = OrderedDict((name, shape_of(a)) for name, a in acts[side].items())
                 self.names.append(select(shapes, spec, label, self.lead, None))  # sizes: ShapeCheck
         if self.lead == 2:
+            for side, label in enumerate(self.labels[: len(acts)]):
+                _check_population_features(label, {n: shape_of(acts[side][n]) for n in self.names[side]})
             sizes = [shape_of(acts[i][self.names[i][0]])[0] for i in range(len(acts))]
             self.sizes = (sizes[0], sizes[-1])
             if self.pair:

@@ -4,7 +4,8 @@ Process 0 writes :data:`MANIFEST` in orbax's finalize step (:class:`ChecksummedH
 every process has written its shards and before orbax commits the checkpoint (renames it into
 place), so a committed checkpoint always has its manifest: one without (older cka_jax, or a
 removed manifest) cannot be verified and is not used. :func:`manifest_problem` says why the files
-of a checkpoint cannot be trusted, or None.
+of a checkpoint cannot be trusted, or None; :func:`own_step_problem` why a restored state is not
+the state of the step its directory names.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from cka_jax import atomic_file
@@ -77,6 +81,36 @@ def manifest_problem(item_dir: str) -> str | None:
         except FileNotFoundError:
             return f"file {name} is missing"
     return None
+
+
+def own_step_problem(state: Any, step: int) -> str | None:
+    """Why a restored ``state`` is not the state of ``step`` (its ``step`` field, every model's, on
+    every process, differs: a checkpoint directory renamed or copied to another step), or None.
+    A state without a ``step`` field is not checked."""
+    own = _own_steps(state)
+    if own is None:
+        return None
+    low, high = (int(own.min()), int(own.max())) if own.size else (step, step)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        gathered = np.asarray(multihost_utils.process_allgather(np.array([low, -high], np.int64)))
+        low, high = int(gathered[..., 0].min()), -int(gathered[..., 1].min())
+    if low == high == step:
+        return None
+    found = f"step {low}" if low == high else f"steps {low} to {high}"
+    return f"its state is at {found}, not {step} (its directory was renamed or copied from another step)"
+
+
+def _own_steps(state: Any) -> np.ndarray | None:
+    """The values of ``state``'s ``step`` field (an attribute, or a mapping's key) in this
+    process's shards, flat; None if it has no such field."""
+    step = state.get("step") if isinstance(state, dict) else getattr(state, "step", None)
+    if step is None:
+        return None
+    shards = getattr(step, "addressable_shards", None)
+    parts = [np.asarray(shard.data) for shard in shards] if shards is not None else [np.asarray(step)]
+    return np.concatenate([part.reshape(-1) for part in parts]).astype(np.int64)
 
 
 class ChecksummedHandler(ocp.StandardCheckpointHandler):

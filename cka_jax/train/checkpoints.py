@@ -6,7 +6,9 @@ population axis. The latest ``max_to_keep`` checkpoints are kept, and milestone 
 0, 35, 75, 100% of training) forever, for learning-dynamics analyses.
 
 Integrity: each checkpoint carries a manifest of its files' sizes and SHA-256
-(:mod:`cka_jax.train.checkpoint_manifest`), and every restore verifies the files first. Training
+(:mod:`cka_jax.train.checkpoint_manifest`), and every restore verifies the files first; a
+restored state that records its step (a population's ``TrainState.step``) must be at the step
+its directory names (a directory renamed or copied to another step is damaged). Training
 resumes from the newest checkpoint that verifies and restores, setting the others aside (one log
 line each); readers (analyses) get :class:`DamagedCheckpointError`. orbax's own reports of a
 failure are dropped (:mod:`cka_jax.train.orbax_noise`): each failure is one exception here.
@@ -220,7 +222,7 @@ class PopulationCheckpoints:
         """
         self._verify_on_all_processes(step)
         try:
-            return self._manager.restore(step, args=manifest.ChecksummedRestore(abstract_state))
+            state = self._manager.restore(step, args=manifest.ChecksummedRestore(abstract_state))
         except Exception as error:  # orbax raises assorted errors on unreadable files
             orbax_noise.collect_leftovers()
             if not os.path.isdir(self.step_dir(step)):
@@ -231,6 +233,17 @@ class PopulationCheckpoints:
                 step,
                 self.directory,
             ) from error
+        self._check_own_step(step, state)
+        return state
+
+    def _check_own_step(self, step: int, state: PyTree) -> None:
+        """:class:`DamagedCheckpointError` on every process unless the restored state is at the
+        step its directory names (`checkpoint_manifest.own_step_problem`)."""
+        problem = manifest.own_step_problem(state, step)
+        if problem is not None:
+            raise DamagedCheckpointError(
+                f"the checkpoint at step {step} in {self.directory} cannot be restored: {problem}", step, self.directory
+            )
 
     def _verify_on_all_processes(self, step: int) -> None:
         """:meth:`verify` on process 0, its verdict raised on every process (the files are

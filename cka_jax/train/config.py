@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.crop_padding = 4  # reflect-pad then random crop back (0: no crop)
     c.data.flip = True  # random horizontal flip
     c.data.image_size = 224  # streamed data sets (imagenet2012) only
-    c.data.data_dir = ""  # tensorflow-datasets data_dir ("" : tfds default)
+    c.data.data_dir = ""  # where the data set is read: used or refused, never replaced ("": its default places)
     c.data.num_workers = 8  # host threads decoding streamed data
 
     c.model = ml_collections.ConfigDict()

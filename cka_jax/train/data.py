@@ -3,6 +3,9 @@ CIFAR-10/100 and ImageNet via tfds.
 
 :data:`DATASETS` holds one :class:`DatasetInfo` per data set (classes, image shape, held in
 memory or streamed, split and class names, loader): the one place these facts are written down.
+A location the user gives (``data.data_dir``) is used or refused (:class:`DataNotAvailableError`
+naming it and what it lacks), never replaced by another copy; fallbacks (Debian's Fashion-MNIST,
+tfds's default data_dir) apply only when none is given. Every split a run uses holds examples.
 Small data sets (digits, Fashion-MNIST, CIFAR) are loaded once as uint8 arrays and held on device; each
 model's batches are gathered and augmented there with ``jax.random`` (see
 :func:`augment_images`). ImageNet is streamed from host (:mod:`cka_jax.train.imagenet_stream`).
@@ -21,15 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from cka_jax.train import fashion_mnist
+from cka_jax.train.tfds_data import DataNotAvailableError, check_data_dir, is_local, source_to_arrays, tfds_source
 
 DIGITS_SPLIT_SEED = 0  # the digits train/test split is fixed, whatever data.seed is
 DIGITS_TEST_FRACTION = 0.2
 
 logger = logging.getLogger(__name__)
-
-
-class DataNotAvailableError(RuntimeError):
-    """A tensorflow-datasets data set is neither prepared nor preparable here."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,78 +70,52 @@ def load_digits() -> ImageData:
     return ImageData(x_tr, y_tr, x_te, y_te, dataset("digits").num_classes, mean, std)
 
 
-def tfds_source(name: str, split: str, data_dir: str | None = None):
-    """``tfds.data_source(name, split)``; prepares the data set once if it can (TensorFlow and
-    network), else raises :class:`DataNotAvailableError` saying how to get it."""
-    import importlib.util
-
-    import tensorflow_datasets as tfds
-
-    where = data_dir or "the default tfds data_dir (~/tensorflow_datasets)"
-    how = (
-        f"Preparing it once needs network and TensorFlow: `pip install 'cka_jax[data]'` then "
-        f"`python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}')"
-        f".download_and_prepare(file_format='array_record')\"` (or copy a prepared copy into "
-        f"the data_dir given by config field data.data_dir)."
-    )
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
-    except Exception as error:  # not prepared (tfds raises assorted errors)
-        missing = error
-    if importlib.util.find_spec("tensorflow") is None:
-        raise DataNotAvailableError(
-            f"tensorflow-datasets '{name}' (split '{split}') is not prepared in {where}, and "
-            f"TensorFlow is not installed to prepare it. {how}"
-        ) from missing
-    logger.info("preparing tensorflow-datasets '%s' in %s", name, where)
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir or None, download=True)
-    except Exception as error:
-        raise DataNotAvailableError(
-            f"tensorflow-datasets '{name}' (split '{split}') is not prepared in {where} and "
-            f"preparing it failed ({type(error).__name__}: {error}). {how}"
-        ) from error
-
-
-def _source_to_arrays(source) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = [], []
-    for i in range(len(source)):
-        example = source[i]
-        images.append(np.asarray(example["image"], np.uint8))
-        labels.append(int(example["label"]))
-    return np.stack(images), np.asarray(labels, np.int32)
-
-
 def load_tfds_arrays(name: str, data_dir: str | None = None) -> ImageData:
     """The train and test splits of a tfds data set held in memory (CIFAR-10/100), from
     ``tfds.data_source``, as arrays."""
     info = dataset(name)
     train_split, test_split = info.splits
-    train_images, train_labels = _source_to_arrays(tfds_source(name, train_split, data_dir))
-    test_images, test_labels = _source_to_arrays(tfds_source(name, test_split, data_dir))
+    train_images, train_labels = source_to_arrays(tfds_source(name, train_split, data_dir))
+    test_images, test_labels = source_to_arrays(tfds_source(name, test_split, data_dir))
     mean, std = channel_stats(train_images)
     return ImageData(train_images, train_labels, test_images, test_labels, info.num_classes, mean, std)
 
 
 def load_fashion_mnist(data_dir: str | None = None) -> ImageData:
-    """Fashion-MNIST as (28, 28, 1) uint8 images from its IDX files (``data_dir``, else Debian's
-    package) or tfds; :class:`DataNotAvailableError` saying how to install it when neither has it,
-    or when a file is damaged (see :mod:`cka_jax.train.fashion_mnist`)."""
+    """Fashion-MNIST as (28, 28, 1) uint8 images from its IDX files or tfds, where
+    :mod:`cka_jax.train.fashion_mnist` says: a given ``data_dir`` only, else Debian's package,
+    else tfds's default. :class:`DataNotAvailableError` naming the location and what it lacks,
+    saying how to install it, or naming a damaged file or splits that are not Fashion-MNIST's."""
+    check_data_dir("fashion_mnist", data_dir)
     directory = fashion_mnist.idx_directory(data_dir)
+    files = [name for pair in fashion_mnist.FILES.values() for name in pair]
+    if data_dir and directory is None and is_local(data_dir):
+        missing = fashion_mnist.missing_files(data_dir)
+        if len(missing) < len(files):  # some of the IDX files are there: not a tfds data_dir
+            raise DataNotAvailableError(
+                f"data.data_dir={data_dir} lacks Fashion-MNIST's {', '.join(missing)} (.gz or not): put the "
+                f"four IDX files there, or leave data.data_dir empty to use {fashion_mnist.DEBIAN_DIR} "
+                "(`apt-get install dataset-fashion-mnist`) or tensorflow-datasets"
+            )
     try:
         if directory is None:
             return load_tfds_arrays("fashion_mnist", data_dir)
-        train_images, train_labels = fashion_mnist.read_split(directory, "train")
-        test_images, test_labels = fashion_mnist.read_split(directory, "test")
+        splits = fashion_mnist.read_splits(directory)
     except fashion_mnist.IdxFileError as error:
         raise DataNotAvailableError(str(error)) from error
     except DataNotAvailableError as error:
+        if data_dir:
+            raise DataNotAvailableError(
+                f"data.data_dir={data_dir} holds none of Fashion-MNIST's IDX files ({', '.join(files)}, .gz or "
+                "not) and no tensorflow-datasets fashion_mnist prepared in it: put the four IDX files there, or "
+                f"leave data.data_dir empty to use {fashion_mnist.DEBIAN_DIR} (`apt-get install dataset-fashion-mnist`)"
+            ) from error
         raise DataNotAvailableError(
-            f"Fashion-MNIST's IDX files are in neither {data_dir or 'data.data_dir (not set)'} nor "
-            f"{fashion_mnist.DEBIAN_DIR}, and tensorflow-datasets does not have it either: "
-            f"{fashion_mnist.INSTALL_HINT}"
+            f"Fashion-MNIST's IDX files are not in {fashion_mnist.DEBIAN_DIR} (data.data_dir is not set), and "
+            f"tensorflow-datasets does not have it either: {fashion_mnist.INSTALL_HINT}"
         ) from error
     logger.info("Fashion-MNIST from the IDX files in %s", directory)
+    (train_images, train_labels), (test_images, test_labels) = splits["train"], splits["test"]
     mean, std = channel_stats(train_images)
     return ImageData(train_images, train_labels, test_images, test_labels, fashion_mnist.NUM_CLASSES, mean, std)
 
@@ -172,6 +146,37 @@ def training_subset(data: ImageData, fraction: float, seed: int, use_random_labe
     return dataclasses.replace(data, train_images=data.train_images[idx], train_labels=labels)
 
 
+# What check_data loaded, by (name, data_dir), for the next load_in_memory of it (one entry).
+_PRELOADED: dict[tuple[str, str | None], ImageData] = {}
+
+
+def _load_checked(info: DatasetInfo, data_dir: str | None) -> ImageData:
+    """``info``'s loader's data, refused when a split holds no examples."""
+    assert info.load is not None
+    data = info.load(data_dir)
+    for split, labels in (("training", data.train_labels), ("test", data.test_labels)):
+        if len(labels) == 0:  # the loaders refuse empty splits: a guard for any other
+            raise DataNotAvailableError(
+                f"{info.name}'s {split} split (data.data_dir={data_dir or 'not set'}) holds no examples"
+            )
+    return data
+
+
+def check_data(name: str, data_dir: str | None = None) -> None:
+    """Find every mistake in the data a run names before the run writes anything: load an
+    in-memory data set in full (checked as :func:`load_in_memory` does), open both splits of a
+    streamed one. :class:`DataNotAvailableError` naming what is wrong. The loaded data is kept
+    for the next :func:`load_in_memory` of ``name`` and ``data_dir`` in this process, which
+    takes it, so a run reads its data once."""
+    info = dataset(name)
+    _PRELOADED.clear()
+    if info.load is None:
+        for split in info.splits:
+            tfds_source(name, split, data_dir)
+        return
+    _PRELOADED[(name, data_dir or None)] = _load_checked(info, data_dir)
+
+
 def load_in_memory(
     name: str, fraction: float = 1.0, seed: int = 0, use_random_labels: bool = False, data_dir: str | None = None
 ) -> ImageData:
@@ -180,7 +185,7 @@ def load_in_memory(
     if info is None or info.load is None:
         in_memory = tuple(n for n, i in DATASETS.items() if not i.streamed)
         raise ValueError(f"'{name}' is not an in-memory data set ({in_memory})")
-    data = info.load(data_dir)
+    data = _PRELOADED.pop((name, data_dir or None), None) or _load_checked(info, data_dir)
     data = training_subset(data, fraction, seed, use_random_labels)
     logger.info(
         "%s: %d train / %d test images of shape %s",

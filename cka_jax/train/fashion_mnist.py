@@ -1,14 +1,18 @@
 """Fashion-MNIST (Zalando; 60,000 train / 10,000 test 28x28 grayscale images, 10 classes).
 
-Read from the four standard IDX files, looked for in this order:
+Read from the four standard IDX files. Where (:func:`~cka_jax.train.data.load_fashion_mnist`):
 
-1. ``data.data_dir`` (a run config field), if it holds them;
-2. :data:`DEBIAN_DIR`, where ``apt-get install dataset-fashion-mnist`` puts them (Debian, Ubuntu,
-   Colab);
-3. tensorflow-datasets' ``fashion_mnist`` (prepared in ``data.data_dir`` or tfds's default).
+* ``data.data_dir`` (a run config field) given: there and nowhere else, its four IDX files, or,
+  when it holds none of them, a tensorflow-datasets ``fashion_mnist`` prepared in it; a directory
+  that does not exist or lacks one of the four files is refused, never replaced by another copy;
+* not given: :data:`DEBIAN_DIR`, where ``apt-get install dataset-fashion-mnist`` puts them
+  (Debian, Ubuntu, Colab), else tensorflow-datasets' ``fashion_mnist`` in tfds's default place.
 
 Every file is checked as it is read (magic number, dimensions, length, matching counts, label
-range): a damaged or truncated file is an error naming it, never fewer or shifted images.
+range): a damaged or truncated file is an error naming it, never fewer or shifted images. The
+splits are told apart by the files' names only, so :func:`read_splits` also checks that each has
+the size Fashion-MNIST's has (:data:`SPLIT_SIZES`: train and test files swapped, or empty, are
+refused) and that the test images are not the training images.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
 SIDE, NUM_CLASSES = 28, len(CLASS_NAMES)
+SPLIT_SIZES = {"train": 60000, "test": 10000}  # images in each split of Fashion-MNIST
+# The test split shares at most this fraction of its images with the training split (the real
+# files: exact duplicates only, a handful); above it the "test" files hold training images.
+MAX_SHARED_TEST_FRACTION = 0.5
 _IMAGES_MAGIC, _LABELS_MAGIC = 2051, 2049  # 0x00000803: uint8, 3 dims; 0x00000801: uint8, 1 dim
 
 
@@ -48,12 +56,17 @@ def find_file(directory: str, name: str) -> str | None:
     return None
 
 
+def missing_files(directory: str) -> list[str]:
+    """Names (without .gz) of the four IDX files that ``directory`` does not hold."""
+    return [name for pair in FILES.values() for name in pair if find_file(directory, name) is None]
+
+
 def idx_directory(data_dir: str | None) -> str | None:
-    """The first of ``data_dir`` and :data:`DEBIAN_DIR` holding all four IDX files; else None."""
-    for directory in (data_dir, DEBIAN_DIR):
-        if directory and all(find_file(directory, f) for pair in FILES.values() for f in pair):
-            return directory
-    return None
+    """Where the IDX files are read from: ``data_dir`` when given and it holds all four, else
+    (none given) :data:`DEBIAN_DIR` when it holds all four; None otherwise. A given ``data_dir``
+    is never replaced by :data:`DEBIAN_DIR`."""
+    directory = data_dir or DEBIAN_DIR
+    return directory if os.path.isdir(directory) and not missing_files(directory) else None
 
 
 def _read(path: str) -> bytes:
@@ -101,3 +114,33 @@ def read_split(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     if labels.size and labels.max() >= NUM_CLASSES:
         raise IdxFileError(f"{labels_path} holds label {labels.max()}; Fashion-MNIST has {NUM_CLASSES} classes")
     return images[..., None], labels.astype(np.int32)
+
+
+def read_splits(directory: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Both splits (:func:`read_split`) by name, checked against each other: :class:`IdxFileError`
+    when a split does not have Fashion-MNIST's size (:data:`SPLIT_SIZES`; say the train and test
+    files are swapped, or empty) or when most test images are training images."""
+    splits = {split: read_split(directory, split) for split in FILES}
+    sizes = {split: len(labels) for split, (_, labels) in splits.items()}
+    if sizes != SPLIT_SIZES:
+        split = next(s for s in FILES if sizes[s] != SPLIT_SIZES[s])
+        swapped = sizes == {"train": SPLIT_SIZES["test"], "test": SPLIT_SIZES["train"]}
+        why = (
+            f"the train and test files are swapped: the train-* names must hold the {SPLIT_SIZES['train']} "
+            "training images"
+            if swapped
+            else "use the four files of https://github.com/zalandoresearch/fashion-mnist"
+        )
+        raise IdxFileError(
+            f"{find_file(directory, FILES[split][0])} holds {sizes[split]} images, but Fashion-MNIST's "
+            f"{split} split has {SPLIT_SIZES[split]}: {why}"
+        )
+    train = {image.tobytes() for image in splits["train"][0]}
+    shared = sum(image.tobytes() in train for image in splits["test"][0])
+    if shared > MAX_SHARED_TEST_FRACTION * sizes["test"]:
+        raise IdxFileError(
+            f"{shared} of the {sizes['test']} test images in {find_file(directory, FILES['test'][0])} are also "
+            f"in {find_file(directory, FILES['train'][0])}: the test files hold training images; use the "
+            "four files of https://github.com/zalandoresearch/fashion-mnist"
+        )
+    return splits

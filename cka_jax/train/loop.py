@@ -151,6 +151,7 @@ def train_checked(
     checkpoints = ckpt_lib.PopulationCheckpoints(
         Workdir(workdir).checkpoints, config.checkpoint.max_to_keep, plan.milestones
     )
+    abandon = False  # the checkpoint in flight can never finish
     try:
         step = _restore_or_initialize(states, checkpoints)
         truncate_metrics(workdir, step)
@@ -191,8 +192,15 @@ def train_checked(
         checkpoints.wait()
         logger.info("done: test accuracy %.4f ± %.4f over %d models", accuracy.mean(), accuracy.std(), len(accuracy))
         return RunResult(step, plan.total_steps, False, accuracy)
+    except BaseException as error:
+        # An exchange with another process failed (it died): a checkpoint in flight waits for it at
+        # orbax's barriers, and closing would wait there until JAX aborts this process; the caller
+        # ends the process instead, with one line (train.py: exit status 4).
+        abandon = pop.failed_exchange(error) is not None
+        raise
     finally:
-        checkpoints.close()
+        if not abandon:
+            checkpoints.close()
 
 
 def _restore_or_initialize(states: ChunkedStates, checkpoints: ckpt_lib.PopulationCheckpoints) -> int:

@@ -26,6 +26,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cka_jax.owned import owned_copy
+
 AXIS = "pop"
 PyTree = Any
 
@@ -155,9 +157,11 @@ def make_layout(size: int, strategy: str = "auto", devices: Sequence[jax.Device]
 
 
 def host_to_sharded(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global array from an identical host array on every process (works multi-host)."""
+    """A global array from an identical host array on every process (works multi-host), holding
+    its own copy: JAX on CPU may otherwise keep reading the host buffer, which a data loader may
+    refill for the next batch."""
     array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: owned_copy(array[index]))
 
 
 def to_host(tree: PyTree) -> PyTree:
@@ -167,6 +171,28 @@ def to_host(tree: PyTree) -> PyTree:
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def failed_exchange(error: BaseException) -> BaseException | None:
+    """With several processes: the error, in ``error`` or what it was raised from or while
+    handling (``__cause__``, ``__context__``, down the chain), with which an exchange with the
+    other processes failed (a ``jax.errors.JaxRuntimeError``: a collective or the coordination
+    service; another process died), e.g. under a checkpoint write that it made fail; also an
+    error that only repeats a gloo collective's failure in its message. None if there is none,
+    or with one process."""
+    if jax.process_count() == 1:
+        return None
+    seen: set[int] = set()
+    chain: list[BaseException | None] = [error]
+    while chain:
+        link = chain.pop(0)
+        if link is None or id(link) in seen:
+            continue
+        if isinstance(link, jax.errors.JaxRuntimeError) or "Gloo" in str(link):
+            return link
+        seen.add(id(link))
+        chain += [link.__cause__, link.__context__]
+    return None
 
 
 def _per_model(fn: Callable, models_per_call: int) -> Callable:

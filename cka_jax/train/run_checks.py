@@ -1,4 +1,5 @@
-"""Every check of a run that needs no data and no workdir: config, architecture, layout, memory.
+"""Every check of a run that needs no data and no workdir: config, architecture, layout, memory,
+and that a data location it names (``data.data_dir``) exists and is one the data set reads.
 
 :func:`check_run` is what train.py and :func:`~cka_jax.train.loop.train_and_evaluate` call before
 anything is written; it gives the model and the population's layout. Shapes only: nothing is run
@@ -31,7 +32,8 @@ class RunConfigError(ValueError):
 def check_run(
     config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
 ) -> tuple[ResNetTrunk, pop.PopulationLayout]:
-    """Every check that needs no data: config, architecture, layout. Returns (model, layout).
+    """Every check that needs no data: config, the data location given (``data.data_dir``),
+    architecture, layout. Returns (model, layout).
 
     Raises :class:`RunConfigError` with the reason.
     """
@@ -44,7 +46,7 @@ def check_run(
         check_memory(config, model, state, layout)
     except RunConfigError:
         raise
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, data.DataNotAvailableError) as error:
         raise RunConfigError(str(error)) from error
     return model, layout
 
@@ -57,6 +59,12 @@ def _check_data_fields(config: ml_collections.ConfigDict) -> None:
             f"{config.data.name} is streamed from host, so the population "
             "shares its batches: set population.shared_data_order=True"
         )
+    if config.data.data_dir and info.source == "scikit-learn":
+        raise ValueError(
+            f"data.data_dir={config.data.data_dir} is given, but {config.data.name} comes with {info.source} "
+            "and reads no data files: leave data.data_dir empty"
+        )
+    data.check_data_dir(config.data.name, config.data.data_dir)
     side = data.image_shape(config)[0]
     if config.data.crop_padding > side:
         raise ValueError(f"data.crop_padding must be at most the image side ({side}), got {config.data.crop_padding}")

@@ -1,11 +1,11 @@
-"""Stop on SIGTERM/SIGINT at the next step instead of dying: the training loop polls the flag,
-checkpoints and returns.
+"""Stop on SIGTERM, SIGINT or SIGHUP (the terminal closed) at the next step instead of dying: the
+training loop polls the flag, checkpoints and returns.
 
 Several processes (``jax.distributed``) must stop at the same step, so there the signal travels
 through JAX's preemption notice instead: ``jax.distributed.initialize`` installs JAX's own SIGTERM
 handler, which tells every process through the coordination service, and the loop asks
 ``reached_preemption(step)``, true on every process at the same step. :meth:`StopOnSignal.hand_over`
-routes SIGINT and a signal received before the processes connected into that notice.
+routes SIGINT, SIGHUP and a signal received before the processes connected into that notice.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import Any
 
 
 class StopOnSignal:
-    """Context manager: SIGTERM/SIGINT set a flag instead of killing the process.
+    """Context manager: SIGTERM, SIGINT and SIGHUP set a flag instead of killing the process.
 
     The training loop polls :meth:`is_set`, checkpoints and returns. A second SIGINT raises
     ``KeyboardInterrupt`` as usual. Handlers are restored on exit; works in the main thread.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)):
         self._signals = signals
         self._event = threading.Event()
         self._previous: dict[int, Any] = {}

@@ -6,6 +6,12 @@ checks and writes; the others share its verdict.
 The files are named and written by :mod:`cka_jax.workdir`; what makes two configs the same run
 (:func:`~cka_jax.train.config.config_differences`) is :mod:`cka_jax.train.config`'s. Every refusal
 is a :class:`~cka_jax.train.run_checks.RunConfigError` and leaves the workdir as it was.
+
+A run that ends in an error (or a signal) before it wrote any checkpoint, metric or prediction,
+say one refused for its data, trained nothing: :func:`lock_workdir` then removes exactly what
+this run created (its config copies, ``population_strategy.json``, the lock file, and the
+directories it made if they are empty), so that a corrected command is not refused as "a
+different config". Nothing that existed before the run is removed.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import numpy as np
 
 from cka_jax.train import config as run_config
 from cka_jax.train.run_checks import RunConfigError
-from cka_jax.workdir import CONFIG_COPIES, config_copies, metrics_log
+from cka_jax.workdir import CONFIG_COPIES, Workdir, config_copies, metrics_log
 from cka_jax.workdir import lock as workdir_lock
 
 
@@ -61,18 +67,52 @@ def _on_process_0(check: Callable[[], None]) -> None:
         raise RunConfigError(refusal)
 
 
+def _setup_files(workdir: str) -> tuple[str, ...]:
+    """The files a run writes before its first checkpoint, in the order they are removed when it
+    trained nothing."""
+    files = Workdir(workdir)
+    return (files.population_strategy, files.checkpoint_config, files.config)
+
+
+def _setup_paths(workdir: str) -> tuple[str, ...]:
+    """What a run may create before its first checkpoint: :func:`_setup_files`, the lock file,
+    the checkpoint directory and the workdir itself."""
+    files = Workdir(workdir)
+    return (*_setup_files(workdir), files.lock, files.checkpoints, workdir)
+
+
+def _remove_created(workdir: str, existed: set[str]) -> None:
+    """Remove what this run created in ``workdir`` before its first checkpoint (the paths of
+    :func:`_setup_paths` that are not in ``existed``), but the lock file and the workdir."""
+    for path in _setup_files(workdir):
+        if path not in existed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    checkpoints = Workdir(workdir).checkpoints
+    if checkpoints not in existed:
+        with contextlib.suppress(OSError):  # not empty: orbax left something; it blocks nothing
+            os.rmdir(checkpoints)
+
+
 @contextlib.contextmanager
 def lock_workdir(workdir: str) -> Iterator[None]:
     """Hold ``workdir``'s lock (:mod:`cka_jax.workdir.lock`) while the body runs. Creates the
     workdir. :class:`RunConfigError` if another run holds it or it cannot be created or written.
 
+    When the body raises (a refusal, an error, a signal's exit) and the workdir holds no run
+    (no checkpoint, metrics or predictions), what this run created is removed: the config
+    copies, ``population_strategy.json``, the checkpoint directory if empty, the lock file, and
+    the workdir if it is left empty (module docstring).
+
     Several processes: process 0 holds the lock for all of them (the others share its run) and
     every process raises its refusal.
     """
     held: list[workdir_lock.WorkdirLock] = []
+    existed: set[str] = set()
 
     def acquire() -> None:
         _check_is_directory(workdir)
+        existed.update(path for path in _setup_paths(workdir) if os.path.lexists(path))
         try:
             held.append(workdir_lock.acquire(workdir))
         except workdir_lock.WorkdirBusyError as error:
@@ -81,11 +121,21 @@ def lock_workdir(workdir: str) -> Iterator[None]:
             raise RunConfigError(f"cannot create or write --workdir {workdir} ({error})") from error
 
     _on_process_0(acquire)
+    trained_nothing = False
     try:
         yield
+    except BaseException:
+        trained_nothing = bool(held) and not config_copies.holds_run(workdir)
+        if trained_nothing:
+            with contextlib.suppress(OSError):  # never hide why the run failed
+                _remove_created(workdir, existed)
+        raise
     finally:
         for lock in held:
-            lock.release()
+            lock.release(remove=trained_nothing and Workdir(workdir).lock not in existed)
+        if held and trained_nothing and workdir not in existed:
+            with contextlib.suppress(OSError):  # not empty: something else is there; keep it
+                os.rmdir(workdir)
 
 
 def saved_configs(workdir: str) -> dict[str, dict[str, Any]]:
@@ -136,10 +186,34 @@ def _check_and_write(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def _check_shared(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """:class:`RunConfigError` on every process unless every process sees the config copies that
-    process 0 wrote (a collective)."""
+    """:class:`RunConfigError` on every process unless every process was given process 0's
+    config (every field; the first difference found is named, with both values) and sees the
+    config copies that process 0 wrote (collectives)."""
+    import json
+
     from jax.experimental import multihost_utils
 
+    def broadcast(data: bytes, source: int) -> bytes:  # any length, from process `source`
+        is_source = jax.process_index() == source
+        size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data)), is_source=is_source))
+        buffer = np.frombuffer(data, np.uint8) if is_source else np.zeros(size, np.uint8)
+        return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer, is_source=is_source)))
+
+    mine = run_config.flat_config(config)
+    reference = json.loads(broadcast(json.dumps(mine).encode(), 0))  # process 0's config
+    differs = np.asarray(multihost_utils.process_allgather(np.int32(mine != reference))).reshape(-1)
+    if differs.any():
+        other = int(np.flatnonzero(differs)[0])
+        theirs = json.loads(broadcast(json.dumps(mine).encode(), other))
+        diffs = [
+            f"{n}: {reference.get(n, '<absent>')!r} on process 0, {theirs.get(n, '<absent>')!r} on process {other}"
+            for n in sorted(set(reference) | set(theirs))
+            if reference.get(n) != theirs.get(n)
+        ]
+        raise RunConfigError(
+            f"process {other} of {jax.process_count()} was given a different config from process 0's; every "
+            "process must run the same command (config file and --config flags). Differences: " + "; ".join(diffs)
+        )
     try:
         copies = saved_configs(workdir)
         sees = len(copies) == len(CONFIG_COPIES) and not any(
