@@ -257,8 +257,7 @@ def check_minibatch_grams(grams: Any, name: str, layout: Layout, population: boo
 def _gram_defects(grams: Any, xp: Any) -> tuple[Any, Any, Any]:
     """Largest |G - Gᵀ|, |diag G| and |row sum of G| of grams (..., n, n), each relative to the
     gram's largest entry or largest row of absolute values (NaN grams give NaN)."""
-    grams = grams.astype(xp.float32) if grams.dtype.itemsize < 4 else grams
-    grams = grams.astype(xp.float32) if grams.dtype.kind != "f" else grams
+    grams = grams.astype(xp.float32) if grams.dtype.itemsize < 4 or grams.dtype.kind != "f" else grams
     size = xp.max(xp.abs(grams), axis=(-2, -1))
     rows = xp.max(xp.sum(xp.abs(grams), axis=-1), axis=-1)
     asym = xp.max(xp.abs(grams - xp.swapaxes(grams, -1, -2)), axis=(-2, -1)) / size

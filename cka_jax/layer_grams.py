@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from cka_jax.checks import Activations, check_layers, check_threshold, float_dtype, named_layers
 from cka_jax.hsic import rbf_gram, ucenter
 from cka_jax.hsic_sums import NO_SCALE, Scales, Totals, applied, batch_hsic, weighted
-from cka_jax.owned import owned
+from cka_jax.owned import owned_layers
 from cka_jax.scaling import HIGHEST, pow2, scale_exponent, times_pow2
 
 KERNELS = ("linear", "rbf")
@@ -187,6 +187,4 @@ def minibatch_grams(
     check_threshold(threshold)
     items = named_layers(acts, "acts")
     check_layers(items, (tuple(items[0][1].shape) or (0,))[0] if population else None)
-    examples_axis = int(bool(population))
-    arrays = [owned(a, label, examples_axis) for label, a in items]
-    return _minibatch_grams(arrays, bool(population), kernel, threshold)
+    return _minibatch_grams(owned_layers(items, int(bool(population))), bool(population), kernel, threshold)

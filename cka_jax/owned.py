@@ -66,12 +66,12 @@ def _float32_range(x: np.ndarray, name: str, centre_axis: int | None, scale_lead
     with np.errstate(all="ignore"):  # NaN and inf go through and make the result NaN
         x = x.astype(np.float64)
         if scale_lead is not None:
-            x = _unit_scale(x, scale_lead)  # first, so that centring cannot overflow
+            x = unit_scale(x, scale_lead)  # first, so that centring cannot overflow
         if centre_axis is not None:
             x = x - np.take(x, [0], axis=centre_axis)  # constant features become exact zeros
             x = x - np.mean(x, axis=centre_axis, keepdims=True)
         if scale_lead is not None:
-            return _unit_scale(x, scale_lead)
+            return unit_scale(x, scale_lead)
         finite = np.abs(x[np.isfinite(x)])
         largest = float(finite.max()) if finite.size else 0.0
         info = np.finfo(np.float32)
@@ -84,7 +84,7 @@ def _float32_range(x: np.ndarray, name: str, centre_axis: int | None, scale_lead
         return x
 
 
-def _unit_scale(x: np.ndarray, lead: int) -> np.ndarray:
+def unit_scale(x: np.ndarray, lead: int = 0) -> np.ndarray:
     """x times the power of two (exact) that brings its largest finite magnitude over all but the
     first `lead` axes into [1, 2), per index of those axes; all-zero or non-finite parts as they are."""
     largest = np.max(np.abs(x), axis=tuple(range(lead, x.ndim)), keepdims=True)

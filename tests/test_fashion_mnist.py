@@ -160,8 +160,7 @@ GIVEN_DATA_DIRS = [
     ("empty", os.mkdir, ["holds none of Fashion-MNIST's IDX files", "no tensorflow-datasets fashion_mnist"]),
     *[
         (f"lacks_{name}", lambda d, name=name: _lacking(d, name), ["lacks Fashion-MNIST's " + name])
-        for pair in fashion_mnist.FILES.values()
-        for name in pair
+        for name in fashion_mnist.FILE_NAMES
     ],
 ]
 

@@ -51,8 +51,8 @@ def compare(
     ``x -> {name: activation}`` (compiled when JAX can trace it; otherwise, e.g. NumPy code or a
     PyTorch model, run eagerly on NumPy inputs); model_b=None compares model_a with itself.
     ``model_a=None``: the activations are given by `batches` itself, each batch a mapping
-    name -> activation (compared with itself) or a pair ``(acts_a, acts_b)`` of them (NumPy/torch/JAX arrays, e.g. from
-    PyTorch forward hooks).
+    name -> activation (compared with itself) or a pair ``(acts_a, acts_b)`` of them
+    (NumPy/torch/JAX arrays, e.g. from PyTorch forward hooks).
     batches: any iterable of minibatches: arrays (batch, ...), or tuples/lists/mappings whose
     element `input_key` is the input (default 0: the x of (x, y)); read once, in order.
     layers_a, layers_b: a name, a glob (``"block*/conv"``), or a list of them over the model's own

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from cka_jax.owned import owned_copy
+from cka_jax.owned import owned_copy, unit_scale
 
 
 @jax.jit
@@ -29,10 +29,8 @@ def _unit_scale(x: np.ndarray) -> np.ndarray:
     gram of activations near 1e-30 or 1e30 no longer under- or overflows float32."""
     if x.dtype.kind != "f":  # bool/int activations: scaled as floats (64-bit integers exactly), not truncated back
         x = x.astype(np.float64 if x.dtype.itemsize >= 8 else np.float32)
-    largest = np.max(np.abs(x), initial=0.0) if x.size else 0.0
-    if not np.isfinite(largest) or largest == 0:
-        return x  # NaN/inf stay and make the layer's CKA NaN; a constant-zero layer stays undefined
-    return np.ldexp(x, -int(np.frexp(largest)[1]) + 1).astype(x.dtype, copy=False)
+    # NaN/inf stay and make the layer's CKA NaN; a constant-zero layer stays undefined
+    return unit_scale(x).astype(x.dtype, copy=False) if x.size else x
 
 
 class WholeSetCKA:

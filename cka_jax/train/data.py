@@ -88,10 +88,9 @@ def load_fashion_mnist(data_dir: str | None = None) -> ImageData:
     saying how to install it, or naming a damaged file or splits that are not Fashion-MNIST's."""
     check_data_dir("fashion_mnist", data_dir)
     directory = fashion_mnist.idx_directory(data_dir)
-    files = [name for pair in fashion_mnist.FILES.values() for name in pair]
     if data_dir and directory is None and is_local(data_dir):
         missing = fashion_mnist.missing_files(data_dir)
-        if len(missing) < len(files):  # some of the IDX files are there: not a tfds data_dir
+        if len(missing) < len(fashion_mnist.FILE_NAMES):  # some of the IDX files are there: not a tfds data_dir
             raise DataNotAvailableError(
                 f"data.data_dir={data_dir} lacks Fashion-MNIST's {', '.join(missing)} (.gz or not): put the "
                 f"four IDX files there, or leave data.data_dir empty to use {fashion_mnist.DEBIAN_DIR} "
@@ -106,8 +105,9 @@ def load_fashion_mnist(data_dir: str | None = None) -> ImageData:
     except DataNotAvailableError as error:
         if data_dir:
             raise DataNotAvailableError(
-                f"data.data_dir={data_dir} holds none of Fashion-MNIST's IDX files ({', '.join(files)}, .gz or "
-                "not) and no tensorflow-datasets fashion_mnist prepared in it: put the four IDX files there, or "
+                f"data.data_dir={data_dir} holds none of Fashion-MNIST's IDX files "
+                f"({', '.join(fashion_mnist.FILE_NAMES)}, .gz or not) and no tensorflow-datasets fashion_mnist "
+                "prepared in it: put the four IDX files there, or "
                 f"leave data.data_dir empty to use {fashion_mnist.DEBIAN_DIR} (`apt-get install dataset-fashion-mnist`)"
             ) from error
         raise DataNotAvailableError(

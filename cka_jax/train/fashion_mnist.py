@@ -32,6 +32,7 @@ FILES = {  # split -> (images file, labels file), without the optional .gz
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+FILE_NAMES = tuple(name for pair in FILES.values() for name in pair)  # the four IDX files
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
@@ -58,7 +59,7 @@ def find_file(directory: str, name: str) -> str | None:
 
 def missing_files(directory: str) -> list[str]:
     """Names (without .gz) of the four IDX files that ``directory`` does not hold."""
-    return [name for pair in FILES.values() for name in pair if find_file(directory, name) is None]
+    return [name for name in FILE_NAMES if find_file(directory, name) is None]
 
 
 def idx_directory(data_dir: str | None) -> str | None:

@@ -17,6 +17,7 @@ different config". Nothing that existed before the run is removed.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -189,8 +190,6 @@ def _check_shared(workdir: str, config: ml_collections.ConfigDict) -> None:
     """:class:`RunConfigError` on every process unless every process was given process 0's
     config (every field; the first difference found is named, with both values) and sees the
     config copies that process 0 wrote (collectives)."""
-    import json
-
     from jax.experimental import multihost_utils
 
     def broadcast(data: bytes, source: int) -> bytes:  # any length, from process `source`
