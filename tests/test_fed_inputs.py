@@ -418,3 +418,18 @@ def test_training_batches_on_devices_own_their_data():
         overwrite(images)  # the loader refills its buffer for the next batch
         np.testing.assert_array_equal(np.asarray(on_devices), expected)
         images[...] = expected
+
+
+@pytest.mark.parametrize("pair", [False, True], ids=["itself", "pair"])
+def test_compare_runs_a_numpy_function_eagerly_over_several_devices(pair):
+    rng = np.random.default_rng(13)
+    w = rng.normal(size=(6, 5))
+    batches = [rng.normal(size=(16, 6)).astype(np.float32) for _ in range(4)]
+
+    def numpy_features(x):
+        return {"h": np.tanh(x @ w), "x": x}
+
+    model_b = (lambda x: {"x": np.asarray(x) * 2.0}) if pair else None
+    sharded = cka_jax.compare(numpy_features, model_b, batches=batches, devices=2, progress=False)
+    serial = cka_jax.compare(numpy_features, model_b, batches=batches, devices=1, progress=False)
+    np.testing.assert_allclose(sharded.heatmap, serial.heatmap, rtol=1e-6)

@@ -178,8 +178,11 @@ class ModelSource:
         """The activations of k inputs (k, batch, ...), computed where the sharded update reads them."""
         if any(m.eager for m in self.models):
             per_input = [self.acts(x) for x in xs]
-            sides = [[np.stack(layer) for layer in zip(*(p[side] for p in per_input), strict=True)] for side in (0, 1)]
-            return sides[0], sides[1] if len(self.models) == 2 else None
+            sides = [
+                [np.stack(layer) for layer in zip(*(p[side] for p in per_input), strict=True)]
+                for side in range(len(self.models))
+            ]
+            return sides[0], sides[1] if len(sides) == 2 else None
         if not hasattr(self, "replicated"):
             self.replicated = [jax.device_put(m.params, NamedSharding(mesh, P())) for m in self.models]
             self.vmapped = [compiled(m, n, self.lead, True) for m, n in zip(self.models, self.names, strict=True)]
