@@ -7,8 +7,9 @@ The similarity library, this package's top-level modules (importing it loads jax
     hsic, cka     grams, centering, HSIC; CKA of grams and of representations
     cca, pca      CCA, SVCCA, PWCCA; first principal components
     matching      unit matching and sparse prediction (scikit-learn imported on first use)
-    minibatch     MinibatchCKA, built from layer_grams (one minibatch's grams), hsic_sums (the
-                  running sums and their units) and sharded_sums (update_sharded)
+    minibatch     MinibatchCKA, built from layer_grams (one minibatch's grams), host_grams (the
+                  grams the host builds on CPU), hsic_sums (the running sums and their units) and
+                  sharded_sums (update_sharded)
     compare       compare(model_a, model_b, batches): one call, any model -> CKAComparison
 Every public function checks its arguments, then runs one compiled program per input shape (no
 jax.jit needed; it also works inside the caller's jit, vmap and shard_map).

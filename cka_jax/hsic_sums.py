@@ -9,6 +9,7 @@ exact power-of-two rescaling (see `cka_jax.minibatch` for why the scales exist).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -53,18 +54,20 @@ def applied(log2_scale: jax.Array) -> jax.Array:
 
 
 def batch_hsic(ga: jax.Array, gb: jax.Array | None) -> HsicSums:
-    """HSIC₁ sums of one minibatch from U-centred grams ga: (Ma, La, n, n) and gb: (Mb, Lb, n, n),
-    or within model a (gb None: yy = xx): all pairs from one matmul of the flattened grams."""
-    ma, la, n, _ = ga.shape
-    fa = ga.reshape(ma * la, n * n)
-    scale = 1.0 / (n * (n - 3))
+    """HSIC₁ sums of one minibatch of n examples from the strict upper triangles (D = n(n - 1)/2)
+    of U-centred grams, ga: (Ma, La, D) and gb: (Mb, Lb, D), or within model a (gb None: yy = xx):
+    all pairs from one matmul. A U-centred gram's diagonal is zero, so <K, L> = 2 Σ_{i<j} K_ij L_ij."""
+    ma, la, d = ga.shape
+    n = (1 + math.isqrt(1 + 8 * d)) // 2
+    fa = ga.reshape(ma * la, d)
+    scale = 2.0 / (n * (n - 3))
     if gb is None:
         xy = jnp.matmul(fa, fa.T, precision=HIGHEST) * scale
         xx = jnp.diagonal(xy)
         yy, (mb, lb) = xx, (ma, la)
     else:
         mb, lb = gb.shape[:2]
-        fb = gb.reshape(mb * lb, n * n)
+        fb = gb.reshape(mb * lb, d)
         xy = jnp.matmul(fa, fb.T, precision=HIGHEST) * scale
         xx = jnp.sum(fa * fa, axis=1) * scale
         yy = jnp.sum(fb * fb, axis=1) * scale

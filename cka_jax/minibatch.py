@@ -6,12 +6,12 @@ once, U-centres it, and gets the HSIC₁ of all layer pairs (of all model pairs,
 from one matmul of the stacked, flattened grams.
 
 Scale: CKA does not depend on any layer's scale, and neither do the sums. Each layer (of each
-model) has a power-of-two scale 2^k in the state, `log2_scale_*`: the largest range (max - min
-over a minibatch's examples, of any feature) of its activations seen so far, brought into
-[2, 4). Activations are divided by it before the grams, which is exact, so every minibatch keeps
-its exact weight; when a later minibatch has a larger range, k grows and the sums so far are
-multiplied by the matching power of two (again exact), so nothing under- or overflows for any
-finite activations. The cost is one max/min reduction over each layer's activations per update.
+model) has a power-of-two scale 2^k in the state, `log2_scale_*`: large enough that its U-centred
+grams so far, divided by 4^k, have entries of at most 1. Dividing is exact, so every minibatch
+keeps its exact weight; when a later minibatch has a larger gram, k grows and the sums so far
+are multiplied by the matching power of two (again exact), so nothing under- or overflows for
+any finite activations. Grams are built from the raw activations where that is as accurate, and
+from shifted, exactly rescaled ones otherwise (`cka_jax.layer_grams`).
 
 Remainder batches: every update counts as one minibatch with equal weight, as in the definition
 above. HSIC₁ is unbiased at any batch size n >= 4, so a smaller last batch keeps the estimate
@@ -32,10 +32,11 @@ combine runs, hosts or devices with `merge`. Sums are kept in float32 (float64 w
 
 Speed: every method checks its arguments on the host (shapes and dtypes only, so errors come at
 once, also inside a caller's jit or vmap) and then runs one compiled program, cached per input
-shapes: an eager loop of `update` runs as fast as the same loop under jax.jit (eager/jit time
-0.97-0.98 on the three workloads of benchmarks/cka_throughput.py on 2 CPU cores, 1.6-1.8 when each
-operation was dispatched on its own). `update(acts, acts)` (the same arrays for both models)
-builds each layer's gram once.
+shapes, so an eager loop of `update` needs no jax.jit. On the CPU backend `update` builds the
+linear grams of host and CPU arrays on the host, from the caller's buffers, with BLAS's
+symmetric product in parallel (`cka_jax.host_grams`); under jit, on other devices and in
+`update_sharded` compiled code builds them. `update(acts, acts)` (the same arrays for both
+models) builds each layer's gram once. benchmarks/README.md has the measurements.
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ from cka_jax.checks import (
     named_layers,
     to_float,
 )
+from cka_jax.host_grams import owned_sides, update_sides
 from cka_jax.hsic_sums import NO_SCALE, HsicSums, Scales, Totals, batch_hsic, cka_ratio, combine, weighted
-from cka_jax.layer_grams import KERNELS, GramKind, batch_totals, fit_grams, minibatch_grams
-from cka_jax.owned import owned_layers
+from cka_jax.layer_grams import KERNELS, GramKind, LayerInputs, batch_totals, fit_grams, minibatch_grams, upper
 from cka_jax.sharded_sums import sharded_totals
 
 __all__ = ["MinibatchCKA", "minibatch_grams"]
@@ -226,8 +227,7 @@ class MinibatchCKA:
         items_b = None if acts_b is None else named_layers(acts_b, "acts_b")
         items_a = named_layers(acts_a, "acts_a")
         check_minibatch(items_a, items_b, self.layouts, self.population)
-        arrays_a, arrays_b, b_is_a = _arrays(items_a, items_b, int(self.population))
-        return _update(self, arrays_a, arrays_b, b_is_a)
+        return _update(self, *update_sides(items_a, items_b, self.population, self.kernel))
 
     def update_grams(self, grams_a: jax.Array, grams_b: jax.Array | None = None) -> MinibatchCKA:
         """Adds one minibatch from `minibatch_grams` outputs, (L, n, n) or (M, L, n, n), of any
@@ -261,7 +261,7 @@ class MinibatchCKA:
         check_minibatch(
             _one_minibatch(items_a), None if items_b is None else _one_minibatch(items_b), self.layouts, self.population
         )
-        arrays_a, arrays_b, b_is_a = _arrays(items_a, items_b, 1 + int(self.population))
+        arrays_a, arrays_b, b_is_a = owned_sides(items_a, items_b, 1 + int(self.population))
         # Auto axes: the result is an ordinary replicated array, usable outside any mesh context.
         mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
         return _update_sharded(self, arrays_a, arrays_b, b_is_a, mesh, axis_name)
@@ -314,19 +314,6 @@ class MinibatchCKA:
             raise ValueError("this accumulator keeps no bootstrap replicates: create it with num_bootstrap > 0")
 
 
-def _arrays(
-    items_a: list[tuple[str, Array]], items_b: list[tuple[str, Array]] | None, examples_axis: int
-) -> tuple[list[Array], list[Array] | None, bool]:
-    """Both sides' checked arrays as compiled code reads them (`owned_layers`), and whether b's
-    are a's very arrays (then b's list is None and their grams are built once)."""
-    arrays_a = owned_layers(items_a, examples_axis)
-    if items_b is None:
-        return arrays_a, None, False
-    if len(items_a) == len(items_b) and all(a is b for (_, a), (_, b) in zip(items_a, items_b, strict=True)):
-        return arrays_a, None, True
-    return arrays_a, owned_layers(items_b, examples_axis), False
-
-
 def _one_minibatch(items: list[tuple[str, Array]]) -> list[tuple[str, jax.ShapeDtypeStruct]]:
     """Stand-ins (shape and dtype only) for one minibatch of layers stacked as (k, ...)."""
     return [(label, jax.ShapeDtypeStruct(a.shape[1:], a.dtype)) for label, a in items]
@@ -336,12 +323,16 @@ def _one_minibatch(items: list[tuple[str, Array]]) -> list[tuple[str, jax.ShapeD
 # jit caches one program per input shapes; inside a caller's jit or vmap they are inlined. ----
 
 
-@partial(jax.jit, static_argnames="b_is_a")
+@partial(jax.jit, static_argnames=("b_is_a", "modes"))
 def _update(
-    acc: MinibatchCKA, arrays_a: list[jax.Array], arrays_b: list[jax.Array] | None, b_is_a: bool
+    acc: MinibatchCKA,
+    side_a: LayerInputs,
+    side_b: LayerInputs | None,
+    b_is_a: bool,
+    modes: tuple[tuple[str, ...] | None, tuple[str, ...] | None],
 ) -> MinibatchCKA:
     weights = acc.bootstrap_weights(1)[0]
-    totals = batch_totals(acc.gram_kind, arrays_a, arrays_b, b_is_a, weights, acc.totals.scales, acc.xy.dtype)
+    totals = batch_totals(acc.gram_kind, side_a, side_b, b_is_a, weights, acc.totals.scales, acc.xy.dtype, modes)
     return acc.plus(totals, 1)
 
 
@@ -349,7 +340,7 @@ def _update(
 def _update_grams(acc: MinibatchCKA, grams_a: jax.Array, grams_b: jax.Array | None) -> MinibatchCKA:
     def fitted(grams: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
         grams = to_float(grams)
-        return fit_grams(grams if acc.population else grams[None], scale)
+        return fit_grams(upper(grams if acc.population else grams[None]), scale)
 
     scales = acc.totals.scales
     ga, scale_a = fitted(grams_a, scales.a)

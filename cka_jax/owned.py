@@ -10,6 +10,7 @@ refused where it cannot.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,14 +22,20 @@ Array = jax.Array | np.ndarray
 ALIGNMENT = 64  # bytes: XLA:CPU computes from a host buffer aligned to this without copying it
 
 
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-contiguous host array aligned to ALIGNMENT bytes, which JAX on CPU reads
+    without copying it (so it must not be written after it is handed to JAX)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffer = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -buffer.ctypes.data % ALIGNMENT
+    return buffer[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def owned_copy(x: np.ndarray, dtype: Any = None) -> np.ndarray:
     """A private C-contiguous copy of host array x (converted to `dtype`, default x's), aligned to
     ALIGNMENT bytes so that JAX on CPU reads it without copying it a second time."""
-    dtype = np.dtype(x.dtype if dtype is None else dtype)
-    nbytes = x.size * dtype.itemsize
-    buffer = np.empty(nbytes + ALIGNMENT, np.uint8)
-    start = -buffer.ctypes.data % ALIGNMENT
-    out = buffer[start : start + nbytes].view(dtype).reshape(x.shape)
+    out = aligned_empty(x.shape, x.dtype if dtype is None else dtype)
     np.copyto(out, x, casting="unsafe")
     return out
 

@@ -9,7 +9,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cka_jax.hsic_sums import NO_SCALE, Scales, Totals, agree, combine
-from cka_jax.layer_grams import GramKind, batch_totals
+from cka_jax.layer_grams import GramKind, LayerInputs, batch_totals
 
 
 def _empty(like: Totals) -> Totals:
@@ -41,9 +41,15 @@ def sharded_totals(
 
     def local(weights: jax.Array, arrays_a: list[jax.Array], arrays_b: list[jax.Array]) -> Totals:
         def body(carry: Totals, i: jax.Array) -> tuple[Totals, None]:
-            batch_b = None if within else [b[i] for b in arrays_b]
+            batch_b = None if within else LayerInputs([b[i] for b in arrays_b])
             batch = batch_totals(
-                kind, [a[i] for a in arrays_a], batch_b, b_is_a, weights[i], carry.scales, like.sums.xy.dtype
+                kind,
+                LayerInputs([a[i] for a in arrays_a]),
+                batch_b,
+                b_is_a,
+                weights[i],
+                carry.scales,
+                like.sums.xy.dtype,
             )
             return combine(carry, batch), None
 

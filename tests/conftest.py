@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices (before jax is imported) for the sharded code paths."""
 
+import contextlib
 import os
 import tempfile
 
@@ -20,3 +21,27 @@ def x64():
 
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture
+def jax_events():
+    """`jax_events(event)`: a context manager that collects, while open, the function names of the
+    jax.monitoring duration `event` (e.g. "/jax/core/compile/jaxpr_trace_duration": top-level traces
+    for jit, the ones an eager call would repeat; ".../backend_compile_duration": compilations)."""
+    import jax
+
+    @contextlib.contextmanager
+    def record(event):
+        names = []
+
+        def listener(name, duration, **kwargs):
+            if name == event:
+                names.append(kwargs.get("fun_name", "?"))
+
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            yield names
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+
+    return record

@@ -119,7 +119,7 @@ def test_population_grams_in_chunks_equal_update():
     for layers in pop:
         grams = [ck.minibatch_grams([a[s] for a in layers], population=True) for s in (slice(0, 2), slice(2, 4))]
         chunked = chunked.update_grams(jnp.concatenate(grams))
-    np.testing.assert_allclose(chunked.result(), direct.result(), rtol=1e-6)
+    np.testing.assert_allclose(chunked.result(), direct.result(), rtol=1e-6, atol=1e-7)  # grams built apart
     single = MinibatchCKA.create(3).update_grams(ck.minibatch_grams([a[0] for a in pop[0]]))
     np.testing.assert_allclose(
         single.result(), MinibatchCKA.create(3).update([a[0] for a in pop[0]]).result(), rtol=1e-6
