@@ -123,11 +123,13 @@ def _centred_gram(x: np.ndarray, out: np.ndarray) -> bool:
 
 
 @cache
-def _workers() -> tuple[ThreadPoolExecutor, ThreadpoolController]:
-    """The gram workers (one per core) and the BLAS thread-count controller, made on first use."""
+def _workers() -> tuple[ThreadPoolExecutor, ThreadpoolController, threading.Lock]:
+    """The gram workers (one per core), the BLAS thread-count controller, and the lock that lets
+    one caller at a time limit BLAS's threads (the limit is process-wide), made on first use."""
     from threadpoolctl import ThreadpoolController  # here: `import cka_jax` loads only jax, numpy, scipy
 
-    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="cka_jax-grams"), ThreadpoolController()
+    pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="cka_jax-grams")
+    return pool, ThreadpoolController(), threading.Lock()
 
 
 os.register_at_fork(after_in_child=_workers.cache_clear)  # a forked child has none of the parent's threads
@@ -140,7 +142,7 @@ def _centred_grams(sides: list[Grams]) -> list[dict[int, bool]]:
     """U-centred grams of every side's layers xs[l]: (M, n, p) as upper triangles into its
     out[:, l], in parallel; per side, which layers' grams were usable (every model's)."""
     jobs = [(s, l, m) for s, (xs, out) in enumerate(sides) for l in xs for m in range(out.shape[0])]
-    pool, blas = _workers()
+    pool, blas, lock = _workers()
     threads = os.cpu_count() or 1
     workers = max(1, min(threads, len(jobs)))
 
@@ -148,7 +150,7 @@ def _centred_grams(sides: list[Grams]) -> list[dict[int, bool]]:
         return [(s, l, _centred_gram(sides[s][0][l][m], sides[s][1][m, l])) for s, l, m in share]
 
     usable = [dict.fromkeys(xs, True) for xs, _ in sides]
-    with blas.limit(limits=max(1, threads // workers), user_api="blas"):
+    with lock, blas.limit(limits=max(1, threads // workers), user_api="blas"):
         for s, l, ok in (
             result for share in pool.map(run, [jobs[i::workers] for i in range(workers)]) for result in share
         ):

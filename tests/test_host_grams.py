@@ -199,3 +199,18 @@ def ref_heatmap(packed, n):
     flat = packed[0].astype(np.float64)
     products = flat @ flat.T
     return products / np.sqrt(np.outer(np.diag(products), np.diag(products)))
+
+
+def test_concurrent_updates_agree_and_restore_the_blas_threads():
+    """Callers on several threads: each result as if alone, and BLAS's process-wide thread count
+    restored after all of them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = [info["num_threads"] for info in threadpool_info()]
+    batches = [_layers(140 + i, widths=(64, 300, 50)) for i in range(6)]
+    alone = [np.asarray(MinibatchCKA.create(3).update(b).result()) for b in batches]
+    with ThreadPoolExecutor(3) as callers:
+        together = list(callers.map(lambda b: np.asarray(MinibatchCKA.create(3).update(b).result()), batches * 3))
+    for i, heatmap in enumerate(together):
+        np.testing.assert_array_equal(heatmap, alone[i % len(batches)])
+    assert [info["num_threads"] for info in threadpool_info()] == before
