@@ -38,9 +38,9 @@ class LayerInputs(NamedTuple):
 
     acts[l]: layer l's activations, (batch, ...) or (models, batch, ...), for modes AUTO (compiled
     code builds the raw gram and shifts where it must, `centred_linear_gram`) and SHIFTED (the
-    host found the raw gram unusable); None for mode CENTRED. centred: (M, L, n, n), the
-    U-centred raw grams the host built (`cka_jax.host_grams`) in the slots of CENTRED layers;
-    None where there are none.
+    host found neither its raw nor its shifted gram usable); None for mode CENTRED. centred:
+    (M, L, D), the strict upper triangles (`upper`) of the U-centred grams the host built
+    (`cka_jax.host_grams`) in the slots of CENTRED layers; None where there are none.
     """
 
     acts: Sequence[Array | None]
@@ -244,8 +244,9 @@ def fit_grams(grams: jax.Array, log2_scale: jax.Array, units: jax.Array | int = 
 def layer_grams(
     side: LayerInputs, kind: GramKind, log2_scales: list[jax.Array], modes: tuple[str, ...] | None = None
 ) -> list[tuple[jax.Array, jax.Array]]:
-    """U-centred grams (M, L, n, n) of one minibatch's layers, once per scale in `log2_scales`
-    (each (M, L)): [(grams in the units of max(scale, this minibatch's own), those scales)].
+    """U-centred grams of one minibatch's layers as strict upper triangles (M, L, D), once per
+    scale in `log2_scales` (each (M, L)): [(grams in the units of max(scale, this minibatch's
+    own), those scales)].
 
     The grams are built once whatever the number of scales: activations passed as both model a
     and model b (each side with its own scales) cost one gram per layer, not two. modes: how each

@@ -191,10 +191,10 @@ def _heatmap_in_child(layers):
 
     side, modes = host_side(_items(layers), 0)  # host code only: no compiled program in the child
     assert modes == (CENTRED,) * 3
-    return ref_heatmap(np.asarray(side.centred), N)
+    return _heatmap_of_triangles(np.asarray(side.centred))
 
 
-def ref_heatmap(packed, n):
+def _heatmap_of_triangles(packed):
     """CKA of every layer pair from host-built upper triangles (M=1, L, D)."""
     flat = packed[0].astype(np.float64)
     products = flat @ flat.T
