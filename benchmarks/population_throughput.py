@@ -30,7 +30,7 @@ from cka_jax import models
 from cka_jax.train import population as pop
 from cka_jax.train import step as training
 from cka_jax.train import strategy_tuning
-from cka_jax.train.config import base_config
+from cka_jax.workdir.config import base_config
 
 
 def parse_args():

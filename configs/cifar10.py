@@ -10,7 +10,7 @@ and population size:
   python train.py --config configs/cifar10.py:depth=38,residual=false --workdir workdir/c10_nores
 """
 
-from cka_jax.train.config import base_config, parse_arg
+from cka_jax.workdir.config import base_config, parse_arg
 
 DEFAULTS = dict(depth=14, width=1.0, residual=True, fraction=1.0, size=1, seed=0, epochs=300, random_labels=False)
 

@@ -128,8 +128,8 @@ def test_training_curves_of_a_run_whose_every_seed_diverged_are_undefined(tmp_pa
 
     from cka_jax.analysis import training_curves
     from cka_jax.analysis.context import AnalysisContext
-    from cka_jax.train.config import base_config
     from cka_jax.workdir import Workdir, metrics_log
+    from cka_jax.workdir.config import base_config
 
     workdir = str(tmp_path)
     rows = [

@@ -13,8 +13,8 @@ from test_analyze_cli import analyze
 from cka_jax.analysis import runner
 from cka_jax.analysis.inputs import AnalysisInputError, load_correct, load_labels
 from cka_jax.train import loop as trainer
-from cka_jax.train.config import base_config
 from cka_jax.workdir import Workdir
+from cka_jax.workdir.config import base_config
 
 # Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
 pytestmark = pytest.mark.slow

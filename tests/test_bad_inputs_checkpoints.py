@@ -241,9 +241,9 @@ def _saved_as_a_later_step(workdir, step, later):
     """The checkpoint at `step` of `workdir` saved again at step `later` (its state's step moved
     on to `later`) in a directory beside the workdir: what a training writes at step `later`.
     Returns that checkpoint's directory."""
-    from cka_jax.train.config import build_model
     from cka_jax.train.run_checks import model_state_shape
     from cka_jax.train.trained import load_config
+    from cka_jax.workdir.config import build_model
 
     config = load_config(workdir)
     one = model_state_shape(config, build_model(config))

@@ -475,7 +475,7 @@ def _fashion_config(data_dir):
 def test_a_run_refused_for_its_data_leaves_nothing_and_the_corrected_one_runs(tmp_path):
     """The refused run used to leave config.json, .lock and checkpoints/, and the corrected
     command (another data.data_dir) was then refused as "a different config"."""
-    from cka_jax.train.data import DataNotAvailableError
+    from cka_jax.data.datasets import DataNotAvailableError
 
     workdir = str(tmp_path / "run")
     with pytest.raises(DataNotAvailableError, match="lacks Fashion-MNIST's t10k-labels-idx1-ubyte"):

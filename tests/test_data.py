@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from cka_jax.train import data
+from cka_jax.data import datasets as data
 
 
 def test_digits_split_is_fixed_stratified_and_uint8():
@@ -60,8 +60,8 @@ def test_missing_tfds_data_is_a_clear_error(tmp_path):
 def test_an_empty_split_is_refused_naming_it(name):
     """A prepared split without examples is one line (it used to end in a ZeroDivisionError or
     numpy's 'need at least one array to stack')."""
-    from cka_jax.train.config import base_config
     from cka_jax.train.imagenet_stream import ImageNetStream
+    from cka_jax.workdir.config import base_config
 
     config = base_config()
     config.data.name, config.data.image_size, config.data.num_workers = name, 24, 1
@@ -97,8 +97,8 @@ def test_augmentation_shapes_determinism_and_effect():
 
 
 def test_imagenet_stream_batches_are_resumable_and_padded():
-    from cka_jax.train.config import base_config
     from cka_jax.train.imagenet_stream import ImageNetStream
+    from cka_jax.workdir.config import base_config
 
     config = base_config()
     config.data.name, config.data.image_size, config.data.num_workers = "imagenet2012", 24, 2
@@ -121,8 +121,8 @@ def test_imagenet_stream_batches_are_resumable_and_padded():
 def _loaded(name):
     """What loading `name` gives: (num_classes, image shape, train labels, test labels)."""
     if name == "imagenet2012":
-        from cka_jax.train.config import base_config
         from cka_jax.train.imagenet_stream import ImageNetStream
+        from cka_jax.workdir.config import base_config
 
         config = base_config()
         config.data.name, config.data.image_size, config.data.num_workers = name, 24, 1
@@ -162,7 +162,7 @@ def test_dataset_class_names():
 def _inputs(name, **data_fields):
     from cka_jax.train import device_batches as inputs
     from cka_jax.train import population
-    from cka_jax.train.config import base_config
+    from cka_jax.workdir.config import base_config
 
     config = base_config()
     config.data.name, config.train.batch_size, config.train.eval_batch_size = name, 4, 8

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from tiny import ROOT, run_train
 
-from cka_jax.train import data, fashion_mnist
+from cka_jax.data import datasets as data
+from cka_jax.data import fashion_mnist
 
 REAL = fashion_mnist.idx_directory(None)
 needs_files = pytest.mark.skipif(

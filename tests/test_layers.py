@@ -2,9 +2,10 @@
 
     cka_jax/            similarity library (jax, numpy, scipy only at import)
     cka_jax/models/     Flax ResNets              -> library
-    cka_jax/workdir/    the run directory's files -> library (its stdlib-only atomic writer)
-    cka_jax/train/      population training       -> library, models, workdir
-    cka_jax/analysis/   analyses and the report   -> everything below
+    cka_jax/data/       the data sets             -> library
+    cka_jax/workdir/    the run directory: its config, files and checkpoints -> library, models, data
+    cka_jax/train/      population training       -> everything below
+    cka_jax/analysis/   analyses and the report   -> library, models, data, workdir (never train)
 
 Each module's imports (module level and inside functions) are read with `ast`, so a lazy import in
 the wrong direction is caught too; then each layer is imported in a fresh interpreter to check the
@@ -26,11 +27,12 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "cka_jax"
 ALLOWED = {
     "library": {"library"},
     "models": {"library"},
-    "workdir": {"library"},
-    "train": {"library", "models", "workdir"},
-    "analysis": {"library", "models", "workdir", "train"},
+    "data": {"library"},
+    "workdir": {"library", "models", "data"},
+    "train": {"library", "models", "data", "workdir"},
+    "analysis": {"library", "models", "data", "workdir"},
 }
-SUBPACKAGE_LAYERS = {"models", "workdir", "train", "analysis"}
+SUBPACKAGE_LAYERS = {"models", "data", "workdir", "train", "analysis"}
 
 HEAVY = ("flax", "optax", "orbax", "tensorflow_datasets", "tensorflow", "grain", "sklearn", "seaborn", "matplotlib")
 # Third-party packages a layer must not load when imported (checked in a fresh interpreter).
@@ -46,6 +48,7 @@ NOT_LOADED = {
         "seaborn",
         "matplotlib",
     ),
+    "cka_jax.data": HEAVY,
     "cka_jax.workdir": HEAVY,
 }
 
@@ -86,8 +89,8 @@ def package_imports(path: pathlib.Path) -> set[str]:
 MODULES = sorted(PACKAGE.rglob("*.py"))
 
 
-def test_the_package_has_the_four_layers():
-    assert {layer_of(module_name(p)) for p in MODULES} == {"library", "models", "workdir", "train", "analysis"}
+def test_the_package_has_its_layers():
+    assert {layer_of(module_name(p)) for p in MODULES} == {"library", "models", "data", "workdir", "train", "analysis"}
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))

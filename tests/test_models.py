@@ -331,7 +331,7 @@ def test_unknown_names_raise(resnet8):
 )
 def test_from_config_builds_each_registered_model(name, fields, architecture):
     from cka_jax import models
-    from cka_jax.train.config import CHOICES, base_config
+    from cka_jax.workdir.config import CHOICES, base_config
 
     assert CHOICES["model.name"][1] == tuple(models.MODELS)  # config validation asks the registry
     config = base_config().model

@@ -14,13 +14,13 @@ import pytest
 import tiny
 from absl import flags
 
-from cka_jax.train import config as run_config
 from cka_jax.train import loop, run_checks, strategy_tuning
 from cka_jax.train import population as pop
 from cka_jax.train import step as training
 from cka_jax.train.chunked_states import ChunkedStates
 from cka_jax.train.device_batches import open_inputs
 from cka_jax.workdir import Workdir
+from cka_jax.workdir import config as run_config
 
 jax.config.update("jax_compilation_cache_dir", tiny.CACHE_DIR)
 

@@ -13,7 +13,7 @@ from tiny import TINY_FLAGS as TINY
 
 from cka_jax.train import population
 from cka_jax.train import run_checks as checks
-from cka_jax.train.config import validate_config
+from cka_jax.workdir.config import validate_config
 
 # Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
 pytestmark = pytest.mark.slow

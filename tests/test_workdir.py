@@ -8,9 +8,9 @@ import stat
 import pytest
 
 from cka_jax import atomic_file
-from cka_jax.train import config as run_config
 from cka_jax.train import workdir_checks
 from cka_jax.workdir import CONFIG_COPIES, Workdir, config_copies, metrics_log
+from cka_jax.workdir import config as run_config
 from cka_jax.workdir import lock as workdir_lock
 
 

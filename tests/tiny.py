@@ -6,7 +6,7 @@ import subprocess
 import sys
 import tempfile
 
-from cka_jax.train.config import base_config
+from cka_jax.workdir.config import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.py")

@@ -19,11 +19,11 @@ import ml_collections
 import numpy as np
 
 from cka_jax.analysis.errors import AnalysisInputError
+from cka_jax.data import datasets as data_lib
 from cka_jax.models import ResNetTrunk, representation_shapes
 from cka_jax.train import checkpoints, trained
-from cka_jax.train import data as data_lib
-from cka_jax.train.config import build_model
 from cka_jax.workdir import CHECKPOINTS, CONFIG, PREDICTIONS, Workdir
+from cka_jax.workdir.config import build_model
 
 PyTree = Any
 

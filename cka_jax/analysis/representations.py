@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cka_jax.data import datasets as data_lib
 from cka_jax.models import CaptureSpec, ResNetTrunk
-from cka_jax.train import data as data_lib
 
 if TYPE_CHECKING:
     from cka_jax.analysis.inputs import TestSet, TrainedPopulation

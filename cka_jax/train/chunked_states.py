@@ -17,8 +17,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from cka_jax.data import datasets as data
 from cka_jax.models import ResNetTrunk
-from cka_jax.train import data
 from cka_jax.train import population as pop
 from cka_jax.train import step as training
 from cka_jax.train.device_batches import TrainInputs

@@ -1,7 +1,7 @@
 """The run's data on devices: one iterator of device batches per epoch, and the test set.
 
 :func:`open_inputs` loads the configured data set and gives :class:`TrainInputs`, the same for
-both kinds of data set (:attr:`~cka_jax.train.data.DatasetInfo.streamed`):
+both kinds of data set (:attr:`~cka_jax.data.datasets.DatasetInfo.streamed`):
 
 * held in memory (digits, CIFAR): the whole training set is put on every device once; each step
   is given all of it and picks, augments and normalises its own batch there (from its model's
@@ -24,8 +24,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from cka_jax.data import datasets as data
 from cka_jax.models import ResNetTrunk
-from cka_jax.train import data
 from cka_jax.train import population as pop
 from cka_jax.train import step as training
 

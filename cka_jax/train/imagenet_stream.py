@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from cka_jax.train import data as data_lib
+from cka_jax.data import datasets as data_lib
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)

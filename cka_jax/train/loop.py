@@ -100,7 +100,7 @@ def train_and_evaluate(
     """Train ``config.population.size`` models, resuming from ``workdir`` if it holds a run.
 
     Args:
-      config: a validated-on-entry run config (see :mod:`cka_jax.train.config`).
+      config: a validated-on-entry run config (see :mod:`cka_jax.workdir.config`).
       workdir: output directory (files: :mod:`cka_jax.workdir`), locked while the run writes.
       progress: receives one ``update`` per epoch and a postfix with images/s and test accuracy.
       should_stop: polled once setup is done (data, initialisation or restore) and after every
@@ -111,7 +111,7 @@ def train_and_evaluate(
 
     Raises:
       RunConfigError: before any work: a bad config, or a workdir that holds another run, is
-        locked by another run, or cannot be written (:class:`~cka_jax.train.run_checks.RunConfigError`).
+        locked by another run, or cannot be written (:class:`~cka_jax.workdir.config.RunConfigError`).
       TrainingDiverged: a model's loss or state became non-finite, or its loss exploded
         (:class:`~cka_jax.train.health.TrainingDiverged`).
     """

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,11 +26,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cka_jax.owned import owned_copy
+from cka_jax.workdir.config import STRATEGY_NAMES, parse_strategy
 
 AXIS = "pop"
 PyTree = Any
-
-STRATEGY_NAMES = ("auto", "vmap", "loop")
 
 # Where `auto` starts measuring, and its choice when it measures nothing else (a run too short
 # for the budget to hold a second compilation, a single candidate): the measured answer on CPU,
@@ -42,19 +40,6 @@ STRATEGY_NAMES = ("auto", "vmap", "loop")
 # (jax-ml/jax#13800); TPU runs grouped convolutions natively and is launch-bound on small steps.
 # Neither accelerator has been measured here.
 AUTO_STRATEGY = {"cpu": "loop", "gpu": "loop", "cuda": "loop", "rocm": "loop", "tpu": "vmap"}
-
-
-def parse_strategy(strategy: str) -> str | int:
-    """``'auto'``, ``'vmap'`` or ``'loop'`` as given; a chunk size written in decimal (``'4'``) as
-    the int. ``ValueError`` (one line) for anything else."""
-    if strategy in STRATEGY_NAMES:
-        return strategy
-    if isinstance(strategy, str) and re.fullmatch(r"[0-9]+", strategy) and int(strategy) >= 1:
-        return int(strategy)
-    raise ValueError(
-        "population.strategy must be auto, vmap, loop or a number of models per call "
-        f"(a positive integer such as '4'), got {strategy!r}"
-    )
 
 
 def chunk_sizes(per_device: int) -> list[int]:

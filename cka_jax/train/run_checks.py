@@ -15,18 +15,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cka_jax.data import datasets as data
 from cka_jax.models import ResNetTrunk
-from cka_jax.train import config as run_config
-from cka_jax.train import data
 from cka_jax.train import population as pop
 from cka_jax.train import step as training
+from cka_jax.workdir import config as run_config
+from cka_jax.workdir.config import RunConfigError
 
 # int32 step counters (TrainState.step, the schedules) must not wrap.
 MAX_TOTAL_STEPS = 2**31 - 1
-
-
-class RunConfigError(ValueError):
-    """The run cannot start: bad config, architecture, layout or workdir (nothing was done)."""
 
 
 def check_run(
@@ -115,7 +112,7 @@ def check_memory(
     ``population.strategy=auto`` the smallest chunk (one model per call) is checked: the
     measuring skips chunk sizes that do not fit (:mod:`~cka_jax.train.strategy_tuning`)."""
     state_bytes, activation_bytes = memory_per_model(config, model, state)
-    if pop.parse_strategy(config.population.strategy) == "auto":
+    if run_config.parse_strategy(config.population.strategy) == "auto":
         layout = layout.with_models_per_call(1)
     pop.check_memory(layout, state_bytes, activation_bytes * layout.models_per_call)
 

@@ -18,7 +18,7 @@ import ml_collections
 import optax
 from flax import struct
 
-from cka_jax.train import data as data_lib
+from cka_jax.data import datasets as data_lib
 
 PyTree = Any
 EPOCH_SUMS = ("loss", "correct", "count")  # TrainState.epoch_sums columns

@@ -54,8 +54,8 @@ import numpy as np
 import optax
 
 from cka_jax import atomic_file
+from cka_jax.data import datasets as data
 from cka_jax.models import ResNetTrunk
-from cka_jax.train import data
 from cka_jax.train import population as pop
 from cka_jax.train.chunked_states import ChunkedStates
 from cka_jax.train.device_batches import TrainInputs

@@ -9,16 +9,17 @@ import ml_collections
 
 from cka_jax.models import ResNetTrunk
 from cka_jax.train import checkpoints as ckpt_lib
-from cka_jax.train import config as run_config
-from cka_jax.train.run_checks import RunConfigError, model_state_shape
+from cka_jax.train.run_checks import model_state_shape
 from cka_jax.train.workdir_checks import saved_configs
 from cka_jax.workdir import CONFIG_COPIES, Workdir
+from cka_jax.workdir import config as run_config
+from cka_jax.workdir.config import RunConfigError
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a workdir was trained with: its config.json, or the copy with its checkpoints.
 
-    Raises ``FileNotFoundError`` if there is neither, :class:`~cka_jax.train.run_checks.RunConfigError`
+    Raises ``FileNotFoundError`` if there is neither, :class:`~cka_jax.workdir.config.RunConfigError`
     if one is damaged or the two differ.
     """
     copies = saved_configs(workdir)

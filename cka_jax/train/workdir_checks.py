@@ -4,8 +4,8 @@ trained workdir back is :mod:`cka_jax.train.trained`.) With several processes, p
 checks and writes; the others share its verdict.
 
 The files are named and written by :mod:`cka_jax.workdir`; what makes two configs the same run
-(:func:`~cka_jax.train.config.config_differences`) is :mod:`cka_jax.train.config`'s. Every refusal
-is a :class:`~cka_jax.train.run_checks.RunConfigError` and leaves the workdir as it was.
+(:func:`~cka_jax.workdir.config.config_differences`) is :mod:`cka_jax.workdir.config`'s. Every refusal
+is a :class:`~cka_jax.workdir.config.RunConfigError` and leaves the workdir as it was.
 
 A run that ends in an error (or a signal) before it wrote any checkpoint, metric or prediction,
 say one refused for its data, trained nothing: :func:`lock_workdir` then removes exactly what
@@ -26,10 +26,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from cka_jax.train import config as run_config
-from cka_jax.train.run_checks import RunConfigError
 from cka_jax.workdir import CONFIG_COPIES, Workdir, config_copies, metrics_log
+from cka_jax.workdir import config as run_config
 from cka_jax.workdir import lock as workdir_lock
+from cka_jax.workdir.config import RunConfigError
 
 
 def _check_is_directory(workdir: str) -> None:
@@ -152,7 +152,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Refuse a workdir holding another run, then write the config's copies.
 
     Refused (:class:`RunConfigError`, nothing written): a file; a damaged copy; a copy that differs
-    from ``config`` outside :data:`~cka_jax.train.config.RESUMABLE_FIELDS`; a run (checkpoints,
+    from ``config`` outside :data:`~cka_jax.workdir.config.RESUMABLE_FIELDS`; a run (checkpoints,
     metrics, predictions) with neither copy. A missing copy is restored.
 
     Several processes: process 0 checks and writes, then every process checks that it sees the

@@ -12,15 +12,17 @@ import json
 import math
 import numbers
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 
 from cka_jax import models
-from cka_jax.train import data, population
+from cka_jax.data import datasets as data
 
 DTYPES = ("float32", "bfloat16")
+STRATEGY_NAMES = ("auto", "vmap", "loop")
 
 # Fields that may change between an interrupted run and its resumption: they change how the
 # run executes or is kept, never what it computes.
@@ -33,6 +35,10 @@ RESUMABLE_FIELDS = frozenset(
         "data.num_workers",
     }
 )
+
+
+class RunConfigError(ValueError):
+    """The run cannot start or be read: bad config, architecture, layout or workdir (nothing was done)."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -246,10 +252,23 @@ def _type_error(name: str, value: Any, default: Any) -> str | None:
     return None if ok else f"{name} must be {kind}, got {value!r}"
 
 
+def parse_strategy(strategy: str) -> str | int:
+    """``'auto'``, ``'vmap'`` or ``'loop'`` as given; a chunk size written in decimal (``'4'``) as
+    the int. ``ValueError`` (one line) for anything else."""
+    if strategy in STRATEGY_NAMES:
+        return strategy
+    if isinstance(strategy, str) and re.fullmatch(r"[0-9]+", strategy) and int(strategy) >= 1:
+        return int(strategy)
+    raise ValueError(
+        "population.strategy must be auto, vmap, loop or a number of models per call "
+        f"(a positive integer such as '4'), got {strategy!r}"
+    )
+
+
 def _strategy_error(value: str) -> str | None:
     """Why ``value`` is no ``population.strategy`` (its divisibility is checked with the layout)."""
     try:
-        population.parse_strategy(value)
+        parse_strategy(value)
     except ValueError as error:
         return str(error)
     return None

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cka_jax.train import fashion_mnist
-from cka_jax.train.tfds_data import DataNotAvailableError, check_data_dir, is_local, source_to_arrays, tfds_source
+from cka_jax.data import fashion_mnist
+from cka_jax.data.tfds_data import DataNotAvailableError, check_data_dir, is_local, source_to_arrays, tfds_source
 
 DIGITS_SPLIT_SEED = 0  # the digits train/test split is fixed, whatever data.seed is
 DIGITS_TEST_FRACTION = 0.2
@@ -83,7 +83,7 @@ def load_tfds_arrays(name: str, data_dir: str | None = None) -> ImageData:
 
 def load_fashion_mnist(data_dir: str | None = None) -> ImageData:
     """Fashion-MNIST as (28, 28, 1) uint8 images from its IDX files or tfds, where
-    :mod:`cka_jax.train.fashion_mnist` says: a given ``data_dir`` only, else Debian's package,
+    :mod:`cka_jax.data.fashion_mnist` says: a given ``data_dir`` only, else Debian's package,
     else tfds's default. :class:`DataNotAvailableError` naming the location and what it lacks,
     saying how to install it, or naming a damaged file or splits that are not Fashion-MNIST's."""
     check_data_dir("fashion_mnist", data_dir)

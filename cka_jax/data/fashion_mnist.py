@@ -1,6 +1,6 @@
 """Fashion-MNIST (Zalando; 60,000 train / 10,000 test 28x28 grayscale images, 10 classes).
 
-Read from the four standard IDX files. Where (:func:`~cka_jax.train.data.load_fashion_mnist`):
+Read from the four standard IDX files. Where (:func:`~cka_jax.data.datasets.load_fashion_mnist`):
 
 * ``data.data_dir`` (a run config field) given: there and nowhere else, its four IDX files, or,
   when it holds none of them, a tensorflow-datasets ``fashion_mnist`` prepared in it; a directory
