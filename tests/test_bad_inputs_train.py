@@ -384,7 +384,7 @@ CLI_MISTAKES = [
     (
         "config_without_get_config",
         lambda t: ["--config", _write(f"{t}/empty.py", "x = 1\n")],
-        ["empty.py defines no get_config"],
+        ["config file defines no get_config"],
     ),
     ("bad_config_argument", lambda t: ["--config", DIGITS + ":depth=abc"], ["depth", "'abc'"]),
     ("unknown_config_argument", lambda t: ["--config", DIGITS + ":dpth=8"], ["dpth=8"]),
@@ -395,7 +395,7 @@ CLI_MISTAKES = [
     ("population_size_0", lambda t: TINY + ["--config.population.size=0"], ["population.size", "0"]),
     ("epochs_abc", lambda t: TINY + ["--config.train.epochs=abc"], ["epochs", "abc"]),
     ("epochs_float", lambda t: TINY + ["--config.train.epochs=2.5"], ["epochs", "2.5"]),
-    ("unknown_config_field", lambda t: TINY + ["--config.train.learning_rat=1"], ["train.learning_rat"]),
+    ("unknown_config_field", lambda t: TINY + ["--config.train.learning_rat=1"], ["'learning_rat'", "'learning_rate'?"]),
     ("bad_flag_name", lambda t: TINY + ["--bogus=1"], ["bogus"]),
     ("positional_argument", lambda t: TINY + ["extra"], ["extra"]),
     ("workdir_is_a_file", lambda t: TINY + ["--workdir", _file(t)], ["a_file", "is a file"]),

@@ -248,26 +248,14 @@ def test_a_process_killed_anywhere_makes_the_other_exit_4_with_one_line(tmp_path
     assert "Traceback" not in out and "Fatal Python error" not in out
 
 
-def _train_module():
-    """train.py imported as a module (its main does not run)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("link", ["cause", "context", "message"])
 def test_a_failed_exchange_under_a_checkpoint_write_is_a_lost_process(monkeypatch, capsys, link):
     """The failure reaches train.py as a CheckpointWriteError raised from the collective's error
     (cause), while handling it (context), or repeating its message: exit 4, one line; it was
     reported as a checkpoint that could not be written, exit 1."""
-    from absl import flags
-
+    from cka_jax.train import launch as train_launch
     from cka_jax.train.checkpoints import CheckpointWriteError
 
-    train = _train_module()
     gloo = "UNKNOWN: Gloo AllGather failed: [pair.cc:538] Read error [127.0.0.1]:14729: Connection reset by peer"
     what = f"failed (JaxRuntimeError: {gloo}) writing the checkpoint at step 4 in /w/checkpoints; fix this"
     error = CheckpointWriteError(what, 4, "/w/checkpoints")
@@ -280,9 +268,9 @@ def test_a_failed_exchange_under_a_checkpoint_write_is_a_lost_process(monkeypatc
         raise SystemExit(status)
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    monkeypatch.setattr(train.os, "_exit", exit_now)
+    monkeypatch.setattr(train_launch.os, "_exit", exit_now)
     with pytest.raises(SystemExit) as exited:
-        train.TrainCommand(flags.FlagValues()).failed(error)
+        train_launch.report_failure(error, "/w")
     lines = capsys.readouterr().err.strip().splitlines()
     assert exited.value.code == 4 and len(lines) == 1, lines
     assert lines[0].startswith("train.py: error: process 0 of 2: an exchange with the other processes failed")

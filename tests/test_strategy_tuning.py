@@ -2,7 +2,6 @@
 `auto` measuring (choice, interleaved timing, budget, record, reuse on resume, agreement with an
 explicit size)."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import tiny
 from absl import flags
+from ml_collections import config_flags
 
 from cka_jax.train import loop, run_checks, strategy_tuning
 from cka_jax.train import population as pop
@@ -61,20 +61,15 @@ def test_a_chunk_size_that_does_not_divide_the_models_per_device_names_the_valid
         run_checks.check_run(tiny.tiny_config(10, strategy=value), THREE)
 
 
-def _train_py():
-    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(tiny.ROOT, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_command_line_gives_a_chunk_size_as_a_string_that_validates():
-    train_py = _train_py()
-    command = train_py.TrainCommand(flags.FlagValues())
-    command.parse_flags(["train.py", *tiny.TINY_FLAGS, "--config.population.strategy=2"])
-    config = command.config.value
-    assert config.population.strategy == "2"
-    _, layout = run_checks.check_run(config, jax.devices()[:1])  # size=2 on one device
+    """--config.population.strategy=2 reaches the (str) field as "2", which the checks accept."""
+    argv, flag_values = ["train.py", "--config.population.strategy=2"], flags.FlagValues()
+    config = config_flags.DEFINE_config_file(
+        "config", tiny.TINY_FLAGS[1], flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
+    flag_values(argv)
+    assert config.value.population.strategy == "2"
+    _, layout = run_checks.check_run(config.value, jax.devices()[:1])  # size=2 on one device
     assert layout.models_per_call == 2
 
 

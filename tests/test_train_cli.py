@@ -11,7 +11,7 @@ import pytest
 from tiny import ROOT, run_train, start_train
 from tiny import TINY_FLAGS as TINY
 
-from cka_jax.train import population
+from cka_jax.train import launch, population
 from cka_jax.train import run_checks as checks
 from cka_jax.workdir.config import validate_config
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--config.model.depht=8"], "unknown config field 'model.depht'"),
+        (["--config.model.depht=8"], "unknown config field 'depht'; did you mean 'depth'?"),
         (["--config.model.depth=15"], "depth must be 6n"),
         (["--config.data.name=mnist"], "unknown data set 'mnist'"),
     ],
@@ -94,33 +94,6 @@ def test_paper_pairs_are_the_papers_architectures():
     assert (wide.model.depth, wide.model.width, wide.data.name) == (14, 2.0, "cifar10")
 
 
-IMPORT_TRAIN_PY = """
-import importlib.util, os, sys
-from absl import flags
-workdir = sys.argv[-1]
-sys.argv = ["train.py", "--bogus=1", "--workdir=" + workdir, "--help"]
-for name in ("first", "second"):   # twice: nothing is defined into absl's global flags
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.getcwd(), "train.py"))
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
-assert "workdir" not in flags.FLAGS and not flags.FLAGS.is_parsed(), "flags defined on import"
-assert not os.path.exists(workdir) and sys.argv[1] == "--bogus=1"
-"""
-
-
-def test_importing_train_py_neither_reads_argv_nor_defines_flags(tmp_path):
-    """Importing train.py (e.g. from a test or beside analyze.py, which defines its own --workdir)
-    leaves sys.argv and absl's global flags alone."""
-    code, err = run_train(str(tmp_path / "run"), script=IMPORT_TRAIN_PY, timeout=120)
-    assert code == 0, err
-
-
-def _train_module():
-    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -141,11 +114,11 @@ def _train_module():
 def test_bad_process_flags_are_refused_naming_the_flag(flags, message):
     args = {"distributed": False, "coordinator_address": None, "num_processes": None, "process_id": None, **flags}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        _train_module().distributed_options(**args)
+        launch.distributed_options(**args)
 
 
 def test_process_flags_select_distributed_initialization():
-    options = _train_module().distributed_options
+    options = launch.distributed_options
     assert options(False, None, None, None) is None  # one process: nothing to initialize
     assert options(True, None, None, None, 60, 20) == {"initialization_timeout": 60, "heartbeat_timeout_seconds": 20}
     explicit = options(False, "[::1]:7777", 4, 3)  # the three flags imply --distributed

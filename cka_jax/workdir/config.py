@@ -6,12 +6,9 @@ is not here is an error (:func:`validate_config`), so typos never pass silently.
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
 import math
 import numbers
-import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -42,7 +39,8 @@ class RunConfigError(ValueError):
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """All fields of a run with their defaults (digits, ResNet-14 1x, 4 seeds)."""
+    """All fields of a run with their defaults (digits, ResNet-14 1x, 4 seeds), locked: setting a
+    field that does not exist raises ``AttributeError`` naming it."""
     c = ml_collections.ConfigDict()
 
     c.data = ml_collections.ConfigDict()
@@ -92,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 0  # 0: at the end of every epoch
     c.checkpoint.max_to_keep = 2  # latest checkpoints kept, besides the milestones
     c.checkpoint.keep_at_fractions = (0.0, 0.35, 0.75, 1.0)  # milestones kept forever
+    c.lock()  # a field that is not here is refused, by name, wherever it is set
     return c
 
 
@@ -151,34 +150,6 @@ def read_flat_config(path: str) -> dict[str, Any]:
         raise ValueError(f"not valid JSON ({error})") from error
     config_from_flat(flat)
     return flat
-
-
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """The config of a config file argument ``path.py`` or ``path.py:arg`` (its ``get_config``).
-
-    Raises ``ValueError`` with one line saying what is wrong: a missing file, a syntax error,
-    an error raised by the file or its ``get_config`` (e.g. a bad ``:arg``), no ConfigDict returned.
-    """
-    path, sep, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ValueError(f"config file {path!r} " + ("is not a file" if os.path.exists(path) else "does not exist"))
-    try:
-        loader = importlib.machinery.SourceFileLoader("run_config_file", path)
-        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
-        loader.exec_module(module)
-    except SyntaxError as error:
-        raise ValueError(f"config file {path}, line {error.lineno}: {error.msg}") from error
-    except Exception as error:  # a config file is user code: any error in it is the user's to fix
-        raise ValueError(f"config file {path} fails to load: {type(error).__name__}: {error}") from error
-    if not callable(getattr(module, "get_config", None)):
-        raise ValueError(f"config file {path} defines no get_config() function")
-    try:
-        config = module.get_config(arg) if sep else module.get_config()
-    except Exception as error:  # as above: e.g. a bad argument after the colon
-        raise ValueError(f"config {spec}: {type(error).__name__}: {error}") from error
-    if not isinstance(config, ml_collections.ConfigDict):
-        raise ValueError(f"config {spec}: get_config() returned {type(config).__name__}, not a ConfigDict")
-    return config
 
 
 def _interval(
