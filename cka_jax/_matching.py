@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from cka_jax.checks import all_finite, check_count, check_pair, float_matrix, host_matrix, is_real
-from cka_jax.scaling import HIGHEST, scaled_centred
+from cka_jax._checks import all_finite, check_count, check_pair, float_matrix, host_matrix, is_real
+from cka_jax._scaling import HIGHEST, scaled_centred
 
 MATCHING_METHODS = ("bipartite", "semi")
 
