@@ -83,7 +83,7 @@ def fail(message: str) -> NoReturn:
 class Stopped(BaseException):
     """A stop signal arrived: raised wherever the program is (not an ``Exception``, so that no
     analysis's error handling takes it for a failure), so that the file being written removes its
-    temporary file on the way out (see ``cka_jax.atomic_file``)."""
+    temporary file on the way out (see ``cka_jax._atomic_file``)."""
 
     def __init__(self, signum: int):
         super().__init__(signum)

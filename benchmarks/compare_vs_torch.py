@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from cka_jax.compare import compare
+from cka_jax import compare
 
 
 class ConvNet(nn.Module):

@@ -31,7 +31,8 @@ import time
 import jax
 import numpy as np
 
-from cka_jax import MinibatchCKA, minibatch
+from cka_jax import MinibatchCKA
+from cka_jax import _minibatch as minibatch
 
 
 def make_batches(widths, batch, pool, models=None, seed=0):

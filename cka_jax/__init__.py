@@ -1,27 +1,32 @@
 """cka_jax: representation similarity (CKA, SVCCA, PWCCA, unit matching) for populations of networks.
 
-The similarity library, this package's top-level modules (importing it loads jax, numpy, scipy):
-    owned         host arrays as compiled code reads them: private copies, values unchanged
-    checks        the input checks every measure runs on the host: one-line ValueErrors
-    scaling       exact power-of-two rescaling and feature centring (so no scale under/overflows)
-    hsic, cka     grams, centering, HSIC; CKA of grams and of representations
-    cca, pca      CCA, SVCCA, PWCCA; first principal components
-    matching      unit matching and sparse prediction (scikit-learn imported on first use)
-    minibatch     MinibatchCKA, built from layer_grams (one minibatch's grams), host_grams (the
-                  grams the host builds on CPU), hsic_sums (the running sums and their units) and
-                  sharded_sums (update_sharded)
-    compare       compare(model_a, model_b, batches): one call, any model -> CKAComparison
+Every public name is exported here, once (`__all__`); the implementations live in private modules
+(importing the package loads jax, numpy, scipy):
+    _owned        host arrays as compiled code reads them: private copies, values unchanged
+    _checks       the input checks every measure runs on the host: one-line ValueErrors
+    _scaling      exact power-of-two rescaling and feature centring (so no scale under/overflows)
+    _hsic, _cka   grams, centering, HSIC; CKA of grams and of representations
+    _cca, _pca    CCA, SVCCA, PWCCA; first principal components
+    _matching     unit matching and sparse prediction (scikit-learn imported on first use)
+    _minibatch    MinibatchCKA, built from _layer_grams (one minibatch's grams), _host_grams (the
+                  grams the host builds on CPU), _hsic_sums (the running sums and their units) and
+                  _sharded_sums (update_sharded)
+    _compare      compare(model_a, model_b, batches): one call, any model -> CKAComparison;
+                  load_comparison(path) reads a saved one back
+    _atomic_file  the atomic file writer CKAComparison.save and the workdir use
+The public subpackages are separate layers: `cka_jax.models` (Flax ResNets), `cka_jax.workdir`,
+`cka_jax.train` and `cka_jax.analysis`.
 Every public function checks its arguments, then runs one compiled program per input shape (no
 jax.jit needed; it also works inside the caller's jit, vmap and shard_map).
 """
 
-from cka_jax.cca import CCAResult, cca, mean_cca, pwcca, svcca
-from cka_jax.cka import cka, linear_cka, rbf_cka
-from cka_jax.compare import CKAComparison, compare
-from cka_jax.hsic import center_gram, gram_linear, gram_rbf, hsic
-from cka_jax.matching import UnitMatching, match_units, sparse_prediction_loss, unit_correlations
-from cka_jax.minibatch import MinibatchCKA, minibatch_grams
-from cka_jax.pca import (
+from cka_jax._cca import CCAResult, cca, mean_cca, pwcca, svcca
+from cka_jax._cka import cka, linear_cka, rbf_cka
+from cka_jax._compare import CKAComparison, compare, load_comparison
+from cka_jax._hsic import center_gram, gram_linear, gram_rbf, hsic
+from cka_jax._matching import UnitMatching, match_units, sparse_prediction_loss, unit_correlations
+from cka_jax._minibatch import MinibatchCKA, minibatch_grams
+from cka_jax._pca import (
     first_pc_cosine_similarity,
     first_pc_direction,
     first_pc_scores,
@@ -46,6 +51,7 @@ __all__ = [
     "gram_rbf",
     "hsic",
     "linear_cka",
+    "load_comparison",
     "match_units",
     "mean_cca",
     "minibatch_grams",

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from cka_jax import pwcca, svcca
 from cka_jax.analysis import blocks, cca_measures, disagreement, probes, report
 from cka_jax.analysis.bootstrap import bootstrap_mean
 from cka_jax.analysis.outputs import Section, Table, write_json, write_npz
 from cka_jax.analysis.representations import batch_indices, even_batches
-from cka_jax.cca import pwcca, svcca
 
 
 def planted_heatmap(num_layers=12, start=5, stop=10, inside=0.95, seed=0):

@@ -395,7 +395,11 @@ CLI_MISTAKES = [
     ("population_size_0", lambda t: TINY + ["--config.population.size=0"], ["population.size", "0"]),
     ("epochs_abc", lambda t: TINY + ["--config.train.epochs=abc"], ["epochs", "abc"]),
     ("epochs_float", lambda t: TINY + ["--config.train.epochs=2.5"], ["epochs", "2.5"]),
-    ("unknown_config_field", lambda t: TINY + ["--config.train.learning_rat=1"], ["'learning_rat'", "'learning_rate'?"]),
+    (
+        "unknown_config_field",
+        lambda t: TINY + ["--config.train.learning_rat=1"],
+        ["'learning_rat'", "'learning_rate'?"],
+    ),
     ("bad_flag_name", lambda t: TINY + ["--bogus=1"], ["bogus"]),
     ("positional_argument", lambda t: TINY + ["extra"], ["extra"]),
     ("workdir_is_a_file", lambda t: TINY + ["--workdir", _file(t)], ["a_file", "is a file"]),

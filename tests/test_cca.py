@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cka_jax.cca import CCAResult, cca, mean_cca, pwcca, svcca
+from cka_jax import CCAResult, cca, mean_cca, pwcca, svcca
 
 N = 240
 

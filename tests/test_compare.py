@@ -16,8 +16,7 @@ from flax import nnx
 
 import cka_jax
 import cka_jax.models
-from cka_jax import MinibatchCKA
-from cka_jax.compare import CKAComparison, compare, load
+from cka_jax import CKAComparison, MinibatchCKA, compare, load_comparison
 
 
 class TinyCNN(nn.Module):
@@ -384,12 +383,12 @@ def test_save_load_round_trip_and_damaged_files(tmp_path):
     result = compare(None, batches=stream, num_bootstrap=5, level=0.9, names=("mine", "mine"), progress=False)
     path = tmp_path / "cka.npz"
     result.save(path)
-    back = load(path)
+    back = load_comparison(path)
     assert isinstance(back, CKAComparison) and repr(back) == repr(result)
     np.testing.assert_array_equal(back.heatmap, result.heatmap)
     np.testing.assert_array_equal(back.interval[1], result.interval[1])
     assert (back.layers_a, back.level, back.num_bootstrap, back.name_a) == (("a", "b"), 0.9, 5, "mine")
-    assert cka_jax.compare.load is load  # also reachable once cka_jax re-exports the function
+    assert repr(CKAComparison.load(path)) == repr(result)  # the same reader as a classmethod
 
     raw = bytearray(path.read_bytes())
     at = bytes(raw).index(result.heatmap.astype(np.float64).tobytes())
@@ -404,7 +403,7 @@ def test_save_load_round_trip_and_damaged_files(tmp_path):
     truncated.write_bytes(path.read_bytes()[:200])
     for bad in (damaged, foreign, text, truncated):
         with pytest.raises(ValueError) as error:
-            load(bad)
+            load_comparison(bad)
         assert str(bad) in str(error.value) and "\n" not in str(error.value)
 
 
@@ -447,7 +446,7 @@ def test_plot_orientation_labels_and_population_panels():
 def test_import_stays_light():
     """cka_jax.compare loads nothing beyond what `import cka_jax` loads (flax, matplotlib, tqdm on use)."""
     code = (
-        "import sys, cka_jax; before = set(sys.modules); import cka_jax.compare; "
+        "import sys, cka_jax; before = set(sys.modules); import cka_jax._compare; "
         "print(sorted(m.split('.')[0] for m in set(sys.modules) - before if not m.startswith('cka_jax')))"
     )
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(cka_jax.__file__))}

@@ -1,4 +1,4 @@
-"""cka_jax.compare.load checks what a file holds, not only that its digest matches: a file whose
+"""cka_jax.load_comparison checks what a file holds, not only that its digest matches: a file whose
 digest was recomputed after its contents changed (by hand, or by another program) is a one-line
 ValueError naming what is wrong, never a comparison whose repr or plot then fails. The same
 contents given to CKAComparison directly are a one-line ValueError naming the argument."""
@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from cka_jax.compare import CKAComparison, load
-from cka_jax.compare.result import _arrays, _digest
+from cka_jax import CKAComparison, load_comparison
+from cka_jax._compare.result import _arrays, _digest
 
 LAYERS = ("conv", "block/conv", "dense")
 
@@ -114,7 +114,7 @@ ROWS = {
 def test_a_saved_comparison_loads_back(tmp_path):
     result = comparison()
     result.save(tmp_path / "cka.npz")
-    back = load(tmp_path / "cka.npz")
+    back = load_comparison(tmp_path / "cka.npz")
     assert repr(back) == repr(result) and back.level == 0.9 and back.num_examples == 64
     np.testing.assert_array_equal(back.interval[0], result.interval[0])
 
@@ -128,7 +128,7 @@ def test_a_file_with_a_recomputed_digest_is_checked_field_by_field(tmp_path, row
     path = tmp_path / "cka.npz"
     np.savez(path, **arrays)
     with pytest.raises(ValueError) as error:
-        load(path)
+        load_comparison(path)
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"{path} is not a valid CKA comparison file"), message
     assert says in message, message

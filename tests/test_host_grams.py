@@ -1,4 +1,4 @@
-"""Grams built on the host (`cka_jax.host_grams`) against compiled code and the float64 reference:
+"""Grams built on the host (`cka_jax._host_grams`) against compiled code and the float64 reference:
 every route a layer can take (raw gram, host-shifted gram, compiled shifted gram, compiled raw
 gram with its fallback) gives the same CKA, and the route is the one intended."""
 
@@ -10,10 +10,10 @@ import reference as ref
 from threadpoolctl import threadpool_info
 
 from cka_jax import MinibatchCKA
-from cka_jax.host_grams import host_side, ucentre_in_place
-from cka_jax.hsic import ucenter
-from cka_jax.hsic_sums import batch_hsic
-from cka_jax.layer_grams import AUTO, CENTRED, MAX_OFFSET_RATIO, SHIFTED, upper
+from cka_jax._host_grams import host_side, ucentre_in_place
+from cka_jax._hsic import ucenter
+from cka_jax._hsic_sums import batch_hsic
+from cka_jax._layer_grams import AUTO, CENTRED, MAX_OFFSET_RATIO, SHIFTED, upper
 
 N = 24
 
@@ -187,7 +187,7 @@ def test_a_forked_child_builds_grams_with_workers_of_its_own():
 
 
 def _heatmap_in_child(layers):
-    from cka_jax.host_grams import host_side
+    from cka_jax._host_grams import host_side
 
     side, modes = host_side(_items(layers), 0)  # host code only: no compiled program in the child
     assert modes == (CENTRED,) * 3

@@ -54,7 +54,7 @@ NOT_LOADED = {
 
 
 def layer_of(module: str) -> str:
-    """'cka_jax.train.loop' -> 'train'; 'cka_jax.minibatch' or 'cka_jax' -> 'library'."""
+    """'cka_jax.train.loop' -> 'train'; 'cka_jax._minibatch' or 'cka_jax' -> 'library'."""
     parts = module.split(".")
     if len(parts) > 1 and parts[1] in SUBPACKAGE_LAYERS:
         return parts[1]

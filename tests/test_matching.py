@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from cka_jax.matching import UnitMatching, match_units, sparse_prediction_loss, unit_correlations
+from cka_jax import UnitMatching, match_units, sparse_prediction_loss, unit_correlations
 
 N, P = 400, 6
 

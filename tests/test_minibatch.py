@@ -301,9 +301,9 @@ def test_float64_accumulators_with_x64():
 def small_feature_chunks(monkeypatch):
     """256 features per chunk at batch 16. Compiled programs are dropped before (they would keep
     the old chunk size) and after (later tests would get the small one)."""
-    import cka_jax.layer_grams
+    import cka_jax._layer_grams
 
-    monkeypatch.setattr(cka_jax.layer_grams, "CHUNK_ELEMENTS", 16 * 256)
+    monkeypatch.setattr(cka_jax._layer_grams, "CHUNK_ELEMENTS", 16 * 256)
     jax.clear_caches()
     yield
     monkeypatch.undo()

@@ -343,7 +343,7 @@ AUTO_RUN = [
 # (no budget), and each process prints the files it writes.
 AUTO_WORKER = """
 import runpy, sys
-from cka_jax import atomic_file
+from cka_jax import _atomic_file as atomic_file
 from cka_jax.train import strategy_tuning
 strategy_tuning.MIN_TUNING_SECONDS = 1e9
 port, process_id = sys.argv[1], sys.argv[2]

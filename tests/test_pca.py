@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cka_jax.pca import (
+from cka_jax import (
     first_pc_cosine_similarity,
     first_pc_direction,
     first_pc_scores,

@@ -242,6 +242,7 @@ ROWS = [
     ),
 ]
 RESULT_TYPES = {"CCAResult", "UnitMatching", "CKAComparison"}  # what cca, match_units and compare return
+READERS = {"load_comparison"}  # reads a saved CKAComparison back: no measure to scale
 
 
 def _cases():
@@ -285,7 +286,7 @@ def test_measure_is_scale_invariant_or_equivariant(row, sx, sy):
 
 
 def test_every_public_name_is_covered():
-    covered = {row[1] for row in ROWS} | RESULT_TYPES
+    covered = {row[1] for row in ROWS} | RESULT_TYPES | READERS
     assert set(ck.__all__) == covered, set(ck.__all__) ^ covered
 
 

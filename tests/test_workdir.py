@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from cka_jax import atomic_file
+from cka_jax import _atomic_file as atomic_file
 from cka_jax.train import workdir_checks
 from cka_jax.workdir import CONFIG_COPIES, Workdir, config_copies, metrics_log
 from cka_jax.workdir import config as run_config

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
+from cka_jax import MinibatchCKA
 from cka_jax.analysis.bootstrap import bootstrap_mean, format_interval
 from cka_jax.analysis.entry import Analysis, check_models, main_population
 from cka_jax.analysis.notes import caption, heatmap_note, line_note, model_pairs, pair_name, pair_why, with_note
@@ -20,7 +21,6 @@ from cka_jax.analysis.outputs import Section, Table, write_npz
 from cka_jax.analysis.plots import add_note, heatmap, heatmap_grid, shared_colorbar, short_name, subplots
 from cka_jax.analysis.representations import ProgressFactory, apply_fn, batch_indices, no_progress
 from cka_jax.analysis.undefined import defined_rows, left_out, mean_of_defined
-from cka_jax.minibatch import MinibatchCKA
 from cka_jax.models import CaptureSpec, representation_names
 
 if TYPE_CHECKING:

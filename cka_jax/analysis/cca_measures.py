@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
+from cka_jax import linear_cka, pwcca, svcca
 from cka_jax.analysis.bootstrap import bootstrap_mean, format_interval
 from cka_jax.analysis.entry import Analysis, all_checks, all_populations, check_examples, check_models, main_population
 from cka_jax.analysis.notes import heatmap_note, line_note, model_pairs, pair_name, pair_why, status_why, with_note
@@ -33,8 +34,6 @@ from cka_jax.analysis.undefined import (
     measurable,
     number,
 )
-from cka_jax.cca import pwcca, svcca
-from cka_jax.cka import linear_cka
 
 if TYPE_CHECKING:
     from cka_jax.analysis.context import AnalysisContext
@@ -98,7 +97,7 @@ SYMMETRIC = frozenset({"svcca", "cka"})  # PWCCA weights one side, so (x, y) and
 def within_heatmaps(measure: str, reps: Mapping[str, np.ndarray]) -> np.ndarray:
     """(M, L, L) layer-by-layer similarity of each model; reps: name -> (M, n, C) (2-D features).
 
-    PWCCA weights the side with fewer channels (as `cka_jax.cca.pwcca` does without padding);
+    PWCCA weights the side with fewer channels (as `cka_jax.pwcca` does without padding);
     symmetric measures are computed once per unordered pair.
     """
     layers, widths = padded_layers(reps)

@@ -13,7 +13,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from cka_jax import atomic_file
+from cka_jax import _atomic_file as atomic_file
 from cka_jax.analysis.undefined import strict_json
 
 

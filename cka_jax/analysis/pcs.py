@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
+from cka_jax import MinibatchCKA, first_pc_cosine_similarity, first_pc_variance_fraction, remove_first_pc
 from cka_jax.analysis.blocks import blocks_in_structure, layers_inside, mean_heatmap_block, undefined_block_note
 from cka_jax.analysis.entry import Analysis
 from cka_jax.analysis.notes import caption, heatmap_note, joined, status_why, with_note
@@ -20,8 +21,6 @@ from cka_jax.analysis.outputs import Section, Table, write_npz
 from cka_jax.analysis.plots import add_note, heatmap, new_figure, shared_colorbar, short_name
 from cka_jax.analysis.representations import collect
 from cka_jax.analysis.undefined import LayerStatus, left_out, mean_of_defined, number
-from cka_jax.minibatch import MinibatchCKA
-from cka_jax.pca import first_pc_cosine_similarity, first_pc_variance_fraction, remove_first_pc
 
 if TYPE_CHECKING:
     from cka_jax.analysis.context import AnalysisContext

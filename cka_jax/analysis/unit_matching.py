@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cka_jax import match_units, sparse_prediction_loss
+from cka_jax._matching import MATCHING_METHODS
 from cka_jax.analysis.entry import Analysis, check_models, main_population
 from cka_jax.analysis.notes import line_note, with_note
 from cka_jax.analysis.outputs import Section, Table, write_npz
 from cka_jax.analysis.plots import add_note, colormap, short_name, subplots
 from cka_jax.analysis.undefined import LayerStatus, measurable, number
-from cka_jax.matching import MATCHING_METHODS, match_units, sparse_prediction_loss
 
 if TYPE_CHECKING:
     from cka_jax.analysis.context import AnalysisContext

@@ -18,13 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cka_jax import MinibatchCKA
 from cka_jax.analysis.entry import Analysis
 from cka_jax.analysis.notes import with_note
 from cka_jax.analysis.outputs import Section, Table, write_npz
 from cka_jax.analysis.plots import UNDEFINED_KEY, add_note, heatmap_grid
 from cka_jax.analysis.representations import ProgressFactory, apply_fn, batch_indices, no_progress
 from cka_jax.analysis.undefined import LayerStatus, defined_rows, left_out, mean_of_defined, number, status_update
-from cka_jax.minibatch import MinibatchCKA
 from cka_jax.models import CaptureSpec, representation_names
 from cka_jax.models.capture import select_names
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cka_jax import atomic_file
+from cka_jax import _atomic_file as atomic_file
 
 MANIFEST = "cka_jax_manifest.json"  # in the item directory: <step>/default/
 ITEM = "default"  # orbax's directory of a single-item checkpoint

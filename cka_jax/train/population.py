@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cka_jax.owned import owned_copy
+from cka_jax._owned import owned_copy
 from cka_jax.workdir.config import STRATEGY_NAMES, parse_strategy
 
 AXIS = "pop"

@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cka_jax import atomic_file
+from cka_jax import _atomic_file as atomic_file
 from cka_jax.train.chunked_states import ChunkedStates
 from cka_jax.train.device_batches import TrainInputs
 from cka_jax.train.health import TrainingDiverged, model_list

@@ -53,7 +53,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from cka_jax import atomic_file
+from cka_jax import _atomic_file as atomic_file
 from cka_jax.data import datasets as data
 from cka_jax.models import ResNetTrunk
 from cka_jax.train import population as pop

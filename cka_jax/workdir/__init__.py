@@ -10,7 +10,7 @@
         .lock                    held (flock) by the one process writing the run; see `lock`
         analysis/                analyze.py's default output directory
 
-Writing goes through `cka_jax.atomic_file.write` (a file appears whole or not at all), the lock through
+Writing goes through `cka_jax._atomic_file.write` (a file appears whole or not at all), the lock through
 `lock.acquire`, metrics through `metrics_log`, the two config copies through `config_copies`.
 Only the standard library is imported here.
 """

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from cka_jax import atomic_file
+from cka_jax import _atomic_file as atomic_file
 from cka_jax.workdir import CONFIG_COPIES, Workdir
 
 

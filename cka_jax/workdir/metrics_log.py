@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from cka_jax import atomic_file
+from cka_jax import _atomic_file as atomic_file
 from cka_jax.workdir import Workdir
 
 logger = logging.getLogger(__name__)

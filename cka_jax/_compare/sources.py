@@ -24,9 +24,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cka_jax.compare.adapters import Model
-from cka_jax.compare.inputs import InputKey, as_array, model_input, stream_activations
-from cka_jax.compare.layers import LayerSpec, ShapeCheck, select, shape_of
+from cka_jax._compare.adapters import Model
+from cka_jax._compare.inputs import InputKey, as_array, model_input, stream_activations
+from cka_jax._compare.layers import LayerSpec, ShapeCheck, select, shape_of
 
 
 def _with_features(arrays: list, lead: int) -> list:

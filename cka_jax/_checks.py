@@ -8,7 +8,7 @@ Every check reads only shapes and dtypes, so it runs on the host for concrete ar
 tracers alike (inside a user's jit or vmap); each failure is one `ValueError` line naming the
 argument.
 
-What a check returns is what compiled code reads (`cka_jax.owned`): host arrays become private
+What a check returns is what compiled code reads (`cka_jax._owned`): host arrays become private
 copies, with their values unchanged.
 
 The compiled side of the same conventions is here too: `to_float` and `float_matrix` turn a
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cka_jax.owned import Array, owned
+from cka_jax._owned import Array, owned
 
 Activations = Sequence[Any] | Mapping[str, Any]
 

@@ -14,7 +14,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from cka_jax.checks import (
+from cka_jax._checks import (
     check_flag,
     check_gram_pair,
     check_pair,
@@ -23,8 +23,8 @@ from cka_jax.checks import (
     float_matrix,
     to_float,
 )
-from cka_jax.hsic import rbf_gram, ucenter
-from cka_jax.scaling import HIGHEST, normalise, scaled_centred
+from cka_jax._hsic import rbf_gram, ucenter
+from cka_jax._scaling import HIGHEST, normalise, scaled_centred
 
 
 def _centred_unit(gram: jax.Array, debiased: bool) -> jax.Array:

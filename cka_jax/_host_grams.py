@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from cka_jax.checks import float_dtype
-from cka_jax.layer_grams import AUTO, CENTRED, MAX_OFFSET_RATIO, SHIFTED, LayerInputs, raw_gram_usable
-from cka_jax.owned import Array, aligned_empty, owned, owned_layers
+from cka_jax._checks import float_dtype
+from cka_jax._layer_grams import AUTO, CENTRED, MAX_OFFSET_RATIO, SHIFTED, LayerInputs, raw_gram_usable
+from cka_jax._owned import Array, aligned_empty, owned, owned_layers
 
 if TYPE_CHECKING:
     from threadpoolctl import ThreadpoolController
@@ -50,7 +50,7 @@ def host_readable(x: Array) -> np.ndarray | None:
 
 
 def ucentre_in_place(gram: np.ndarray, sums: np.ndarray) -> None:
-    """`cka_jax.hsic.ucenter(gram, unbiased=True)` of one (n, n) host gram, written over it;
+    """`cka_jax._hsic.ucenter(gram, unbiased=True)` of one (n, n) host gram, written over it;
     sums: its column sums, diagonal included."""
     n = gram.shape[0]
     means = (sums - np.diagonal(gram)) / (n - 2)

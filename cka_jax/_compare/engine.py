@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from cka_jax.compare.full import WholeSetCKA
-from cka_jax.minibatch import MinibatchCKA
+from cka_jax._compare.full import WholeSetCKA
+from cka_jax._minibatch import MinibatchCKA
 
 FLAG_BATCHES = 64  # finiteness flags kept on the device before they are read
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from cka_jax.owned import owned_copy, unit_scale
+from cka_jax._cka import cka
+from cka_jax._hsic import gram_linear, gram_rbf
+from cka_jax._owned import owned_copy, unit_scale
 
 
 @jax.jit
 def _biased_cka(gram_x: jax.Array, gram_y: jax.Array) -> jax.Array:
-    from cka_jax import cka  # the public API, bound once `import cka_jax` has finished
-
     return cka(gram_x, gram_y, debiased=False)
 
 
@@ -58,8 +58,6 @@ class WholeSetCKA:
         return self
 
     def _grams(self, side: int) -> list[jax.Array]:
-        from cka_jax import gram_linear, gram_rbf
-
         grams = []
         for chunks in self.parts[side]:
             x = _unit_scale(np.concatenate(chunks))  # host float64 stays float64 for gram_*'s own checks

@@ -8,16 +8,16 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from cka_jax.checks import check_flag
-from cka_jax.compare.adapters import as_model
-from cka_jax.compare.engine import Engine, resolve_devices
-from cka_jax.compare.full import WholeSetCKA
-from cka_jax.compare.inputs import InputKey, numbered
-from cka_jax.compare.layers import LayerSpec, patterns
-from cka_jax.compare.result import CKAComparison
-from cka_jax.compare.sources import ModelSource, StreamSource
-from cka_jax.compare.undefined import warn_undefined
-from cka_jax.minibatch import MinibatchCKA
+from cka_jax._checks import check_flag
+from cka_jax._compare.adapters import as_model
+from cka_jax._compare.engine import Engine, resolve_devices
+from cka_jax._compare.full import WholeSetCKA
+from cka_jax._compare.inputs import InputKey, numbered
+from cka_jax._compare.layers import LayerSpec, patterns
+from cka_jax._compare.result import CKAComparison
+from cka_jax._compare.sources import ModelSource, StreamSource
+from cka_jax._compare.undefined import warn_undefined
+from cka_jax._minibatch import MinibatchCKA
 
 MIN_EXAMPLES = 4  # HSIC₁ is defined from 4 examples per minibatch
 
@@ -63,7 +63,7 @@ def compare(
     minibatch counts once: a smaller last batch weighs as much as a full one (still unbiased,
     noisier); drop_remainder=True leaves out batches smaller than the first. Minibatches need at
     least 4 examples. debiased=False is the biased whole-set CKA of Kornblith et al. 2019
-    (all examples' grams at once; see `cka_jax.compare.full`).
+    (all examples' grams at once; see `cka_jax._compare.full`).
     kernel: "linear" or "rbf" (bandwidth threshold × the median distance). num_bootstrap > 0
     adds a percentile bootstrap interval over minibatches at `level` (`interval`).
     population=True: model_a/model_b carry a leading model axis (stacked variables or NNX state;

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from cka_jax.checks import Array, all_finite, check_number, check_pair, float_matrix, nan_unless
-from cka_jax.scaling import HIGHEST, scaled_centred, times_pow2
+from cka_jax._checks import Array, all_finite, check_number, check_pair, float_matrix, nan_unless
+from cka_jax._scaling import HIGHEST, scaled_centred, times_pow2
 
 
 class CCAResult(NamedTuple):
@@ -53,7 +53,7 @@ class CCAResult(NamedTuple):
 
 
 def _checked(x: ArrayLike, y: ArrayLike, epsilon: float) -> tuple[Array, Array]:
-    """`x: (n, ...)`, `y: (n, ...)` checked (see `cka_jax.checks.check_pair`) and epsilon >= 0."""
+    """`x: (n, ...)`, `y: (n, ...)` checked (see `cka_jax._checks.check_pair`) and epsilon >= 0."""
     xc, yc = check_pair(x, y)
     check_number(epsilon, "epsilon", lambda e: 0 <= e < math.inf, "must be a finite number >= 0", traced=True)
     return xc, yc

@@ -4,9 +4,9 @@ A layer's gram is the raw x xᵀ (one dot, no pass over the activations before i
 is as accurate as the gram of the shifted activations x - x[0] (`raw_gram_usable`); otherwise,
 and for NaN, inf or extreme scales, it is built from shifted activations exactly rescaled by a
 power of two. On the CPU backend the host builds grams from the caller's arrays
-(`cka_jax.host_grams`) and compiled code takes them as they are (`LayerInputs`). Each layer (of
+(`cka_jax._host_grams`) and compiled code takes them as they are (`LayerInputs`). Each layer (of
 each model) has a log2 scale: grams are divided by 4^scale, which is exact, and the scale grows
-to cover the largest gram seen, so the sums never under- or overflow (see `cka_jax.minibatch`).
+to cover the largest gram seen, so the sums never under- or overflow (see `cka_jax._minibatch`).
 Grams travel as their strict upper triangles (`upper`). `minibatch_grams` is the public entry.
 """
 
@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cka_jax.checks import Activations, check_layers, check_threshold, float_dtype, named_layers
-from cka_jax.hsic import rbf_gram, ucenter
-from cka_jax.hsic_sums import NO_SCALE, Scales, Totals, applied, batch_hsic, weighted
-from cka_jax.owned import Array, owned_layers
-from cka_jax.scaling import HIGHEST, pow2, scale_exponent, times_pow2
+from cka_jax._checks import Activations, check_layers, check_threshold, float_dtype, named_layers
+from cka_jax._hsic import rbf_gram, ucenter
+from cka_jax._hsic_sums import NO_SCALE, Scales, Totals, applied, batch_hsic, weighted
+from cka_jax._owned import Array, owned_layers
+from cka_jax._scaling import HIGHEST, pow2, scale_exponent, times_pow2
 
 KERNELS = ("linear", "rbf")
 CHUNK_ELEMENTS = 2**24  # largest feature slice (models x batch x features) copied at once: 64 MB in float32
@@ -40,7 +40,7 @@ class LayerInputs(NamedTuple):
     code builds the raw gram and shifts where it must, `centred_linear_gram`) and SHIFTED (the
     host found neither its raw nor its shifted gram usable); None for mode CENTRED. centred:
     (M, L, D), the strict upper triangles (`upper`) of the U-centred grams the host built
-    (`cka_jax.host_grams`) in the slots of CENTRED layers; None where there are none.
+    (`cka_jax._host_grams`) in the slots of CENTRED layers; None where there are none.
     """
 
     acts: Sequence[Array | None]
@@ -51,7 +51,7 @@ class GramKind(NamedTuple):
     """How grams are built (hashable: a static argument of the compiled updates).
 
     population: activations carry a leading model axis. kernel: "linear" or "rbf" (bandwidth
-    `threshold` × median distance, see `cka_jax.hsic.gram_rbf`).
+    `threshold` × median distance, see `cka_jax._hsic.gram_rbf`).
     """
 
     population: bool

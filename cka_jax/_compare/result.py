@@ -1,7 +1,7 @@
 """The result of `compare`: the heatmap with its layer names, counts and options; save and load.
 
 Files are .npz (no pickle): the arrays, the layer names, the options as JSON, a format tag and a
-SHA-256 digest over everything else. `load` checks all of them, so a damaged, truncated or
+SHA-256 digest over everything else. `load_comparison` checks all of them, so a damaged, truncated or
 foreign file is a one-line ValueError, never a plausible heatmap.
 """
 
@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from cka_jax import atomic_file
+from cka_jax import _atomic_file as atomic_file
 
 FORMAT = "cka_jax.compare/1"
 _META = ("name_a", "name_b", "kernel", "threshold", "debiased", "level", "num_bootstrap", "population", "all_pairs")
@@ -90,7 +90,7 @@ class CKAComparison:
         single heatmap into an existing Axes. annotate: write the values in the cells (default:
         when both sides have at most 12 layers).
         """
-        from cka_jax.compare.plot import plot_comparison
+        from cka_jax._compare.plot import plot_comparison
 
         return plot_comparison(
             self, index=index, ax=ax, title=title, cmap=cmap, max_labels=max_labels, annotate=annotate
@@ -115,8 +115,13 @@ class CKAComparison:
             f"  layers_b: {_short(self.layers_b)})"
         )
 
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CKAComparison:
+        """A comparison written by `save`; the same as `cka_jax.load_comparison(path)`."""
+        return load_comparison(path)
+
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the comparison to `path` (.npz, written atomically; `load` reads it back)."""
+        """Writes the comparison to `path` (.npz, written atomically); `load_comparison` reads it back."""
         arrays = _arrays(self)
         arrays["digest"] = np.array(_digest(arrays))
         atomic_file.write(os.fspath(path), lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
@@ -212,8 +217,10 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
     return sha.hexdigest()
 
 
-def load(path: str | os.PathLike) -> CKAComparison:
-    """A comparison written by `CKAComparison.save`; ValueError (one line) for any other file."""
+def load_comparison(path: str | os.PathLike) -> CKAComparison:
+    """A comparison written by `CKAComparison.save`; ValueError (one line) for any other file.
+
+    The same as `CKAComparison.load(path)`; public as `cka_jax.load_comparison`."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cka_jax.hsic_sums import NO_SCALE, Scales, Totals, agree, combine
-from cka_jax.layer_grams import GramKind, LayerInputs, batch_totals
+from cka_jax._hsic_sums import NO_SCALE, Scales, Totals, agree, combine
+from cka_jax._layer_grams import GramKind, LayerInputs, batch_totals
 
 
 def _empty(like: Totals) -> Totals:

@@ -11,7 +11,7 @@ grams so far, divided by 4^k, have entries of at most 1. Dividing is exact, so e
 keeps its exact weight; when a later minibatch has a larger gram, k grows and the sums so far
 are multiplied by the matching power of two (again exact), so nothing under- or overflows for
 any finite activations. Grams are built from the raw activations where that is as accurate, and
-from shifted, exactly rescaled ones otherwise (`cka_jax.layer_grams`).
+from shifted, exactly rescaled ones otherwise (`cka_jax._layer_grams`).
 
 Remainder batches: every update counts as one minibatch with equal weight, as in the definition
 above. HSIC₁ is unbiased at any batch size n >= 4, so a smaller last batch keeps the estimate
@@ -34,7 +34,7 @@ Speed: every method checks its arguments on the host (shapes and dtypes only, so
 once, also inside a caller's jit or vmap) and then runs one compiled program, cached per input
 shapes, so an eager loop of `update` needs no jax.jit. On the CPU backend `update` builds the
 linear grams of host and CPU arrays on the host, from the caller's buffers, with BLAS's
-symmetric product in parallel (`cka_jax.host_grams`); under jit, on other devices and in
+symmetric product in parallel (`cka_jax._host_grams`); under jit, on other devices and in
 `update_sharded` compiled code builds them. `update(acts, acts)` (the same arrays for both
 models) builds each layer's gram once. benchmarks/README.md has the measurements.
 """
@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from cka_jax.checks import (
+from cka_jax._checks import (
     Activations,
     Array,
     Layout,
@@ -64,10 +64,10 @@ from cka_jax.checks import (
     named_layers,
     to_float,
 )
-from cka_jax.host_grams import owned_sides, update_sides
-from cka_jax.hsic_sums import NO_SCALE, HsicSums, Scales, Totals, batch_hsic, cka_ratio, combine, weighted
-from cka_jax.layer_grams import KERNELS, GramKind, LayerInputs, batch_totals, fit_grams, minibatch_grams, upper
-from cka_jax.sharded_sums import sharded_totals
+from cka_jax._host_grams import owned_sides, update_sides
+from cka_jax._hsic_sums import NO_SCALE, HsicSums, Scales, Totals, batch_hsic, cka_ratio, combine, weighted
+from cka_jax._layer_grams import KERNELS, GramKind, LayerInputs, batch_totals, fit_grams, minibatch_grams, upper
+from cka_jax._sharded_sums import sharded_totals
 
 __all__ = ["MinibatchCKA", "minibatch_grams"]
 

@@ -1,10 +1,10 @@
 """Gram matrices, centering and HSIC estimators.
 
-Inputs follow `cka_jax.checks` (representations `x: (n, ...)` of real numbers, grams
+Inputs follow `cka_jax._checks` (representations `x: (n, ...)` of real numbers, grams
 `(..., n, n)`); grams are built in the input's float dtype at full matmul precision, so TPU/GPU
 results match CPU ones. Every function is checked on the host and then runs one compiled
 program per input shape and dtype (also inside a caller's jit or vmap). Inputs are rescaled by
-exact powers of two (`cka_jax.scaling`), and results with units are scaled back.
+exact powers of two (`cka_jax._scaling`), and results with units are scaled back.
 
 References: Gretton et al. 2005 (HSIC), Song et al. 2012 (unbiased HSIC), Kornblith et al.
 2019 (CKA; the functions mirror their demo notebook).
@@ -17,7 +17,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from cka_jax.checks import (
+from cka_jax._checks import (
     Array,
     check_flag,
     check_gram,
@@ -27,7 +27,7 @@ from cka_jax.checks import (
     float_matrix,
     to_float,
 )
-from cka_jax.scaling import HIGHEST, normalise, scaled_centred, times_pow2
+from cka_jax._scaling import HIGHEST, normalise, scaled_centred, times_pow2
 
 
 @jax.jit

@@ -4,7 +4,7 @@
 (xx, yy), in units where each layer's activations are divided by 2^scale; `Scales` holds those
 log2 scales for model a's and model b's layers; `Totals` bundles the plain sums, their
 bootstrap-weighted copies and the scales. Sums kept at different scales are combined after an
-exact power-of-two rescaling (see `cka_jax.minibatch` for why the scales exist).
+exact power-of-two rescaling (see `cka_jax._minibatch` for why the scales exist).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from cka_jax.scaling import HIGHEST, times_pow2
+from cka_jax._scaling import HIGHEST, times_pow2
 
 NO_SCALE = -(2**20)  # log2 scale of a layer not yet seen varying: below every real exponent
 MAX_SHIFT = 400  # cap on a log2-scale increase: above any real one (exponents span < 300), and 4x it fits int32

@@ -13,7 +13,7 @@ Kinds (`as_model`):
       modules return (eval-mode dropout passes its input on) by the order their calls finish.
   a callable  ``x -> mapping name -> activation``; names in the mapping's order. It is compiled
       when JAX can trace it; one that cannot (NumPy code, a PyTorch model) is run eagerly on
-      NumPy inputs (`cka_jax.compare.sources`).
+      NumPy inputs (`cka_jax._compare.sources`).
 A module called more than once reports ``name#1``, ``name#2``, ...; a structured output (tuple,
 dict) reports one layer per array leaf (``name/0``, ``name/key``). A value captured twice (a
 parent returning its last child's output, ``output`` of a model ending in a layer, eval-mode

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from cka_jax.checks import all_finite, check_input, float_matrix, nan_unless
-from cka_jax.scaling import HIGHEST, scaled_centred, times_pow2
+from cka_jax._checks import all_finite, check_input, float_matrix, nan_unless
+from cka_jax._scaling import HIGHEST, scaled_centred, times_pow2
 
 
 def _first_pc(xc: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from cka_jax.owned import owned, owned_copy, x64_enabled
+from cka_jax._owned import owned, owned_copy, x64_enabled
 
 InputKey = int | str | Callable[[Any], Any]
 
@@ -70,7 +70,7 @@ def owned_input(x, what: str):
     host array as a private copy (the caller's loader may refill its buffer). Without
     `jax_enable_x64`, 64-bit integers become 32-bit ones when every value fits (ValueError naming
     `what` otherwise: JAX would wrap them) and float64 becomes float32 when its values fit
-    (`cka_jax.owned.owned`)."""
+    (`cka_jax._owned.owned`)."""
     if isinstance(x, jax.Array) or x64_enabled() or x.dtype.itemsize < 8 or x.dtype.kind == "f":
         return owned(x, what)
     narrow = np.dtype(np.int32 if x.dtype.kind == "i" else np.uint32)
