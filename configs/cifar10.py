@@ -10,32 +10,8 @@ and population size:
   python train.py --config configs/cifar10.py:depth=38,residual=false --workdir workdir/c10_nores
 """
 
-from cka_jax.workdir.config import base_config, parse_arg
-
-DEFAULTS = dict(depth=14, width=1.0, residual=True, fraction=1.0, size=1, seed=0, epochs=300, random_labels=False)
-
-
-def cifar_config(dataset, arg):
-    a = parse_arg(arg, DEFAULTS)
-    c = base_config()
-    c.data.name = dataset
-    c.data.fraction = a["fraction"]
-    c.data.random_labels = a["random_labels"]
-    c.data.crop_padding = 4
-    c.data.flip = True
-    c.model.name = "cifar_resnet"
-    c.model.depth = a["depth"]
-    c.model.width = a["width"]
-    c.model.residual = a["residual"]
-    c.population.size = a["size"]
-    c.population.seed = a["seed"]
-    c.train.epochs = a["epochs"]
-    c.train.batch_size = 128
-    c.train.learning_rate = 0.1
-    c.train.weight_decay = 1e-4
-    c.train.eval_batch_size = 1000
-    return c
+from configs.common import cifar_recipe
 
 
 def get_config(arg=None):
-    return cifar_config("cifar10", arg)
+    return cifar_recipe("cifar10", arg)

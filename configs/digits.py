@@ -8,7 +8,8 @@ digits is too easy for the paper's width/depth findings (use configs/cifar10.py 
   python train.py --config configs/digits.py:depth=56,warmup=5 --workdir workdir/digits_r56
 """
 
-from cka_jax.workdir.config import base_config, parse_arg
+from cka_jax.workdir.config import base_config
+from configs.common import parse_arg
 
 
 def get_config(arg=None):

@@ -2,7 +2,7 @@ r"""Fashion-MNIST ResNet population: the paper's CIFAR recipe and arguments (con
 SGD 0.9, cosine, L2 1e-4, batch 128, learning rate 0.1, 300 epochs) on 28x28x1 images.
 
 Data: `apt-get install dataset-fashion-mnist` (Debian/Ubuntu/Colab), or the IDX files in
-data.data_dir, or tensorflow-datasets' fashion_mnist (see cka_jax/train/fashion_mnist.py).
+data.data_dir, or tensorflow-datasets' fashion_mnist (see cka_jax/data/fashion_mnist.py).
 
   python train.py --config configs/fashion_mnist.py --workdir workdir/fm_r14
   python train.py --config configs/fashion_mnist.py:depth=26,fraction=0.125,size=4,epochs=12 \
@@ -16,14 +16,10 @@ mirrors a tenth of a garment into view), and horizontal flips, which keep every 
 (clothes, bags and shoes mirrored are still clothes, bags and shoes).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cifar10 import cifar_config  # noqa: E402
+from configs.common import cifar_recipe
 
 
 def get_config(arg=None):
-    c = cifar_config("fashion_mnist", arg)
+    c = cifar_recipe("fashion_mnist", arg)
     c.data.crop_padding = 2
     return c

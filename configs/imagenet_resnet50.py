@@ -7,7 +7,8 @@ tensorflow-datasets' imagenet2012 (prepare it first; see the README).
   python train.py --config configs/imagenet_resnet50.py:wider --workdir workdir/in_wider
 """
 
-from cka_jax.workdir.config import base_config, parse_arg
+from cka_jax.workdir.config import base_config
+from configs.common import parse_arg
 
 # (stage_sizes, stage_widths): 3 convs per bottleneck block + stem + head = depth.
 VARIANTS = {

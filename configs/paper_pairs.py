@@ -8,11 +8,7 @@ Two runs, one per architecture; compare their predictions/test.npz with analyze.
 Options after the name: size (default 100), epochs (default 300), e.g. `deep,size=16`.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cifar10 import cifar_config  # noqa: E402
+from configs.common import cifar_recipe
 
 ARCHITECTURES = {"deep": "depth=62,width=1", "wide": "depth=14,width=2"}
 
@@ -25,4 +21,4 @@ def get_config(arg="deep"):
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         options[key] = value
-    return cifar_config("cifar10", ",".join([ARCHITECTURES[name]] + [f"{k}={v}" for k, v in options.items()]))
+    return cifar_recipe("cifar10", ",".join([ARCHITECTURES[name]] + [f"{k}={v}" for k, v in options.items()]))

@@ -298,24 +298,3 @@ def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict)
         for n in names
         if saved.get(n) != current.get(n)
     ]
-
-
-def parse_arg(arg: str | None, defaults: dict[str, Any]) -> dict[str, Any]:
-    """big_vision-style config argument ``'depth=62,width=2'`` → typed dict over ``defaults``."""
-    values = dict(defaults)
-    for item in filter(None, (arg or "").split(",")):
-        key, sep, raw = item.partition("=")
-        if not sep or key not in defaults:
-            raise ValueError(f"bad config argument '{item}'; expected key=value with key in {sorted(defaults)}")
-        kind = type(defaults[key])
-        if kind is bool:
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"config argument {key} must be true/false, got '{raw}'")
-            values[key] = raw.lower() in ("true", "1")
-            continue
-        try:
-            values[key] = kind(raw)
-        except ValueError:
-            what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
-            raise ValueError(f"config argument {key} must be {what}, got '{raw}'") from None
-    return values
