@@ -30,7 +30,7 @@ from cka_jax import models
 from cka_jax.train import population as pop
 from cka_jax.train import step as training
 from cka_jax.train import strategy_tuning
-from cka_jax.workdir.config import base_config
+from cka_jax.workdir.config import Strategy, base_config
 
 
 def parse_args():
@@ -168,7 +168,7 @@ def main():
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         per_device = pop.make_layout(size, "loop").per_device
-        fallback_c = pop.strategy_chunk_size(fallback, per_device, jax.default_backend())
+        fallback_c = pop.strategy_chunk_size(Strategy.parse(fallback), per_device, jax.default_backend())
         runners = {"separate": (*separate_runner(bench, size), None)}
         stacked = initial_population(bench, size)
         for name, c in chunk_sizes(args, size):

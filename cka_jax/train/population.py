@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cka_jax._owned import owned_copy
-from cka_jax.workdir.config import STRATEGY_NAMES, parse_strategy
+from cka_jax.workdir.config import STRATEGY_NAMES, Strategy
 
 AXIS = "pop"
 PyTree = Any
@@ -47,25 +47,20 @@ def chunk_sizes(per_device: int) -> list[int]:
     return [c for c in range(1, per_device + 1) if per_device % c == 0]
 
 
-def strategy_chunk_size(strategy: str, per_device: int, backend: str) -> int:
-    """The chunk size ``strategy`` asks for; ``'auto'`` gives the :data:`AUTO_STRATEGY` fallback
+def strategy_chunk_size(strategy: Strategy, per_device: int, backend: str) -> int:
+    """The chunk size ``strategy`` asks for; ``auto`` gives the :data:`AUTO_STRATEGY` fallback
     of ``backend`` (measuring is :mod:`~cka_jax.train.strategy_tuning`'s). ``ValueError`` (one
     line, naming the valid values) for a chunk size that does not divide ``per_device``."""
-    parsed = parse_strategy(strategy)
-    if parsed == "auto":
-        parsed = AUTO_STRATEGY.get(backend, "loop")
-    if parsed == "loop":
-        return 1
-    if parsed == "vmap":
-        return per_device
-    assert isinstance(parsed, int)
-    if per_device % parsed:
+    name = AUTO_STRATEGY.get(backend, "loop") if strategy.name == "auto" else strategy.name
+    if name in ("loop", "vmap"):
+        return 1 if name == "loop" else per_device
+    if per_device % strategy.chunk_size:
         valid = ", ".join([*STRATEGY_NAMES, *map(str, chunk_sizes(per_device))])
         raise ValueError(
-            f"population.strategy={strategy!r} does not divide the {per_device} models each device "
+            f"population.strategy='{strategy}' does not divide the {per_device} models each device "
             f"holds: use one of {valid}"
         )
-    return parsed
+    return strategy.chunk_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +71,7 @@ class PopulationLayout:
     size: int
     mesh: jax.sharding.Mesh
     models_per_call: int  # c, a divisor of per_device
+    measured: bool = False  # population.strategy=auto: c is to be measured (the fallback until then)
 
     def __post_init__(self):
         if self.models_per_call < 1 or self.per_device % self.models_per_call:
@@ -124,9 +120,12 @@ class PopulationLayout:
         return np.concatenate([np.arange(d * per + k * c, d * per + (k + 1) * c) for d in range(self.num_devices)])
 
 
-def make_layout(size: int, strategy: str = "auto", devices: Sequence[jax.Device] | None = None) -> PopulationLayout:
+def make_layout(
+    size: int, strategy: Strategy | str = "auto", devices: Sequence[jax.Device] | None = None
+) -> PopulationLayout:
     """Lay ``size`` models over ``devices`` (default: every device of every host), stepped as
-    ``strategy`` asks (:func:`strategy_chunk_size`; ``'auto'`` gives the fallback, to be measured).
+    ``strategy`` asks (:func:`strategy_chunk_size`; ``auto`` gives the fallback, to be measured; a
+    string is read with :meth:`Strategy.parse`).
 
     Raises ``ValueError`` when the population cannot be laid out (size < 1, no devices, a
     strategy that is not one or does not divide the models per device).
@@ -138,7 +137,9 @@ def make_layout(size: int, strategy: str = "auto", devices: Sequence[jax.Device]
         raise ValueError("no devices to lay the population out on")
     mesh = jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
     per_device = -(-size // len(devices))
-    return PopulationLayout(size, mesh, strategy_chunk_size(strategy, per_device, devices[0].platform))
+    strategy = Strategy.parse(strategy) if isinstance(strategy, str) else strategy
+    models_per_call = strategy_chunk_size(strategy, per_device, devices[0].platform)
+    return PopulationLayout(size, mesh, models_per_call, measured=strategy.name == "auto")
 
 
 def host_to_sharded(array: np.ndarray, sharding: NamedSharding) -> jax.Array:

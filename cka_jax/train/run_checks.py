@@ -39,7 +39,8 @@ def check_run(
         _check_data_fields(config)
         model = run_config.build_model(config)
         state = model_state_shape(config, model)  # an invalid architecture fails here
-        layout = pop.make_layout(config.population.size, config.population.strategy, devices)
+        strategy = run_config.Strategy.parse(config.population.strategy)  # the one place it is read
+        layout = pop.make_layout(config.population.size, strategy, devices)
         check_memory(config, model, state, layout)
     except RunConfigError:
         raise
@@ -112,7 +113,7 @@ def check_memory(
     ``population.strategy=auto`` the smallest chunk (one model per call) is checked: the
     measuring skips chunk sizes that do not fit (:mod:`~cka_jax.train.strategy_tuning`)."""
     state_bytes, activation_bytes = memory_per_model(config, model, state)
-    if run_config.parse_strategy(config.population.strategy) == "auto":
+    if layout.measured:
         layout = layout.with_models_per_call(1)
     pop.check_memory(layout, state_bytes, activation_bytes * layout.models_per_call)
 

@@ -234,7 +234,7 @@ def population_states(
     def states(c: int) -> ChunkedStates:
         return ChunkedStates(config, model, layout.with_models_per_call(c), train_step, tx)
 
-    if pop.parse_strategy(config.population.strategy) != "auto":
+    if not layout.measured:
         return states(layout.models_per_call)
     path = Workdir(workdir).population_strategy
     recorded = int(_agreed([_recorded_choice(path, layout) if jax.process_index() == 0 else 0])[0])

@@ -6,6 +6,7 @@ is not here is an error (:func:`validate_config`), so typos never pass silently.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -223,23 +224,39 @@ def _type_error(name: str, value: Any, default: Any) -> str | None:
     return None if ok else f"{name} must be {kind}, got {value!r}"
 
 
-def parse_strategy(strategy: str) -> str | int:
-    """``'auto'``, ``'vmap'`` or ``'loop'`` as given; a chunk size written in decimal (``'4'``) as
-    the int. ``ValueError`` (one line) for anything else."""
-    if strategy in STRATEGY_NAMES:
-        return strategy
-    if isinstance(strategy, str) and re.fullmatch(r"[0-9]+", strategy) and int(strategy) >= 1:
-        return int(strategy)
-    raise ValueError(
-        "population.strategy must be auto, vmap, loop or a number of models per call "
-        f"(a positive integer such as '4'), got {strategy!r}"
-    )
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """``population.strategy`` parsed (:meth:`parse`): how one device steps its models.
+
+    ``auto`` measures at the start which chunk size is fastest (cka_jax/train/strategy_tuning.py),
+    ``loop`` steps one model per call, ``vmap`` all of them in one call, and a chunk size c steps c
+    models per call (a divisor of the models per device, checked with the layout).
+    """
+
+    name: str  # "auto", "vmap", "loop" or "chunk"
+    chunk_size: int = 0  # c, for name == "chunk"
+
+    @classmethod
+    def parse(cls, text: str) -> Strategy:
+        """The strategy ``text`` names (``'auto'``, ``'vmap'``, ``'loop'`` or a chunk size in decimal,
+        as ``--config.population.strategy=4`` gives it). ``ValueError`` (one line) for anything else."""
+        if text in STRATEGY_NAMES:
+            return cls(text)
+        if isinstance(text, str) and re.fullmatch(r"[0-9]+", text) and int(text) >= 1:
+            return cls("chunk", int(text))
+        raise ValueError(
+            "population.strategy must be auto, vmap, loop or a number of models per call "
+            f"(a positive integer such as '4'), got {text!r}"
+        )
+
+    def __str__(self) -> str:
+        return str(self.chunk_size) if self.name == "chunk" else self.name
 
 
 def _strategy_error(value: str) -> str | None:
     """Why ``value`` is no ``population.strategy`` (its divisibility is checked with the layout)."""
     try:
-        parse_strategy(value)
+        Strategy.parse(value)
     except ValueError as error:
         return str(error)
     return None
