@@ -163,6 +163,7 @@ class PopulationCheckpoints:
 
     def _write_error(self, error: Exception) -> CheckpointWriteError:
         step, self._pending, self._failed = self._pending, None, True
+        assert step is not None  # called while a write is pending
         orbax_noise.collect_leftovers()
         self._remove_partial(step)
         kept = [s for s in self.all_steps() if s != step]
@@ -349,7 +350,7 @@ class PopulationCheckpoints:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_processes(f"quarantine {step}")
+            multihost_utils.sync_global_processes(f"quarantine {step}")  # type: ignore[attr-defined]
         self._manager.close()
         self._manager = self._open()
         return target if present else None

@@ -42,7 +42,7 @@ class EvalSet:
         self,
         host_batches: Callable[[], Iterable[HostEvalBatch]],
         num_examples: int,
-        sharding: jax.sharding.Sharding,
+        sharding: jax.sharding.NamedSharding,
         keep_on_device: bool,
     ):
         self.num_examples, self._sharding = num_examples, sharding
@@ -118,7 +118,10 @@ class InMemoryInputs(TrainInputs):
         eval_batches = padded_batches(arrays.test_images, arrays.test_labels, config.train.eval_batch_size)
         eval_set = EvalSet(lambda: eval_batches, len(arrays.test_labels), replicated, keep_on_device=True)
         super().__init__(config, len(arrays.train_labels), arrays.mean, arrays.std, eval_set, replicated)
-        self._train = tuple(pop.host_to_sharded(a, replicated) for a in (arrays.train_images, arrays.train_labels))
+        self._train = (
+            pop.host_to_sharded(arrays.train_images, replicated),
+            pop.host_to_sharded(arrays.train_labels, replicated),
+        )
 
     def make_train_step(self, model: ResNetTrunk, tx: optax.GradientTransformation) -> Callable:
         return training.make_in_memory_train_step(
@@ -156,7 +159,8 @@ class StreamedInputs(TrainInputs):
             self._host_batches = self._source.train_batches(start, self.batch_size)
         for step in range(start, stop):
             self._next_step = step + 1
-            yield tuple(pop.host_to_sharded(a, self.replicated) for a in next(self._host_batches))
+            images, labels = next(self._host_batches)
+            yield pop.host_to_sharded(images, self.replicated), pop.host_to_sharded(labels, self.replicated)
 
 
 def open_inputs(config: ml_collections.ConfigDict, replicated: jax.sharding.Sharding) -> TrainInputs:

@@ -37,7 +37,7 @@ def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator) 
     else:  # fall back to the central square crop
         h = w = min(height, width)
         top, left = (height - h) // 2, (width - w) // 2
-    crop = Image.fromarray(image[top : top + h, left : left + w]).resize((size, size), Image.BICUBIC)
+    crop = Image.fromarray(image[top : top + h, left : left + w]).resize((size, size), Image.Resampling.BICUBIC)
     out = np.asarray(crop, np.uint8)
     return out[:, ::-1] if rng.random() < 0.5 else out
 
@@ -47,7 +47,7 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     height, width = image.shape[:2]
     scale = size * 256 / 224 / min(height, width)
     h, w = max(size, int(round(height * scale))), max(size, int(round(width * scale)))
-    resized = np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC), np.uint8)
+    resized = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BICUBIC), np.uint8)
     top, left = (h - size) // 2, (w - size) // 2
     return resized[top : top + size, left : left + size]
 

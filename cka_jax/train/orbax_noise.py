@@ -64,7 +64,7 @@ def _unraisablehook_without_orbax_noise(previous):
         if not _is_orbax_noise(text, unraisable.exc_traceback):
             previous(unraisable)
 
-    unraisablehook.drops_orbax_noise = True
+    unraisablehook.drops_orbax_noise = True  # type: ignore[attr-defined]
     return unraisablehook
 
 

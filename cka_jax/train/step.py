@@ -208,7 +208,7 @@ def make_eval_step(model: nn.Module, config: ml_collections.ConfigDict, with_log
     dtype = jnp.dtype(config.model.dtype)
 
     def evaluate(state: TrainState, images, labels, valid, mean, std) -> dict[str, jax.Array]:
-        logits = model.apply(state.variables(), data_lib.normalize(images, mean, std, dtype))
+        logits = jnp.asarray(model.apply(state.variables(), data_lib.normalize(images, mean, std, dtype)))
         logits = logits.astype(jnp.float32)
         out = {"correct": jnp.sum((jnp.argmax(logits, -1) == labels) & valid).astype(jnp.float32)}
         if with_logits:
