@@ -32,13 +32,11 @@ AXIS = "pop"
 PyTree = Any
 
 # Where `auto` starts measuring, and its choice when it measures nothing else (a run too short
-# for the budget to hold a second compilation, a single candidate): the measured answer on CPU,
-# a guess on accelerators that `auto` corrects by measuring. On XLA:CPU (2 cores, ResNet-14 1x,
-# batch 128, M = 8) c = 1 holds the single-model throughput while vmap over 8 models falls to
-# 0.30-0.66x (8x8x1, two runs) and 0.23-0.24x (32x32x3), and c = 2 already to 0.27x on 32x32x3
-# (benchmarks/README.md). On GPU vmap's grouped-convolution backward pass is slow in XLA
-# (jax-ml/jax#13800); TPU runs grouped convolutions natively and is launch-bound on small steps.
-# Neither accelerator has been measured here.
+# for the budget to hold a second compilation, a single candidate). On CPU one model per call
+# keeps the single-model throughput, while every vmapped convolution becomes a grouped one, which
+# XLA:CPU runs far slower (benchmarks/README.md, population training throughput). On GPU vmap's
+# grouped-convolution backward pass is slow in XLA (jax-ml/jax#13800); TPU runs grouped
+# convolutions natively and is launch-bound on small steps: guesses that `auto` corrects by measuring.
 AUTO_STRATEGY = {"cpu": "loop", "gpu": "loop", "cuda": "loop", "rocm": "loop", "tpu": "vmap"}
 
 
@@ -270,10 +268,9 @@ def _zeros_stacked(chunk: PyTree, layout: PopulationLayout) -> PyTree:
     return jax.shard_map(local, mesh=layout.mesh, in_specs=P(AXIS), out_specs=P(AXIS))(chunk)
 
 
-# Copies of the population's state that are alive at once, measured on XLA:CPU (digits ResNet-8,
-# 0.62 MB of state per model, 1 device): peak RSS grows by 2.5 MB per model (M = 25 to 400), i.e.
-# 4 copies: the chunks and the stacked copy a checkpoint assembles (on the devices), orbax's host
-# copy of that and its serialization buffers (in host memory).
+# Copies of the population's state that are alive at once: the chunks and the stacked copy a
+# checkpoint assembles (on the devices), orbax's host copy of that and its serialization buffers
+# (in host memory); benchmarks/README.md gives the peak memory this was read from.
 DEVICE_COPIES, HOST_COPIES = 2, 2
 
 

@@ -31,9 +31,9 @@ The rule, in the order :func:`population_states` applies it:
 5. The last candidate to beat the best wins, and training steps with the program compiled for it;
    every candidate's timings, ratio and the choice are written to the json.
 
-What remains: load that changes from one step to the next still reaches the ratio. On a 2-core
-VM at load 5-6, three runs put the same pair at 0.985-1.12x (benchmarks/README.md): a difference
-under about 10% can go either way on such a machine, at a cost of at most that difference.
+What remains: load that changes from one step to the next still reaches the ratio, so on a
+loaded machine two chunk sizes within about 10% of each other can be chosen either way, at a
+cost of at most that difference (benchmarks/README.md).
 
 On several processes every process measures (the steps are collective), process 0's timings
 decide for all, and process 0 reads and writes the json.
