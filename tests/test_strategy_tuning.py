@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tiny
 from absl import flags
+from in_process import run_train_here
 from ml_collections import config_flags
 
 from cka_jax.train import loop, run_checks, strategy_tuning
@@ -85,8 +86,8 @@ def test_the_command_line_gives_a_chunk_size_as_a_string_that_validates():
     ],
 )
 def test_train_py_refuses_a_bad_strategy_in_one_line_with_exit_2(tmp_path, value, message):
-    code, err = tiny.run_train(
-        *tiny.TINY_FLAGS, "--workdir", str(tmp_path / "run"), f"--config.population.strategy={value}", timeout=120
+    code, err = run_train_here(
+        *tiny.TINY_FLAGS, "--workdir", str(tmp_path / "run"), f"--config.population.strategy={value}"
     )
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "run").exists()

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from in_process import run_train_here
 from tiny import ROOT, run_train, start_train
 from tiny import TINY_FLAGS as TINY
 
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow
     ],
 )
 def test_bad_runs_fail_with_one_clear_line(tmp_path, args, message):
-    code, err = run_train(*TINY, "--workdir", str(tmp_path / "run"), *args, timeout=120)
+    code, err = run_train_here(*TINY, "--workdir", str(tmp_path / "run"), *args)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "run").exists()
 

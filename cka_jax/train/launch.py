@@ -284,7 +284,7 @@ def _package_logger(options: RunOptions) -> logging.Logger:
     absl_logging.set_verbosity(absl_logging.WARNING)
     logger = logging.getLogger("cka_jax")
     logger.setLevel(logging.INFO)
-    logger.addHandler(logging.StreamHandler(sys.stderr))
+    logger.handlers = [logging.StreamHandler(sys.stderr)]  # once, however often a process runs this
     logger.propagate = False
     if jax.process_count() > 1:
         logger.info(
