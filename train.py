@@ -61,13 +61,13 @@ from tqdm import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from cka_jax.data import datasets as data  # noqa: E402
-from cka_jax.train import checkpoints, loop, orbax_noise  # noqa: E402
+from cka_jax.train import checkpoints, loop  # noqa: E402
 from cka_jax.train.health import TrainingDiverged  # noqa: E402
 from cka_jax.train.population import failed_exchange  # noqa: E402
 from cka_jax.train.run_checks import check_run  # noqa: E402
 from cka_jax.train.stop_signal import StopOnSignal  # noqa: E402
 from cka_jax.train.workdir_checks import check_workdir, lock_workdir  # noqa: E402
-from cka_jax.workdir import Workdir  # noqa: E402
+from cka_jax.workdir import Workdir, orbax_noise  # noqa: E402
 from cka_jax.workdir import config as run_config  # noqa: E402
 from cka_jax.workdir.config import RunConfigError  # noqa: E402
 
