@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +17,11 @@ import pytest
 import tiny
 
 from cka_jax.analysis import inputs as analysis_workdir
-from cka_jax.train import checkpoint_manifest, checkpoints, loop
+from cka_jax.train import checkpoints, loop
 from cka_jax.train import population as pop
 from cka_jax.train import run_checks as checks
-from cka_jax.train.trained import load_trained_population
+from cka_jax.workdir import checkpoint_manifest
+from cka_jax.workdir.trained import load_trained_population
 
 # Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
 pytestmark = pytest.mark.slow
@@ -242,8 +244,8 @@ def _saved_as_a_later_step(workdir, step, later):
     on to `later`) in a directory beside the workdir: what a training writes at step `later`.
     Returns that checkpoint's directory."""
     from cka_jax.train.run_checks import model_state_shape
-    from cka_jax.train.trained import load_config
     from cka_jax.workdir.config import build_model
+    from cka_jax.workdir.trained import load_config
 
     config = load_config(workdir)
     one = model_state_shape(config, build_model(config))
@@ -314,9 +316,52 @@ def test_reads_that_keep_losing_the_race_say_training_is_still_writing(trained, 
     def always_gone(self, step):
         raise self._gone(step)
 
-    monkeypatch.setattr(checkpoints.PopulationCheckpoints, "verify", always_gone)
+    monkeypatch.setattr(checkpoints.VerifiedCheckpoints, "verify", always_gone)
     with pytest.raises(checkpoints.CheckpointGoneError, match="training is still writing"):
         load_trained_population(workdir)
+
+
+def test_reading_restores_exactly_the_variables_training_resumes_from(trained, tmp_path):
+    """Analyses restore only params and batch_stats (no optimizer state): the same arrays, dtypes
+    and tree as the whole TrainState that training restores, padding dropped."""
+    workdir = _copy(trained[0], tmp_path)
+    config, model, variables, step = load_trained_population(workdir)
+    one = checks.model_state_shape(config, model)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def abstract_for(padded):
+        size = padded or config.population.size
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct((size,) + a.shape, a.dtype, sharding=device), one)
+
+    manager = checkpoints.PopulationCheckpoints(os.path.join(workdir, "checkpoints"))
+    resumed_step, state = manager.restore_latest(abstract_for)
+    manager.close()
+    whole = jax.tree.map(lambda x: x[: config.population.size], state.variables())
+    assert resumed_step == step == 8
+    assert jax.tree.structure(variables) == jax.tree.structure(whole)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(whole), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def test_reading_a_damaged_file_is_refused_naming_it(trained, tmp_path):
+    workdir = _copy(trained[0], tmp_path)
+    directory = os.path.join(workdir, "checkpoints")
+    damaged = os.path.relpath(_largest_file(directory, 8), os.path.join(directory, "8"))
+    flip_42_bytes(directory, 8)
+    with pytest.raises(checkpoints.DamagedCheckpointError, match=f"step 8 .*file {damaged} differs"):
+        load_trained_population(workdir)
+
+
+def test_reading_a_population_loads_no_training_module(trained):
+    """Restoring a population for analysis needs neither optax nor cka_jax.train (fresh interpreter)."""
+    code = (
+        "import sys\nfrom cka_jax.analysis import inputs\n"
+        f"inputs.load_population({trained[0]!r})\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'optax' or m.startswith('cka_jax.train')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.slow
@@ -413,7 +458,7 @@ def test_disk_full_on_a_real_filesystem(tmp_path, capfd):
 
 CLI_DISK_FULL = """
 import errno, os, runpy, sys
-from cka_jax.train import checkpoint_manifest
+from cka_jax.workdir import checkpoint_manifest
 calls = []
 def full(item_dir):
     calls.append(item_dir)

@@ -26,8 +26,8 @@ from tiny import TINY_FLAGS as TINY
 from cka_jax.train import loop, workdir_checks
 from cka_jax.train import run_checks as checks
 from cka_jax.train.health import TrainingDiverged
-from cka_jax.train.trained import load_trained_population
 from cka_jax.workdir import CONFIG_COPIES, metrics_log
+from cka_jax.workdir.trained import load_trained_population
 
 # Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
 pytestmark = pytest.mark.slow

@@ -7,9 +7,10 @@
     cka_jax/train/      population training       -> everything below
     cka_jax/analysis/   analyses and the report   -> library, models, data, workdir (never train)
 
-Each module's imports (module level and inside functions) are read with `ast`, so a lazy import in
-the wrong direction is caught too; then each layer is imported in a fresh interpreter to check the
-third-party packages it loads.
+Each module's imports (module level, inside functions and under TYPE_CHECKING) are read with `ast`,
+so a lazy import in the wrong direction is caught too, and so is a loop of imports between modules
+of any layer; then each layer is imported in a fresh interpreter to check the third-party packages
+it loads.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ NOT_LOADED = {
     ),
     "cka_jax.data": HEAVY,
     "cka_jax.workdir": HEAVY,
+    # reading a trained workdir back needs orbax and flax, not the training stack
+    "cka_jax.workdir.trained": tuple(p for p in HEAVY if p not in ("flax", "orbax")),
 }
 
 
@@ -68,10 +71,13 @@ def module_name(path: pathlib.Path) -> str:
 
 def package_imports(path: pathlib.Path) -> set[str]:
     """Every cka_jax module `path` imports, at any depth of its code."""
-    name = module_name(path)
-    is_package = path.name == "__init__.py"
+    return imports_in(path.read_text(), module_name(path), path.name == "__init__.py")
+
+
+def imports_in(source: str, name: str, is_package: bool = False) -> set[str]:
+    """Every cka_jax module (or module.name) the code `source` of module `name` imports."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(source, name)):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -81,12 +87,15 @@ def package_imports(path: pathlib.Path) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            found.add(target)
-            found |= {f"{target}.{alias.name}" for alias in node.names}
+            submodules = {f"{target}.{alias.name}" for alias in node.names}
+            found |= submodules
+            if not submodules <= MODULE_NAMES:  # names the module `target` defines
+                found.add(target)
     return {m for m in found if m == "cka_jax" or m.startswith("cka_jax.")}
 
 
 MODULES = sorted(PACKAGE.rglob("*.py"))
+MODULE_NAMES = {module_name(p) for p in MODULES}
 
 
 def test_the_package_has_its_layers():
@@ -115,6 +124,70 @@ def test_importing_a_layer_loads_no_heavy_dependency(package):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", f"import {package} loads {out.strip()}"
+
+
+MODULE_NAMES = {module_name(p) for p in MODULES}
+
+
+def imported_modules(imports: set[str], name: str) -> set[str]:
+    """The cka_jax modules among `imports` (of module `name`, from :func:`package_imports`):
+    ``from p import n`` imports module ``p.n`` when there is one, else (a name ``p`` defines)
+    module ``p``."""
+    found = set()
+    for imported in imports:
+        while imported not in MODULE_NAMES and "." in imported:
+            imported = imported.rsplit(".", 1)[0]
+        if imported in MODULE_NAMES and imported != name:
+            found.add(imported)
+    return found
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every group of modules of `graph` (module -> modules it imports) that import each other in
+    a loop: its strongly connected components of more than one module, each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group: list[str] = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_no_modules_import_each_other_in_a_loop():
+    graph = {module_name(p): imported_modules(package_imports(p), module_name(p)) for p in MODULES}
+    loops = import_cycles(graph)
+    assert not loops, f"modules that import each other in a loop: {loops}"
+
+
+def test_a_loop_through_a_lazy_or_type_checking_import_is_found():
+    sources = {
+        "cka_jax.analysis.context": "def within():\n    from cka_jax.analysis import within\n",
+        "cka_jax.analysis.within": (
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from cka_jax.analysis.context import X\n"
+        ),
+        "cka_jax.analysis.inputs": "from cka_jax.analysis.errors import AnalysisInputError\n",
+    }
+    graph = {name: imported_modules(imports_in(code, name), name) for name, code in sources.items()}
+    assert import_cycles(graph) == [["cka_jax.analysis.context", "cka_jax.analysis.within"]]
 
 
 def test_no_module_is_too_long_to_read():

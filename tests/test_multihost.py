@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from tiny import CACHE_DIR, DIGITS, ROOT
 
-from cka_jax.train.trained import load_trained_population
+from cka_jax.workdir.trained import load_trained_population
 
 # Starts train.py processes that train together: part of `pytest`, not of the fast loop.
 pytestmark = pytest.mark.slow

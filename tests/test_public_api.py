@@ -9,7 +9,7 @@ import numpy as np
 
 import cka_jax
 
-PUBLIC_SUBPACKAGES = {"models", "train", "analysis", "workdir"}
+PUBLIC_SUBPACKAGES = {"models", "data", "workdir", "train", "analysis"}
 
 
 def test_every_exported_name_is_listed_and_defined_once():

@@ -11,8 +11,8 @@ import tiny
 
 from cka_jax.train import checkpoints, loop
 from cka_jax.train import run_checks as checks
-from cka_jax.train.trained import load_trained_population
 from cka_jax.workdir.config import base_config, validate_config
+from cka_jax.workdir.trained import load_trained_population
 
 # Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
 pytestmark = pytest.mark.slow

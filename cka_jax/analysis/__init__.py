@@ -25,7 +25,7 @@ _EXPORTS = {  # public name -> the module of cka_jax.analysis that defines it
     "AnalysisInputError": "errors",
     "AnalysisOptions": "context",
     "BlockStructure": "blocks",
-    "LayerHeatmaps": "within",
+    "LayerHeatmaps": "layer_heatmaps",
     "TestSet": "inputs",
     "TrainedPopulation": "inputs",
     "block_sizes": "blocks",
@@ -48,7 +48,7 @@ _EXPORTS = {  # public name -> the module of cka_jax.analysis that defines it
     "run_analyses": "runner",
     "similarity_to_final": "dynamics",
     "sparse_losses": "unit_matching",
-    "within_cka": "within",
+    "within_cka": "layer_heatmaps",
     "within_heatmaps": "cca_measures",
 }
 

@@ -63,7 +63,7 @@ def cross_cka(
 
     variables_b = None if population_b is None else population_b.variables
     for idx in progress(batch_indices(len(test.labels), batch_size, passes, seed), desc="cross-model CKA", leave=False):
-        acc = step(acc, population_a.variables, variables_b, test.images[idx], test.mean, test.std)
+        acc = step(acc, population_a.variables, variables_b, test.in_memory_images()[idx], test.mean, test.std)
     return np.asarray(acc.result())
 
 

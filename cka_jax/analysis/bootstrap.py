@@ -38,6 +38,8 @@ def bootstrap_mean(
     return kept.mean(0), low, high
 
 
-def format_interval(mean: float, low: float, high: float, digits: int = 3, reason: str = "") -> str:
+def format_interval(
+    mean: float | np.ndarray, low: float | np.ndarray, high: float | np.ndarray, digits: int = 3, reason: str = ""
+) -> str:
     """'0.912 [0.901, 0.925]', or 'undefined (reason)' for a non-finite mean."""
     return interval(mean, low, high, digits, reason)

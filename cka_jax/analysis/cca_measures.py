@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Measure = Callable[[np.ndarray, np.ndarray], float]
+# A measure's value for one pair (a float, or a 0-d array of one)
+Measure = Callable[[Any, Any], Any]
 MEASURES: dict[str, Measure] = {
     "svcca": lambda x, y: svcca(x, y, keep=0.99),
     "pwcca": pwcca,

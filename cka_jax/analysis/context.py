@@ -15,10 +15,10 @@ import numpy as np
 
 from cka_jax.analysis import inputs
 from cka_jax.analysis.inputs import TestSet, TrainedPopulation
+from cka_jax.analysis.layer_heatmaps import LayerHeatmaps, within_cka
 from cka_jax.analysis.outputs import save_figure
 from cka_jax.analysis.representations import ProgressFactory, collect, no_progress
 from cka_jax.analysis.undefined import LayerStatus
-from cka_jax.analysis.within import LayerHeatmaps, within_cka
 from cka_jax.models import representation_names
 
 
@@ -49,14 +49,15 @@ class AnalysisOptions:
 
 
 def _integer(minimum: int, maximum: float = math.inf):
-    return lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and minimum <= v <= maximum
+    return lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and minimum <= int(v) <= maximum
 
 
 def _open_unit(closed_right: bool = False):
     def check(v) -> bool:
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             return False
-        return 0 < v <= 1 if closed_right else 0 < v < 1
+        x = float(v)
+        return 0 < x <= 1 if closed_right else 0 < x < 1
 
     return check
 
@@ -120,7 +121,9 @@ class AnalysisContext:
     def status(self, population: TrainedPopulation) -> LayerStatus:
         """Which block outputs (and stem) of each model are non-finite or constant on the test set
         (what makes a CKA value undefined); from the within-model pass, computed once per run."""
-        return self.within(population).status.select(representation_names(population.model, "blocks"))
+        status = self.within(population).status
+        assert status is not None  # within_cka records it
+        return status.select(representation_names(population.model, "blocks"))
 
     def correct(self, population: TrainedPopulation) -> np.ndarray:
         """(M, N) bool: each model right on each test example, from predictions/test.npz checked
@@ -162,7 +165,7 @@ class AnalysisContext:
             o = self.options
             self.cache[key] = collect(
                 population.subset(slice(0, o.max_models)),
-                self.test.images[: o.max_examples],
+                self.test.in_memory_images()[: o.max_examples],
                 self.test,
                 "blocks",
                 pool=True,

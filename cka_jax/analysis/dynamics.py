@@ -57,21 +57,21 @@ def section(ctx: AnalysisContext) -> Section:
     steps = ctx.earlier_checkpoint_steps(p)
     final = ctx.pooled_blocks(p)
     final_status = LayerStatus.of(final)
-    values = {m: [] for m in _MEASURES}
+    per_step: dict[str, list[np.ndarray]] = {m: [] for m in _MEASURES}
     notes = []
     for step in ctx.progress(steps, desc="checkpoints", leave=False):
         reps = ctx.pooled_blocks(ctx.at_step(p, step))
         status = LayerStatus.of(reps)
         for m in _MEASURES:
-            values[m].append(similarity_to_final(m, reps, final))
+            per_step[m].append(similarity_to_final(m, reps, final))
 
         def why(k: int, status: LayerStatus = status) -> str:
             reasons = (status.why([k]), final_status.why([k]))
             return "; ".join(r for r in reasons if r) or "CCA is degenerate for these shapes"
 
-        note = left_out(defined_rows(values["svcca"][-1]) & defined_rows(values["cka"][-1]), why)
+        note = left_out(defined_rows(per_step["svcca"][-1]) & defined_rows(per_step["cka"][-1]), why)
         notes.append(f"step {step}: {note}" if note else "")
-    values = {m: np.stack(v) for m, v in values.items()}
+    values = {m: np.stack(v) for m, v in per_step.items()}
     fractions = [s / p.step for s in steps]
     names = list(final)
     write_npz(ctx.path("dynamics.npz"), steps=np.array(steps), final_step=p.step, layer_names=np.array(names), **values)

@@ -1,6 +1,6 @@
 """Trained workdirs as analysis inputs: the restored population, its test set and predictions.
 
-A workdir is what `train.py` writes (see `cka_jax.train.loop`): config.json, checkpoints/,
+A workdir is what `train.py` writes (see `cka_jax.workdir`): config.json, checkpoints/,
 predictions/test.npz. Populations of in-memory data sets are analysed on their test images;
 streamed ones (ImageNet) from their predictions alone, without restoring the models. Every
 problem with the inputs raises `AnalysisInputError` naming the workdir and what is wrong.
@@ -21,8 +21,7 @@ import numpy as np
 from cka_jax.analysis.errors import AnalysisInputError
 from cka_jax.data import datasets as data_lib
 from cka_jax.models import ResNetTrunk, representation_shapes
-from cka_jax.train import checkpoints, trained
-from cka_jax.workdir import CHECKPOINTS, CONFIG, PREDICTIONS, Workdir
+from cka_jax.workdir import CHECKPOINTS, CONFIG, PREDICTIONS, Workdir, checkpoints, trained
 from cka_jax.workdir.config import build_model
 
 PyTree = Any
@@ -39,6 +38,13 @@ class TestSet:
     std: np.ndarray | None  # (C,)
     num_classes: int
     dataset: str
+
+    def in_memory_images(self) -> np.ndarray:
+        """The images (N, H, W, C); only analyses that need them (`Analysis.needs_images`) ask,
+        and they run only on a test set held in memory."""
+        if self.images is None:
+            raise AnalysisInputError(f"{self.dataset!r} is streamed: its test images are not held in memory")
+        return self.images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +95,7 @@ def population_name(workdir: str) -> str:
 
 def checkpoint_steps(workdir: str) -> list[int]:
     """Steps of the checkpoints kept in `workdir`, ascending; [] when there are none."""
-    directory = Workdir(workdir).checkpoints
-    if not os.path.isdir(directory):
-        return []
-    return sorted(
-        int(name) for name in os.listdir(directory) if name.isdigit() and os.path.isdir(os.path.join(directory, name))
-    )
+    return Workdir(workdir).checkpoint_steps()
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -4,6 +4,7 @@ deleted output behind, and the report section each analysis hands to `cka_jax.an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from cka_jax import _atomic_file as atomic_file
 from cka_jax.analysis.undefined import strict_json
 
 
-def _atomic(path: str, write: Callable[[IO[bytes]], None]) -> str:
+def _atomic(path: str, write: Callable[[IO[bytes]], Any]) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_file.write(path, write)
     return path
@@ -25,7 +26,11 @@ def _atomic(path: str, write: Callable[[IO[bytes]], None]) -> str:
 
 def write_npz(path: str, **arrays: Any) -> str:
     """Writes `arrays` to the .npz file `path` atomically; returns `path`."""
-    return _atomic(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
+
+    def write(f: IO[bytes]) -> None:
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
+
+    return _atomic(path, write)
 
 
 def write_json(path: str, value: Any) -> str:
@@ -69,9 +74,7 @@ def save_figure(fig, path_stem: str) -> list[str]:
     paths = []
     for ext, dpi in (("png", 130), ("pdf", None)):
         path = f"{path_stem}.{ext}"
-        paths.append(
-            _atomic(path, lambda f, ext=ext, dpi=dpi: fig.savefig(f, format=ext, dpi=dpi, bbox_inches="tight"))
-        )
+        paths.append(_atomic(path, functools.partial(fig.savefig, format=ext, dpi=dpi, bbox_inches="tight")))
     if fig.canvas.manager is not None:
         import matplotlib.pyplot as plt
 

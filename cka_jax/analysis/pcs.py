@@ -95,10 +95,10 @@ def plot_principal_components(pcs: PrincipalComponents, title: str, note: str = 
     return fig
 
 
-def summary(pcs: PrincipalComponents, inside: Sequence[bool]) -> dict[str, float]:
-    """Mean first-PC variance fraction inside vs outside a block structure (`inside`: (L,) mask),
-    over the seeds whose every layer is defined; NaN where undefined or without such layers."""
-    inside = np.asarray(inside, bool)
+def summary(pcs: PrincipalComponents, inside_layers: Sequence[bool]) -> dict[str, float]:
+    """Mean first-PC variance fraction inside vs outside a block structure (`inside_layers`: (L,)
+    mask), over the seeds whose every layer is defined; NaN where undefined or without such layers."""
+    inside = np.asarray(inside_layers, bool)
     mean = mean_of_defined(pcs.variance_fraction)[0]
     return {
         "inside": float(mean[inside].mean()) if inside.any() else float("nan"),
@@ -110,7 +110,9 @@ def section(ctx: AnalysisContext) -> Section:
     """Fig. 3 / D.5: first-PC variance fraction, first-PC cosine similarity, CKA without the first PC."""
     p = ctx.main
     block, block_layers = mean_heatmap_block(ctx, p)
-    reps = collect(p, ctx.test.images[: ctx.options.max_examples], ctx.test, "blocks", progress=ctx.progress)
+    reps = collect(
+        p, ctx.test.in_memory_images()[: ctx.options.max_examples], ctx.test, "blocks", progress=ctx.progress
+    )
     status = LayerStatus.of(reps)
     pcs = principal_components(reps)
     write_npz(

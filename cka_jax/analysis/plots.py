@@ -71,7 +71,7 @@ def heatmap(
 ) -> None:
     """Draws `matrix` (La, Lb) with layer 0 at the bottom left, like the paper's figures; labels
     every k-th layer so at most `max_labels` show per axis."""
-    import seaborn as sns  # 1.2-1.5 s to import on a 2-core VM (it loads pandas); only heatmaps need it
+    import seaborn as sns  # slow to import (it loads pandas): only heatmaps need it
 
     rows, cols = matrix.shape
     col_names = names if col_names is None else col_names

@@ -115,7 +115,7 @@ def section(ctx: AnalysisContext) -> Section:
     train_images, train_labels = ctx.train_set(p)
     pick = np.sort(np.random.default_rng(o.seed).permutation(len(train_labels))[: o.probe_examples])
     train = collect(p, train_images[pick], ctx.test, "pre_and_post", pool=True, progress=ctx.progress)
-    test = collect(p, ctx.test.images, ctx.test, "pre_and_post", pool=True, progress=ctx.progress)
+    test = collect(p, ctx.test.in_memory_images(), ctx.test, "pre_and_post", pool=True, progress=ctx.progress)
     names = tuple(train)
     acc = np.stack(
         [

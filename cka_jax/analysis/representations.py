@@ -47,7 +47,7 @@ def batch_indices(num_examples: int, batch_size: int, passes: int = 1, seed: int
     """Index arrays of equal-size minibatches (see `even_batches`); pass 0 in order, later passes
     shuffled with `seed` (the paper averages minibatch CKA over 10 shuffled passes)."""
     size = even_batches(num_examples, batch_size)
-    out = []
+    out: list[np.ndarray] = []
     for p in range(passes):
         order = np.arange(num_examples) if p == 0 else np.random.default_rng([seed, p]).permutation(num_examples)
         out.extend(order[i : i + size] for i in range(0, num_examples - size + 1, size))
@@ -121,7 +121,7 @@ def test_logits(
     fn = jitted_apply_fn(population, None, skip_blocks)
     n = len(test.labels)
     out = [
-        np.asarray(fn(population.variables, test.images[i : i + batch_size], test.mean, test.std)[0])
+        np.asarray(fn(population.variables, test.in_memory_images()[i : i + batch_size], test.mean, test.std)[0])
         for i in range(0, n, batch_size)
     ]
     return np.concatenate(out, axis=1)

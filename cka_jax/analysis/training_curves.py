@@ -23,7 +23,7 @@ import math
 import numbers
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 
@@ -97,6 +97,11 @@ def _number(value: Any) -> float:
     return float(value)
 
 
+def _count(v: object) -> TypeGuard[int]:
+    """Whether `v` is a non-negative integer (not a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def curves_from_rows(
     rows: Sequence[Mapping[str, Any]], num_models: int, num_classes: int, random_labels: bool = False
 ) -> TrainingCurves | None:
@@ -106,7 +111,7 @@ def curves_from_rows(
     latest: dict[tuple[int, int], Mapping[str, Any]] = {}
     for i, row in enumerate(rows):
         epoch, model = row.get("epoch"), row.get("model")
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, model)):
+        if not (_count(epoch) and _count(model)):
             raise ValueError(f"row {i + 1} has epoch {epoch!r} and model {model!r}, not non-negative integers")
         if model < num_models:
             latest[(epoch, model)] = row
@@ -170,7 +175,7 @@ def marked_seeds(curves: TrainingCurves) -> str:
         parts.append(f"diverged: {'seed' if len(bad) == 1 else 'seeds'} {at}")
     under = np.flatnonzero(curves.under_trained())
     if len(under):
-        parts.append(f"under-trained: {model_list(under)}")
+        parts.append(f"under-trained: {model_list(under.tolist())}")
     return "; ".join(parts) or "no seed diverged or under-trained"
 
 

@@ -14,8 +14,9 @@ Report sections: `matching_section` (entry `MATCHING`): matching.npz, matching.p
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
+import jax
 import numpy as np
 
 from cka_jax import match_units, sparse_prediction_loss
@@ -43,7 +44,9 @@ def matched_correlations(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
     (undefined) when either side is non-finite or constant."""
     if not _correlatable(x, y):
         return {m: np.zeros(0) for m in MATCHING_METHODS}
-    return {m: np.sort(match_units(x, y, m).correlations)[::-1] for m in MATCHING_METHODS}
+    return {
+        m: np.sort(match_units(cast(jax.Array, x), cast(jax.Array, y), m).correlations)[::-1] for m in MATCHING_METHODS
+    }
 
 
 def mean_matched(correlations: np.ndarray) -> float:

@@ -1,23 +1,18 @@
-"""Orbax checkpoints of a population, verified by checksums, with fallback from damaged ones.
+"""Orbax checkpoints of a training population: saving, resuming from the newest one that
+verifies, setting damaged ones aside, and milestones kept forever.
 
 The checkpointed pytree is the padded, stacked population :class:`~cka_jax.train.step.TrainState`
 (params, batch stats, optimizer state, step, data keys, epoch metric sums), sharded over the
 population axis. The latest ``max_to_keep`` checkpoints are kept, and milestone steps (e.g.
 0, 35, 75, 100% of training) forever, for learning-dynamics analyses.
 
-Integrity: each checkpoint carries a manifest of its files' sizes and SHA-256
-(:mod:`cka_jax.train.checkpoint_manifest`), and every restore verifies the files first; a
-restored state that records its step (a population's ``TrainState.step``) must be at the step
-its directory names (a directory renamed or copied to another step is damaged). Training
-resumes from the newest checkpoint that verifies and restores, setting the others aside (one log
-line each); readers (analyses) get :class:`DamagedCheckpointError`. orbax's own reports of a
-failure are dropped (:mod:`cka_jax.train.orbax_noise`): each failure is one exception here.
-
-Reading beside a running training: orbax never rewrites a committed file; a checkpoint it
-drops (``max_to_keep``) is renamed away at once (into :data:`DELETED`, emptied at the next
-save). A read therefore either sees the verified bytes or fails because the checkpoint
-vanished; :meth:`PopulationCheckpoints.read` then reads the newest one again
-(:class:`CheckpointGoneError` when it keeps vanishing or a requested step is gone).
+Verification and reading are :class:`cka_jax.workdir.checkpoints.VerifiedCheckpoints`' (its
+module docstring says how a checkpoint is verified and read beside a running training), which
+:class:`PopulationCheckpoints` extends with writing: each save writes the manifest
+(:class:`~cka_jax.workdir.checkpoint_manifest.ChecksummedHandler`), and training resumes from
+the newest checkpoint that verifies and restores, setting the others aside (one log line each).
+A checkpoint orbax drops (``max_to_keep``) is renamed into :data:`DELETED` at once and deleted
+at the next save, so a reader never sees one half deleted.
 
 A save that fails (e.g. disk full) raises :class:`CheckpointWriteError` at the next save,
 ``wait`` or ``close``; what it wrote is removed and the earlier checkpoints are untouched.
@@ -35,106 +30,73 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
-from cka_jax.train import checkpoint_manifest as manifest
-from cka_jax.train import orbax_noise
+from cka_jax.workdir import checkpoint_manifest as manifest
+from cka_jax.workdir import orbax_noise
+from cka_jax.workdir.checkpoints import (
+    READ_ATTEMPTS,
+    CheckpointError,
+    CheckpointGoneError,
+    DamagedCheckpointError,
+    VerifiedCheckpoints,
+)
+
+__all__ = [
+    "READ_ATTEMPTS",
+    "DELETED",
+    "CheckpointError",
+    "CheckpointGoneError",
+    "CheckpointWriteError",
+    "DamagedCheckpointError",
+    "PopulationCheckpoints",
+    "milestone_steps",
+]
 
 PyTree = Any
 logger = logging.getLogger(__name__)
 
-# How often a reader reads the newest checkpoint again when training deletes it meanwhile.
-READ_ATTEMPTS = 5
 # orbax renames a checkpoint it drops (max_to_keep) into this subdirectory, which the next save
 # empties: a reader beside a running training then never sees a half-deleted checkpoint (files
 # missing, truncated streams), as it can when checkpoints are deleted in place.
 DELETED = "deleted"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read; ``step`` and ``directory`` name it."""
-
-    def __init__(self, message: str, step: int, directory: str):
-        super().__init__(message)
-        self.step, self.directory = step, directory
-
-
-class DamagedCheckpointError(CheckpointError):
-    """A checkpoint whose files do not match its manifest, has none, or fails to restore."""
-
-
-class CheckpointGoneError(CheckpointError):
-    """A checkpoint deleted while it was read (a training run on the workdir keeps only its
-    latest ``max_to_keep``)."""
-
-
 class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (e.g. disk full); earlier checkpoints are intact."""
 
 
-class PopulationCheckpoints:
+class PopulationCheckpoints(VerifiedCheckpoints):
     """Save and restore a population state under ``directory`` (one subdirectory per step).
 
     ``read_only=True`` opens the checkpoints of another (possibly running) training for
-    reading: nothing is created, cleaned up or moved.
+    reading the whole state: nothing is created, cleaned up or moved.
     """
 
     def __init__(
         self, directory: str, max_to_keep: int = 2, milestone_steps: Iterable[int] = (), read_only: bool = False
     ):
-        self.directory = os.path.abspath(directory)
         self.milestone_steps = sorted(set(int(s) for s in milestone_steps))
         self.read_only = read_only
-        orbax_noise.silence()
+        orbax_noise.silence()  # before orbax's first log line (the options log some)
         if read_only:
-            self._options = ocp.CheckpointManagerOptions(read_only=True)
+            options = ocp.CheckpointManagerOptions(read_only=True)
         else:
             policy = preservation.AnyPreservationPolicy(
                 [preservation.LatestN(max_to_keep), preservation.CustomSteps(self.milestone_steps)]
             )
             # cleanup: a save cut short (killed, disk full) leaves a temporary directory
-            self._options = ocp.CheckpointManagerOptions(
+            options = ocp.CheckpointManagerOptions(
                 preservation_policy=policy, create=True, cleanup_tmp_directories=True, todelete_subdir=DELETED
             )
         self._pending: int | None = None  # step of the save in flight
         self._failed = False  # a save failed (reported once, as CheckpointWriteError)
-        self._manager = self._open()
+        self._open_manager(directory, options, manifest.ChecksummedHandler())
 
-    def _open(self) -> ocp.CheckpointManager:
-        for _ in range(READ_ATTEMPTS):
-            try:
-                return ocp.CheckpointManager(
-                    self.directory, options=self._options, item_handlers=manifest.ChecksummedHandler()
-                )
-            except FileNotFoundError:  # orbax lists a checkpoint that a training drops meanwhile
-                continue
-        raise self._still_writing()
-
-    def step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
-
-    def all_steps(self) -> list[int]:
-        """Steps of the committed checkpoints, ascending, as on disk now.
-
-        orbax commits a checkpoint by renaming its temporary directory to ``<step>``, and drops
-        one by renaming it into :data:`DELETED`: a ``<step>`` directory is a whole checkpoint.
-        (orbax's own listing reads each one's metadata, and raised ``FileNotFoundError`` when
-        a training dropped one meanwhile.)
-        """
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            return []
-        return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
-
-    def saved_population_size(self, step: int) -> int | None:
-        """Leading (padded population) size of the checkpoint at ``step``; None if unreadable."""
-        try:
-            return int(self._manager.item_metadata(step).tree["step"].shape[0])
-        except Exception:  # a damaged checkpoint; verify and restore report it
-            return None
+    def _restore_args(self, abstract: PyTree) -> ocp.args.CheckpointArgs:
+        """The whole state, onto ``abstract`` (e.g. a :class:`~cka_jax.train.step.TrainState`)."""
+        return manifest.ChecksummedRestore(abstract)
 
     # --------------------------------------------------------------------------- writing
 
@@ -189,94 +151,13 @@ class PopulationCheckpoints:
         for path in glob.glob(glob.escape(self.step_dir(step)) + ".orbax-checkpoint-tmp*"):
             shutil.rmtree(path, ignore_errors=True)
 
-    # --------------------------------------------------------------------------- reading
-
-    def verify(self, step: int) -> None:
-        """Check the files of the checkpoint at ``step`` against its manifest.
-
-        Raises :class:`CheckpointGoneError` if the checkpoint does not exist (any more),
-        :class:`DamagedCheckpointError` naming the first file that differs.
-        """
-        if not os.path.isdir(self.step_dir(step)):
-            raise self._gone(step)
-        problem = manifest.manifest_problem(os.path.join(self.step_dir(step), manifest.ITEM))
-        if problem is not None:
-            if not os.path.isdir(self.step_dir(step)):
-                raise self._gone(step)
-            raise DamagedCheckpointError(
-                f"the checkpoint at step {step} in {self.directory} cannot be restored: {problem}", step, self.directory
-            )
-
-    def _gone(self, step: int) -> CheckpointGoneError:
-        return CheckpointGoneError(
-            f"the checkpoint at step {step} in {self.directory} was deleted while it was read "
-            "(a training run on this workdir keeps only its latest checkpoints)",
-            step,
-            self.directory,
-        )
-
-    def restore_step(self, step: int, abstract_state: PyTree) -> PyTree:
-        """The checkpoint at ``step``, verified, restored onto ``abstract_state``
-        (ShapeDtypeStructs with shardings).
-
-        Raises :class:`DamagedCheckpointError` or :class:`CheckpointGoneError`.
-        """
-        self._verify_on_all_processes(step)
-        try:
-            state = self._manager.restore(step, args=manifest.ChecksummedRestore(abstract_state))
-        except Exception as error:  # orbax raises assorted errors on unreadable files
-            orbax_noise.collect_leftovers()
-            if not os.path.isdir(self.step_dir(step)):
-                raise self._gone(step) from error
-            raise DamagedCheckpointError(
-                f"the checkpoint at step {step} in {self.directory} cannot be restored: orbax "
-                f"failed ({orbax_noise.one_line(error)})",
-                step,
-                self.directory,
-            ) from error
-        self._check_own_step(step, state)
-        return state
-
-    def _check_own_step(self, step: int, state: PyTree) -> None:
-        """:class:`DamagedCheckpointError` on every process unless the restored state is at the
-        step its directory names (`checkpoint_manifest.own_step_problem`)."""
-        problem = manifest.own_step_problem(state, step)
-        if problem is not None:
-            raise DamagedCheckpointError(
-                f"the checkpoint at step {step} in {self.directory} cannot be restored: {problem}", step, self.directory
-            )
-
-    def _verify_on_all_processes(self, step: int) -> None:
-        """:meth:`verify` on process 0, its verdict raised on every process (the files are
-        read once, and every process decides alike)."""
-        if jax.process_count() == 1:
-            return self.verify(step)
-        from jax.experimental import multihost_utils
-
-        error = None
-        if jax.process_index() == 0:
-            try:
-                self.verify(step)
-            except CheckpointError as caught:
-                error = caught
-        failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
-        if error is not None:
-            raise error
-        if failed:
-            raise DamagedCheckpointError(
-                f"process 0 found the checkpoint at step {step} in {self.directory} damaged", step, self.directory
-            )
-
-    def _restore_sized(self, step: int, abstract_for: Callable[[int | None], PyTree]) -> PyTree:
-        return self.restore_step(step, abstract_for(self.saved_population_size(step)))
-
     def restore_latest(self, abstract_state: PyTree | Callable[[int | None], PyTree]) -> tuple[int, PyTree] | None:
         """Newest checkpoint that verifies and restores, as ``(step, state)``; None if none does.
 
         ``abstract_state``: pytree of ``jax.ShapeDtypeStruct`` with shardings, or a function of
         a checkpoint's saved leading size (None if unreadable) that returns one. Every newer
         checkpoint is set aside (moved to ``<directory>.corrupt/``), one log line each: for the
-        training that owns ``directory`` (readers use :meth:`read`).
+        training that owns ``directory`` (readers use :meth:`~VerifiedCheckpoints.read`).
         """
         if self.read_only:
             raise ValueError(
@@ -296,43 +177,6 @@ class PopulationCheckpoints:
                 )
                 logger.error("%s; %s; %s", error, f"moved it to {moved}" if moved else "it is gone", then)
         return None
-
-    def read(self, abstract_for: Callable[[int | None], PyTree], step: int | None = None) -> tuple[int, PyTree]:
-        """Restore ``step`` (default: the newest) for reading, beside a training that may be
-        writing and deleting checkpoints; returns ``(step, state)``.
-
-        ``abstract_for``: as in :meth:`restore_latest`. If the newest checkpoint vanishes while
-        read, the then newest is read (up to :data:`READ_ATTEMPTS` times).
-        Raises :class:`DamagedCheckpointError`, or :class:`CheckpointGoneError` (also when
-        there is no checkpoint at ``step``, or none at all).
-        """
-        for _ in range(READ_ATTEMPTS):
-            steps = self.all_steps()
-            if not steps or (step is not None and step not in steps):
-                at = "" if step is None else f" at step {step}"
-                raise CheckpointGoneError(
-                    f"{self.directory} holds no checkpoint{at} (kept steps: {steps}); a training "
-                    "run keeps only its latest checkpoints and the milestones "
-                    "(checkpoint.keep_at_fractions)",
-                    -1 if step is None else step,
-                    self.directory,
-                )
-            chosen = steps[-1] if step is None else step
-            try:
-                return chosen, self._restore_sized(chosen, abstract_for)
-            except CheckpointGoneError:
-                if step is not None:
-                    raise
-        raise self._still_writing()
-
-    def _still_writing(self) -> CheckpointGoneError:
-        return CheckpointGoneError(
-            f"the newest checkpoint in {self.directory} was deleted while it was read, "
-            f"{READ_ATTEMPTS} times: training is still writing there; wait for it to finish, or "
-            "read a milestone step (checkpoint.keep_at_fractions), which is never deleted",
-            -1,
-            self.directory,
-        )
 
     def _quarantine(self, step: int) -> str | None:
         """Move the checkpoint at ``step`` to ``<directory>.corrupt/<step>`` (``<step>-2``, ...

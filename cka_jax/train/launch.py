@@ -49,13 +49,13 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cka_jax.data import datasets as data
-from cka_jax.train import checkpoints, loop, orbax_noise
+from cka_jax.train import checkpoints, loop
 from cka_jax.train.health import TrainingDiverged
 from cka_jax.train.population import failed_exchange
 from cka_jax.train.run_checks import check_run
 from cka_jax.train.stop_signal import StopOnSignal
 from cka_jax.train.workdir_checks import check_workdir, lock_workdir
-from cka_jax.workdir import Workdir
+from cka_jax.workdir import Workdir, orbax_noise
 from cka_jax.workdir.config import RunConfigError
 
 # Seconds JAX waits for the processes to connect beyond --initialization_timeout: the one-line

@@ -1,9 +1,10 @@
 """A training run's claim on its workdir: the lock, refusing a workdir that holds another run,
 the config copies, and trimming metrics to the checkpoint a run resumes from. (Reading a
-trained workdir back is :mod:`cka_jax.train.trained`.) With several processes, process 0 locks,
-checks and writes; the others share its verdict.
+trained workdir back, its saved configs included, is :mod:`cka_jax.workdir`'s:
+:mod:`~cka_jax.workdir.config_copies`, :mod:`~cka_jax.workdir.trained`.) With several processes,
+process 0 locks, checks and writes; the others share its verdict.
 
-The files are named and written by :mod:`cka_jax.workdir`; what makes two configs the same run
+The files are named, written and read by :mod:`cka_jax.workdir`; what makes two configs the same run
 (:func:`~cka_jax.workdir.config.config_differences`) is :mod:`cka_jax.workdir.config`'s. Every refusal
 is a :class:`~cka_jax.workdir.config.RunConfigError` and leaves the workdir as it was.
 
@@ -20,7 +21,6 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import jax
 import ml_collections
@@ -30,6 +30,7 @@ from cka_jax.workdir import CONFIG_COPIES, Workdir, config_copies, metrics_log
 from cka_jax.workdir import config as run_config
 from cka_jax.workdir import lock as workdir_lock
 from cka_jax.workdir.config import RunConfigError
+from cka_jax.workdir.config_copies import saved_configs
 
 
 def _check_is_directory(workdir: str) -> None:
@@ -139,15 +140,6 @@ def lock_workdir(workdir: str) -> Iterator[None]:
                 os.rmdir(workdir)
 
 
-def saved_configs(workdir: str) -> dict[str, dict[str, Any]]:
-    """The config copies in ``workdir`` (flat dicts) by name in :data:`~cka_jax.workdir.CONFIG_COPIES`,
-    missing ones left out; :class:`RunConfigError` for a damaged one."""
-    try:
-        return config_copies.read(workdir, run_config.read_flat_config)
-    except config_copies.DamagedConfigError as error:
-        raise RunConfigError(str(error)) from error
-
-
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Refuse a workdir holding another run, then write the config's copies.
 
@@ -235,7 +227,7 @@ def truncate_metrics(workdir: str, max_step: int) -> None:
     torn last line; called before the run appends anything."""
     if jax.process_index() == 0:
         try:
-            metrics_log.truncate(metrics_log.path_in(workdir), max_step)
+            metrics_log.truncate(Workdir(workdir).metrics, max_step)
         except ValueError as error:  # damaged before its last line: not ours to repair
             raise RunConfigError(
                 f"{error}; move it aside to resume (the run rewrites its rows "

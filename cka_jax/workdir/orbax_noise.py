@@ -3,7 +3,7 @@
 one line (:func:`one_line`, :func:`is_disk_full`).
 
 Every failure these reports describe reaches the caller as one
-:class:`~cka_jax.train.checkpoints.CheckpointError`.
+:class:`~cka_jax.workdir.checkpoints.CheckpointError`.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ _DROP_ORBAX_NOISE = _DropOrbaxNoise()
 def silence() -> None:
     """Drop, from now on in this process, orbax's own log lines and the reports of its abandoned
     tasks (asyncio's "exception was never retrieved", unraisable "Event loop is closed"): every
-    failure they describe reaches the caller as one ``CheckpointError``. A damaged checkpoint
-    printed 4,700 lines of TensorStore specs and tracebacks without this, a full disk 586; the
-    leftover tasks of a failed read are collected at any later time, up to interpreter exit."""
+    failure they describe reaches the caller as one ``CheckpointError``. Without this a damaged
+    checkpoint or a full disk prints thousands of lines of TensorStore specs and tracebacks, and
+    the leftover tasks of a failed read are collected at any later time, up to interpreter exit."""
     for name in _NOISE_LOGGERS:
         if _DROP_ORBAX_NOISE not in logging.getLogger(name).filters:
             logging.getLogger(name).addFilter(_DROP_ORBAX_NOISE)
