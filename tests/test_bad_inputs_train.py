@@ -26,7 +26,7 @@ from tiny import TINY_FLAGS as TINY
 from cka_jax.train import loop, workdir_checks
 from cka_jax.train import run_checks as checks
 from cka_jax.train.health import TrainingDiverged
-from cka_jax.workdir import CONFIG_COPIES, metrics_log
+from cka_jax.workdir import CONFIG_COPIES, Workdir, metrics_log
 from cka_jax.workdir.trained import load_trained_population
 
 # Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
@@ -47,7 +47,7 @@ def strict_rows(workdir):
     def refuse(name):
         raise AssertionError(f"metrics.jsonl holds {name}")
 
-    with open(metrics_log.path_in(workdir)) as f:
+    with open(Workdir(workdir).metrics) as f:
         return [json.loads(line, parse_constant=refuse) for line in f]
 
 
@@ -170,7 +170,7 @@ def test_a_locked_workdir_is_refused_and_a_killed_holder_releases_it(tmp_path):
             loop.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
         code, err = run_train(*TINY, "--config.train.epochs=1", "--workdir", workdir)
         assert code == 2 and err.count("\n") == 1 and busy in err, err
-        assert not os.path.exists(metrics_log.path_in(workdir))
+        assert not os.path.exists(Workdir(workdir).metrics)
     finally:
         holder.kill()  # SIGKILL: no chance to clean up, the lock file stays behind
         holder.wait()
@@ -267,7 +267,7 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, caplog):
         tiny_config(epochs=2), workdir, devices=ONE_DEVICE, should_stop=lambda: next(calls) == 6
     )  # step 6
     assert stopped.interrupted and stopped.step == 6
-    with open(metrics_log.path_in(workdir), "a") as f:
+    with open(Workdir(workdir).metrics, "a") as f:
         f.write('{"epoch": 2, "step": 8, "model": 0, "train_lo')  # a crash mid-append
     resumed = loop.train_and_evaluate(tiny_config(epochs=2), workdir, devices=ONE_DEVICE)
     assert not resumed.interrupted
@@ -327,7 +327,7 @@ def test_a_stop_signal_during_setup_stops_before_training_and_resumes(tmp_path, 
     assert "Traceback" not in err
     steps = checkpoint_steps(workdir) if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
     assert set(steps) <= {0}, steps  # no training step was taken
-    assert not os.path.exists(metrics_log.path_in(workdir))
+    assert not os.path.exists(Workdir(workdir).metrics)
     code, err = run_train(*args)
     assert code == 0, err
     assert [r["epoch"] for r in strict_rows(workdir)] == [1, 1, 2, 2]

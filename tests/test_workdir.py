@@ -17,7 +17,7 @@ from cka_jax.workdir import lock as workdir_lock
 def test_every_file_is_named_by_workdir(tmp_path):
     files = Workdir(str(tmp_path))
     assert files.config_copies == tuple(str(tmp_path / name) for name in CONFIG_COPIES)
-    assert metrics_log.path_in(str(tmp_path)) == files.metrics == str(tmp_path / "metrics.jsonl")
+    assert files.metrics == str(tmp_path / "metrics.jsonl")
     assert files.predictions == os.path.join(files.predictions_dir, "test.npz")
     lock = workdir_lock.acquire(str(tmp_path / "run"))
     try:
@@ -81,8 +81,8 @@ def test_every_writer_respects_the_umask(tmp_path, umask):
     held = workdir_lock.acquire(workdir)
     try:
         config_copies.write(workdir, {"train.epochs": 2})
-        metrics_log.append(metrics_log.path_in(workdir), [{"step": 1}, {"step": 2}])
-        metrics_log.truncate(metrics_log.path_in(workdir), 1)
+        metrics_log.append(Workdir(workdir).metrics, [{"step": 1}, {"step": 2}])
+        metrics_log.truncate(Workdir(workdir).metrics, 1)
     finally:
         held.release()
     modes = _modes(str(tmp_path))

@@ -18,7 +18,7 @@ import numpy as np
 
 from cka_jax.train import step as training
 from cka_jax.train.health import Health
-from cka_jax.workdir import metrics_log
+from cka_jax.workdir import Workdir, metrics_log
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class EpochLog:
         progress: ProgressBar | None,
     ):
         self.config, self.num_models, self.steps_per_epoch = config, num_models, steps_per_epoch
-        self._path = metrics_log.path_in(workdir)
+        self._path = Workdir(workdir).metrics
         self._learning_rate = training.learning_rate_schedule(config, steps_per_epoch)
         self._progress = progress
 

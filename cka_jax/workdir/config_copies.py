@@ -35,7 +35,8 @@ def read(workdir: str, parse: Callable[[str], dict[str, Any]]) -> dict[str, dict
     """
     copies: dict[str, dict[str, Any]] = {}
     damaged: dict[str, Exception] = {}
-    for name, path in zip(CONFIG_COPIES, Workdir(workdir).config_copies, strict=True):
+    paths = dict(zip(CONFIG_COPIES, Workdir(workdir).config_copies, strict=True))
+    for name, path in paths.items():
         if os.path.lexists(path):
             try:
                 copies[name] = parse(path)
@@ -43,13 +44,10 @@ def read(workdir: str, parse: Callable[[str], dict[str, Any]]) -> dict[str, dict
                 damaged[name] = error
     if damaged:
         name, problem = next(iter(damaged.items()))
-        fix = (
-            f"delete it to have it rewritten from {os.path.join(workdir, next(iter(copies)))}"
-            if copies
-            else "restore it"
+        fix = f"delete it to have it rewritten from {paths[next(iter(copies))]}" if copies else "restore it"
+        raise DamagedConfigError(
+            f"{paths[name]} is damaged ({problem}); nothing was changed: {fix}, or use another --workdir"
         )
-        path = os.path.join(workdir, name)
-        raise DamagedConfigError(f"{path} is damaged ({problem}); nothing was changed: {fix}, or use another --workdir")
     return copies
 
 

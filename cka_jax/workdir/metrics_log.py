@@ -16,14 +16,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from cka_jax import _atomic_file as atomic_file
-from cka_jax.workdir import Workdir
 
 logger = logging.getLogger(__name__)
-
-
-def path_in(workdir: str) -> str:
-    """The metrics file of `workdir` (`Workdir(workdir).metrics`)."""
-    return Workdir(workdir).metrics
 
 
 def _strict(value: Any) -> Any:
