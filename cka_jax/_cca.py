@@ -227,7 +227,8 @@ def svcca(x: jax.Array, y: jax.Array, keep: float | int = 0.99, epsilon: float =
             [1, min(p, q)] below n − 1.
 
     References:
-        Raghu, Gilmer, Yosinski & Sohl-Dickstein, *SVCCA: Singular Vector Canonical Correlation Analysis for Deep Learning Dynamics and Interpretability*, NeurIPS 2017.
+        Raghu, Gilmer, Yosinski & Sohl-Dickstein, *SVCCA: Singular Vector Canonical Correlation
+        Analysis for Deep Learning Dynamics and Interpretability*, NeurIPS 2017.
 
     Example:
         >>> import numpy as np
@@ -290,7 +291,8 @@ def pwcca(x: jax.Array, y: jax.Array, epsilon: float = 1e-6) -> jax.Array:
             directions makes every correlation 1).
 
     References:
-        Morcos, Raghu & Bengio, *Insights on representational similarity in neural networks with canonical correlation*, NeurIPS 2018.
+        Morcos, Raghu & Bengio, *Insights on representational similarity in neural networks with
+        canonical correlation*, NeurIPS 2018.
     """
     xc, yc = _checked(x, y, epsilon)
     if _features(xc) > _features(yc):

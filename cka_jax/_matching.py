@@ -96,7 +96,8 @@ def match_units(x: jax.Array, y: jax.Array, method: str = "bipartite") -> UnitMa
         ValueError: method is not "bipartite" or "semi", or x, y are not valid representations.
 
     References:
-        Li, Yosinski, Clune, Lipson & Hopcroft, *Convergent Learning: Do different neural networks learn the same representations?*, ICLR 2016.
+        Li, Yosinski, Clune, Lipson & Hopcroft, *Convergent Learning: Do different neural networks
+        learn the same representations?*, ICLR 2016.
 
     Example:
         >>> import numpy as np
@@ -169,7 +170,8 @@ def sparse_prediction_loss(
             outside [0, 1) or leaving too few training examples.
 
     References:
-        Li, Yosinski, Clune, Lipson & Hopcroft, *Convergent Learning: Do different neural networks learn the same representations?*, ICLR 2016.
+        Li, Yosinski, Clune, Lipson & Hopcroft, *Convergent Learning: Do different neural networks
+        learn the same representations?*, ICLR 2016.
     """
     xa, ya = (host_matrix(a) for a in check_pair(x, y, own=False))
     try:
