@@ -52,6 +52,8 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 napoleon_attr_annotations = True
+napoleon_use_ivar = True  # Attributes: sections as fields, so NamedTuple fields are not described twice
+default_role = "py:obj"  # `name` in a docstring links to that name when it is documented
 add_module_names = False
 
 # MyST: `x: (n, p)` shapes and formulas stay as written; headings get anchors for links across pages.
