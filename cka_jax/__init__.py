@@ -20,6 +20,9 @@ Every public function checks its arguments, then runs one compiled program per i
 jax.jit needed; it also works inside the caller's jit, vmap and shard_map).
 """
 
+# The one version number: the package metadata (setup.cfg) reads it, CHANGELOG.md starts with it.
+__version__ = "0.1.0"
+
 from cka_jax._cca import CCAResult, cca, mean_cca, pwcca, svcca
 from cka_jax._cka import cka, linear_cka, rbf_cka
 from cka_jax._compare import CKAComparison, compare, load_comparison

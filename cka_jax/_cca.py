@@ -37,12 +37,13 @@ from cka_jax._scaling import HIGHEST, scaled_centred, times_pow2
 class CCAResult(NamedTuple):
     """Canonical correlations and variates; `k = min(n, p, q)`, valid entries first.
 
-    rho: (k,) canonical correlations in [0, 1], descending, zero from `num_valid` on.
-    num_valid: () int, `r = min(rank_x, rank_y)`, the number of valid correlations.
-    x_variates: (n, k) unit-norm canonical variates of x (columns), zero from `num_valid` on.
-    y_variates: (n, k) the same for y; `x_variates[:, i] · y_variates[:, i] = rho[i]`.
-    x_weights: (k,) PWCCA projection weights of x, `α̃ᵢ = Σⱼ |⟨x_variates[:, i], zⱼ⟩|` over
-        the centred units `zⱼ` of x (unnormalised, in x's units), zero from `num_valid` on.
+    Attributes:
+        rho: (k,) canonical correlations in [0, 1], descending, zero from `num_valid` on.
+        num_valid: () int, `r = min(rank_x, rank_y)`, the number of valid correlations.
+        x_variates: (n, k) unit-norm canonical variates of x (columns), zero from `num_valid` on.
+        y_variates: (n, k) the same for y; `x_variates[:, i] · y_variates[:, i] = rho[i]`.
+        x_weights: (k,) PWCCA projection weights of x, `α̃ᵢ = Σⱼ abs(⟨x_variates[:, i], zⱼ⟩)` over
+            the centred units `zⱼ` of x (unnormalised, in x's units), zero from `num_valid` on.
     """
 
     rho: jax.Array
@@ -151,9 +152,24 @@ def _mean_cca(
 def cca(x: jax.Array, y: jax.Array, epsilon: float = 1e-6) -> CCAResult:
     """Canonical correlations between `x: (n, ...)` and `y: (n, ...)`.
 
-    `epsilon` is the relative singular-value cut-off below which a direction of x or y is
-    treated as absent (floored at `max(n, p)·eps_dtype`). Raises `ValueError` unless
-    `p, q < n − 1` (see the module docstring).
+    Computed as the singular values of `U_xᵀ U_y`, with `U_x`, `U_y` orthonormal bases of the centred
+    representations; directions below the `epsilon` cut-off are masked out, so rank-deficient
+    inputs work and shapes stay static. Warns when p + q ≥ n (then p + q − (n − 1) correlations are
+    1 by construction); a common rule of thumb is n ≥ 10·(p + q).
+
+    Args:
+        x: representation of n examples, (n, ...); trailing axes are flattened to p features.
+        y: representation of the same n examples, (n, ...), q features.
+        epsilon: relative singular-value cut-off below which a direction of x or y is treated as
+            absent (floored at `max(n, p)·eps_dtype`).
+
+    Returns:
+        A `CCAResult`: correlations, canonical variates and PWCCA weights; NaN for NaN or inf input.
+
+    Raises:
+        ValueError: x or y is not a valid representation (at least 2 axes, numeric, the same
+            n), epsilon is not a finite number ≥ 0, or a side has ≥ n − 1 features (CCA of so many
+            directions makes every correlation 1).
     """
     xc, yc = _checked(x, y, epsilon)
     _check_directions(x, y, _features(xc), _features(yc), "features")
@@ -161,7 +177,21 @@ def cca(x: jax.Array, y: jax.Array, epsilon: float = 1e-6) -> CCAResult:
 
 
 def mean_cca(x: jax.Array, y: jax.Array, epsilon: float = 1e-6) -> jax.Array:
-    """Mean canonical correlation ρ̄ = (1/r) Σᵢ ρᵢ over the r valid pairs: scalar (NaN if r = 0)."""
+    """Mean canonical correlation ρ̄ = (1/r) Σᵢ ρᵢ over the r valid pairs, x: (n, ...), y: (n, ...) -> scalar.
+
+    Args:
+        x: representation of n examples, (n, ...).
+        y: representation of the same n examples, (n, ...).
+        epsilon: relative singular-value cut-off, as in `cca`.
+
+    Returns:
+        A scalar in [0, 1]; NaN if no pair is valid (r = 0) or for NaN or inf input.
+
+    Raises:
+        ValueError: x or y is not a valid representation (at least 2 axes, numeric, the same
+            n), epsilon is not a finite number ≥ 0, or a side has ≥ n − 1 features (CCA of so many
+            directions makes every correlation 1).
+    """
     xc, yc = _checked(x, y, epsilon)
     _check_directions(x, y, _features(xc), _features(yc), "features")
     return _mean_cca(xc, yc, epsilon, xc.shape[0], math.inf)
@@ -171,17 +201,42 @@ def svcca(x: jax.Array, y: jax.Array, keep: float | int = 0.99, epsilon: float =
     """SVCCA similarity of `x: (n, ...)` and `y: (n, ...)`: scalar mean canonical correlation.
 
     Each centred representation is reduced by SVD to its top directions, then CCA runs on the
-    reduced pair. `keep` is a float in (0, 1] (the fewest directions explaining that fraction
-    of the variance; 1.0 keeps every direction) or an int ≥ 1 (exactly that many directions,
-    at most the feature count). Directions below the `epsilon` rank cut-off are never kept.
+    reduced pair. Directions below the `epsilon` rank cut-off are never kept.
 
     What n the estimate needs: CCA of d kept directions on n examples is meaningful only for
     d well below n (every correlation is 1 once a side keeps n − 1). An integer `keep` must be
     < n − 1 and warns if 2·keep ≥ n. A fraction keeps a number of directions known only after
     the SVD, up to min(p, n − 1); so that the answer never depends on the data reaching that
     bound (nor differs between eager and jitted calls), a fraction requires p, q < n − 1 like
-    `cca`, raising `ValueError` otherwise (e.g. for wide layers with more features than examples;
-    pass an integer keep there), and warns if p + q ≥ n. Rule of thumb: n ≥ 10 × kept directions.
+    `cca`, and warns if p + q ≥ n. Rule of thumb: n ≥ 10 × kept directions.
+
+    Args:
+        x: representation of n examples, (n, ...); trailing axes are flattened to p features.
+        y: representation of the same n examples, (n, ...), q features.
+        keep: a float in (0, 1] (the fewest directions explaining that fraction of the variance;
+            1.0 keeps every direction) or an int ≥ 1 (exactly that many directions, at most the
+            feature count).
+        epsilon: relative singular-value cut-off, as in `cca`.
+
+    Returns:
+        A scalar in [0, 1]; NaN for NaN or inf input.
+
+    Raises:
+        ValueError: as `cca` (for a fraction `keep`: a side with ≥ n − 1 features, e.g. a wide
+            layer; pass an integer keep there), or keep is not a fraction in (0, 1] or an integer in
+            [1, min(p, q)] below n − 1.
+
+    References:
+        Raghu, Gilmer, Yosinski & Sohl-Dickstein, *SVCCA: Singular Vector Canonical Correlation
+        Analysis for Deep Learning Dynamics and Interpretability*, NeurIPS 2017.
+
+    Example:
+        >>> import numpy as np
+        >>> from cka_jax import svcca
+        >>> x = np.random.default_rng(0).normal(size=(200, 10))
+        >>> rotation, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(10, 10)))
+        >>> round(float(svcca(x, 3 * x @ rotation, keep=5)), 4)
+        1.0
     """
     xc, yc = _checked(x, y, epsilon)
     n, p, q = xc.shape[0], _features(xc), _features(yc)
@@ -202,25 +257,42 @@ def svcca(x: jax.Array, y: jax.Array, keep: float | int = 0.99, epsilon: float =
 
 
 def pwcca(x: jax.Array, y: jax.Array, epsilon: float = 1e-6) -> jax.Array:
-    """Projection-weighted CCA (Morcos et al. 2018) of `x: (n, ...)` and `y: (n, ...)`: scalar.
+    """Projection-weighted CCA of `x: (n, ...)` and `y: (n, ...)`: scalar.
 
     Uses the side with fewer features (x if p ≤ q; so symmetric unless p = q): with its
     canonical variates `hᵢ` (unit-norm n-vectors) and centred units `z_j`,
-    `α̃ᵢ = Σⱼ |⟨hᵢ, zⱼ⟩|` over the valid pairs, `αᵢ = α̃ᵢ / Σα̃`, and the result is `Σᵢ αᵢ ρᵢ`.
-    Needs p, q < n − 1 (see the module docstring).
+    `α̃ᵢ = Σⱼ abs(⟨hᵢ, zⱼ⟩)` over the valid pairs, `αᵢ = α̃ᵢ / Σα̃`, and the result is `Σᵢ αᵢ ρᵢ`.
 
     Deliberate differences from other implementations:
+
     - google/svcca `compute_pwcca` builds its directions as `coef_x · (acts − means) + means`:
-      the CCA rotation applied to the *unwhitened* units (it leaves out Σxx^{-1/2}, so they are
+      the CCA rotation applied to the *unwhitened* units (it leaves out Σxx^(-1/2), so they are
       not the canonical variates whose ρᵢ it weights), with the means added back; it
       orthonormalises them by QR and projects the *uncentred* units on them, so its weights
       change when a unit is shifted by a constant. It picks the side with fewer units left after
       its epsilon cut, and its y branch projects acts1 with y's coefficients. Here the weights
       use the true canonical variates and centred units, Morcos et al.'s definition, and are
       invariant to shifts, scaling and permutation of the units.
-    - anatome `pwcca_distance` always weights x, and its α̃ᵢ = Σ over *examples* of |(x a)ᵢ| for
+    - anatome `pwcca_distance` always weights x, and its α̃ᵢ = Σ over *examples* of abs((x a)ᵢ) for
       the uncentred x (the L1 norm of a canonical variate, not its projection on the units); it
       returns the distance 1 − PWCCA.
+
+    Args:
+        x: representation of n examples, (n, ...); trailing axes are flattened to p features.
+        y: representation of the same n examples, (n, ...), q features.
+        epsilon: relative singular-value cut-off, as in `cca`.
+
+    Returns:
+        A scalar in [0, 1]; NaN for NaN or inf input.
+
+    Raises:
+        ValueError: x or y is not a valid representation (at least 2 axes, numeric, the same
+            n), epsilon is not a finite number ≥ 0, or a side has ≥ n − 1 features (CCA of so many
+            directions makes every correlation 1).
+
+    References:
+        Morcos, Raghu & Bengio, *Insights on representational similarity in neural networks with
+        canonical correlation*, NeurIPS 2018.
     """
     xc, yc = _checked(x, y, epsilon)
     if _features(xc) > _features(yc):

@@ -55,9 +55,32 @@ def _check_min_examples(n: int, debiased: bool, what: str) -> None:
 def cka(gram_x: jax.Array, gram_y: jax.Array, debiased: bool = False) -> jax.Array:
     """CKA between two symmetric grams, (n, n) each -> scalar.
 
-    debiased=True uses U-centering, i.e. the ratio of unbiased HSIC₁ estimates (needs n >= 4).
-    Grams that are not symmetric up to rounding raise ValueError (a kernel gives k(x_i, x_j) =
-    k(x_j, x_i)); CKA does not depend on either gram's scale, so any finite scale is fine.
+    CKA(K, L) = HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L)). CKA does not depend on either gram's
+    scale, so any finite scale is fine.
+
+    Args:
+        gram_x: symmetric gram of one representation, (n, n), e.g. from `gram_linear`.
+        gram_y: symmetric gram of the other, (n, n), over the same examples.
+        debiased: use U-centering, i.e. the ratio of unbiased HSIC₁ estimates (needs n ≥ 4).
+
+    Returns:
+        A scalar in [0, 1] (debiased values can fall slightly below 0); NaN when a gram is
+        constant after centering (CKA is undefined) or holds NaN or inf.
+
+    Raises:
+        ValueError: the grams are not (n, n), differ in shape, are not symmetric up to rounding (a
+            kernel gives k(x_i, x_j) = k(x_j, x_i)), or debiased=True with n < 4.
+
+    References:
+        Kornblith, Norouzi, Lee & Hinton, *Similarity of Neural Network Representations Revisited*,
+        ICML 2019.
+
+    Example:
+        >>> import numpy as np
+        >>> from cka_jax import cka, gram_linear
+        >>> x = np.random.default_rng(0).normal(size=(50, 8))
+        >>> round(float(cka(gram_linear(x), gram_linear(3 * x))), 4)
+        1.0
     """
     check_flag(debiased, "debiased")
     checked_x, checked_y = check_gram_pair(gram_x, gram_y, scale_free=True)
@@ -108,6 +131,33 @@ def linear_cka(x: jax.Array, y: jax.Array, debiased: bool = False) -> jax.Array:
 
     Uses the feature-space form ‖yᵀx‖²_F / (‖xᵀx‖_F ‖yᵀy‖_F) (no n×n gram) when n·(p² + pq + q²)
     is below the gram cost n²·(p + q), and the gram form otherwise; both give the same value.
+    Invariant to orthogonal transformations and isotropic scaling of either input.
+
+    Args:
+        x: representation of n examples, (n, ...); trailing axes are flattened to p features.
+        y: representation of the same n examples, (n, ...), q features.
+        debiased: the ratio of unbiased HSIC₁ estimates (needs n ≥ 4) instead of HSIC₀.
+
+    Returns:
+        A scalar in [0, 1]; NaN when either representation is constant (CKA is undefined) or holds
+        NaN or inf.
+
+    Raises:
+        ValueError: x or y is not an array of at least 2 axes, their example counts differ, n < 2
+            (n < 4 with debiased=True), or a dtype is not numeric.
+
+    References:
+        Kornblith, Norouzi, Lee & Hinton, *Similarity of Neural Network Representations Revisited*,
+        ICML 2019.
+
+    Example:
+        >>> import numpy as np
+        >>> from cka_jax import linear_cka
+        >>> rng = np.random.default_rng(0)
+        >>> x = rng.normal(size=(100, 16))
+        >>> rotation, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+        >>> round(float(linear_cka(x, 5 * x @ rotation)), 4)
+        1.0
     """
     check_flag(debiased, "debiased")
     xc, yc = check_pair(x, y)
@@ -121,7 +171,26 @@ def _rbf_cka(x: jax.Array, y: jax.Array, threshold: jax.Array, debiased: bool) -
 
 
 def rbf_cka(x: jax.Array, y: jax.Array, threshold: float = 1.0, debiased: bool = False) -> jax.Array:
-    """CKA with RBF kernels (bandwidth from the median distance, see `gram_rbf`) -> scalar."""
+    """CKA with RBF kernels, x: (n, ...), y: (n, ...) -> scalar.
+
+    Each gram is `gram_rbf` of its representation, with the bandwidth from its own median distance.
+
+    Args:
+        x: representation of n examples, (n, ...); trailing axes are flattened.
+        y: representation of the same n examples, (n, ...).
+        threshold: bandwidth as a multiple of the median distance; finite and > 0.
+        debiased: the ratio of unbiased HSIC₁ estimates (needs n ≥ 4) instead of HSIC₀.
+
+    Returns:
+        A scalar in [0, 1]; NaN when either representation is constant or holds NaN or inf.
+
+    Raises:
+        ValueError: as `linear_cka`, or threshold is not a finite number > 0.
+
+    References:
+        Kornblith, Norouzi, Lee & Hinton, *Similarity of Neural Network Representations Revisited*,
+        ICML 2019.
+    """
     check_threshold(threshold)
     check_flag(debiased, "debiased")
     xc, yc = check_pair(x, y)

@@ -41,9 +41,27 @@ def gram_linear(x: Array) -> jax.Array:
 
     Equals x xᵀ up to terms of the form a1ᵀ + 1aᵀ + c11ᵀ, which both centerings remove, so every
     HSIC and CKA value is unchanged; centering first avoids the float32 cancellation that large
-    feature means would cause. The gram is in x's units squared: for |x| beyond about 1e±19 in
-    float32 its entries leave float32's range (use `linear_cka` or `MinibatchCKA`, which are
-    scale-proof).
+    feature means would cause.
+
+    Args:
+        x: representation of n examples, (n, ...); trailing axes are flattened to p features.
+
+    Returns:
+        The (n, n) gram, in x's units squared: for entries of x beyond about 1e±19 in float32 it
+        leaves float32's range (use `linear_cka` or `MinibatchCKA`, which are scale-proof).
+
+    Raises:
+        ValueError: x is not an array of at least 2 axes with n ≥ 1 examples, has a complex, string
+            or object dtype, or holds float64 values float32 cannot hold without 64-bit mode.
+
+    Example:
+        >>> import numpy as np
+        >>> from cka_jax import gram_linear
+        >>> x = np.arange(6.0).reshape(3, 2)
+        >>> np.asarray(gram_linear(x))
+        array([[ 8.,  0., -8.],
+               [ 0.,  0.,  0.],
+               [-8.,  0.,  8.]], dtype=float32)
     """
     return _gram_linear(check_input(x, centre_axis=0))
 
@@ -69,6 +87,21 @@ def gram_rbf(x: Array, threshold: float = 1.0) -> jax.Array:
 
     The median runs over all n² entries (diagonal included), as in Kornblith et al. 2019. The
     gram does not depend on x's scale, and is computed from exactly rescaled x.
+
+    Args:
+        x: representation of n examples, (n, ...); trailing axes are flattened.
+        threshold: bandwidth as a multiple of the median distance; finite and > 0.
+
+    Returns:
+        The (n, n) gram, ones on the diagonal.
+
+    Raises:
+        ValueError: x is not a valid representation (see `gram_linear`) or threshold is not a
+            finite number > 0.
+
+    References:
+        Kornblith, Norouzi, Lee & Hinton, *Similarity of Neural Network Representations Revisited*,
+        ICML 2019.
     """
     check_threshold(threshold)
     return _gram_rbf(check_input(x, centre_axis=0, scale_lead=0), threshold)
@@ -112,6 +145,29 @@ def center_gram(gram: jax.Array, unbiased: bool = False) -> jax.Array:
     unbiased=False: H K H with H = I - 11ᵀ/n. unbiased=True: U-centering (zero diagonal, subtract
     row and column sums/(n-2), add total/((n-1)(n-2)), zero diagonal), so that
     <U(K), U(L)> / (n(n-3)) is the unbiased HSIC₁ of Song et al. 2012.
+
+    Args:
+        gram: symmetric grams, (..., n, n).
+        unbiased: U-centering instead of H K H; needs n ≥ 4.
+
+    Returns:
+        The centred grams, same shape, in the gram's units.
+
+    Raises:
+        ValueError: the grams are not square and symmetric up to rounding, unbiased is not a bool,
+            or unbiased=True with n < 4.
+
+    References:
+        Song, Smola, Gretton, Bedo & Borgwardt, *Feature Selection via Dependence Maximization*,
+        JMLR 2012.
+
+    Example:
+        >>> import numpy as np
+        >>> from cka_jax import center_gram
+        >>> gram = np.random.default_rng(0).normal(size=(6, 3)) @ np.ones((3, 6))
+        >>> centred = np.asarray(center_gram(gram + gram.T, unbiased=True))
+        >>> bool(np.all(np.diag(centred) == 0)), bool(np.abs(centred.sum(axis=1)).max() < 1e-5)
+        (True, True)
     """
     check_flag(unbiased, "unbiased")
     checked = check_gram(gram)
@@ -134,6 +190,23 @@ def hsic(gram_x: jax.Array, gram_y: jax.Array, unbiased: bool = False) -> jax.Ar
 
     Bilinear in the grams: computed from exactly rescaled grams, the result is the float rounding
     of the exact value (inf or 0 only where that lies outside the dtype's range).
+
+    Args:
+        gram_x: symmetric gram K of one representation, (n, n).
+        gram_y: symmetric gram L of the other, (n, n), over the same examples.
+        unbiased: the unbiased estimator HSIC₁ (needs n ≥ 4) instead of HSIC₀.
+
+    Returns:
+        A scalar in the grams' units multiplied.
+
+    Raises:
+        ValueError: the grams differ in shape, are not square and symmetric up to rounding, or
+            unbiased=True with n < 4.
+
+    References:
+        Gretton, Bousquet, Smola & Schölkopf, *Measuring Statistical Dependence with Hilbert-Schmidt
+        Norms*, ALT 2005 (HSIC₀); Song et al., *Feature Selection via Dependence Maximization*,
+        JMLR 2012 (HSIC₁).
     """
     check_flag(unbiased, "unbiased")
     checked_x, checked_y = check_gram_pair(gram_x, gram_y)

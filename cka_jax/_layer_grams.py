@@ -293,12 +293,25 @@ def minibatch_grams(
 ) -> jax.Array:
     """U-centred grams of one minibatch, for `MinibatchCKA.update_grams`.
 
-    acts: per-layer arrays (batch, ...), or (models, batch, ...) with population=True.
-    Returns (L, batch, batch), or (M, L, batch, batch) in population mode. Computing these for
-    chunks of a population and concatenating them on axis 0 bounds the activation memory.
-    Linear grams are in the activations' units squared (computed from exactly rescaled
-    activations, then scaled back): in float32 they leave float32's range for activations beyond
-    about 1e±19; `update_grams` itself accepts grams of any finite scale.
+    Computing these for chunks of a population and concatenating them on axis 0 bounds the
+    activation memory.
+
+    Args:
+        acts: per-layer arrays (batch, ...), or (models, batch, ...) with population=True: a list or
+            ordered mapping.
+        population: the arrays carry a leading model axis.
+        kernel: "linear" or "rbf".
+        threshold: RBF bandwidth as a multiple of the median distance.
+
+    Returns:
+        (L, batch, batch), or (M, L, batch, batch) in population mode. Linear grams are in the
+        activations' units squared (computed from exactly rescaled activations, then scaled back):
+        in float32 they leave float32's range for activations beyond about 1e±19; `update_grams`
+        itself accepts grams of any finite scale.
+
+    Raises:
+        ValueError: an unknown kernel, an empty layer list, fewer than 4 examples, or invalid
+            arrays.
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")

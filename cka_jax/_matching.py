@@ -29,9 +29,10 @@ MATCHING_METHODS = ("bipartite", "semi")
 class UnitMatching(NamedTuple):
     """Matched unit pairs, ordered by x unit.
 
-    x_units: (m,) int indices into x's units.
-    y_units: (m,) int indices into y's units.
-    correlations: (m,) float Pearson correlation of each pair.
+    Attributes:
+        x_units: (m,) int indices into x's units.
+        y_units: (m,) int indices into y's units.
+        correlations: (m,) float Pearson correlation of each pair.
     """
 
     x_units: np.ndarray
@@ -60,7 +61,16 @@ def _correlations_and_finite(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax
 def unit_correlations(x: jax.Array, y: jax.Array) -> jax.Array:
     """Pearson correlations between units of `x: (n, ...)` and `y: (n, ...)`: `(p, q)`.
 
-    Entries involving a zero-variance unit, or a unit with NaN or inf, are NaN.
+    Args:
+        x: representation of n examples, (n, ...); trailing axes are flattened to p units.
+        y: representation of the same n examples, (n, ...), q units.
+
+    Returns:
+        The (p, q) correlations; entries involving a zero-variance unit, or a unit with NaN or inf,
+        are NaN.
+
+    Raises:
+        ValueError: x or y is not a valid representation or their example counts differ.
     """
     return _unit_correlations(*check_pair(x, y))
 
@@ -68,11 +78,34 @@ def unit_correlations(x: jax.Array, y: jax.Array) -> jax.Array:
 def match_units(x: jax.Array, y: jax.Array, method: str = "bipartite") -> UnitMatching:
     """Match units of `x: (n, ...)` to units of `y: (n, ...)` by correlation.
 
-    "bipartite": one-to-one assignment of min(p, q) pairs maximising the total correlation
-    (`scipy.optimize.linear_sum_assignment`), first maximising the number of pairs with a
-    defined correlation. "semi": each unit of x to its best-correlated unit of y (several x
-    units may share a y unit). Pairs with NaN correlation are dropped, unless x or y holds NaN
-    or inf: then every pair's correlation is NaN (see module docstring).
+    Pairs with NaN correlation are dropped, unless x or y holds NaN or inf: then every pair's
+    correlation is NaN.
+
+    Args:
+        x: representation of n examples, (n, ...); trailing axes are flattened to p units.
+        y: representation of the same n examples, (n, ...), q units.
+        method: "bipartite": one-to-one assignment of min(p, q) pairs maximising the total
+            correlation (`scipy.optimize.linear_sum_assignment`), first maximising the number of
+            pairs with a defined correlation. "semi": each unit of x to its best-correlated unit of
+            y (several x units may share a y unit).
+
+    Returns:
+        A `UnitMatching` of the matched pairs, ordered by x unit.
+
+    Raises:
+        ValueError: method is not "bipartite" or "semi", or x, y are not valid representations.
+
+    References:
+        Li, Yosinski, Clune, Lipson & Hopcroft, *Convergent Learning: Do different neural networks
+        learn the same representations?*, ICLR 2016.
+
+    Example:
+        >>> import numpy as np
+        >>> from cka_jax import match_units
+        >>> x = np.random.default_rng(0).normal(size=(100, 3))
+        >>> matching = match_units(x, x[:, [2, 0, 1]])
+        >>> matching.y_units.tolist()
+        [1, 2, 0]
     """
     if method not in MATCHING_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {MATCHING_METHODS}")
@@ -118,11 +151,27 @@ def sparse_prediction_loss(
     Li et al.'s local-vs-distributed code test. Units are standardised with training-split
     statistics; each y unit is fitted with an independent L1-penalised linear map
     (`sklearn.linear_model.Lasso`, objective `‖y − Xw‖²/(2n) + α‖w‖₁`) for every penalty
-    `α > 0`. A random `holdout` fraction of the examples (fixed by `seed`) is held out and the
-    loss is measured there (on the training examples when no example is held out). Units of y
-    constant on the training split are excluded (all constant: NaN); NaN or inf in x or y gives
-    NaN. Returns `(len(l1_penalties),)` losses in standardised units (predicting 0 scores
-    about 1).
+    `α > 0`. Units of y constant on the training split are excluded.
+
+    Args:
+        x: representation of n examples, (n, ...), the predictors.
+        y: representation of the same n examples, (n, ...), the units predicted.
+        l1_penalties: the penalties α, each finite and > 0.
+        holdout: the fraction of examples held out (fixed by `seed`) on which the loss is
+            measured, in [0, 1); with no example held out, the training examples are used.
+        seed: seed of the held-out split.
+
+    Returns:
+        A NumPy array `(len(l1_penalties),)` of losses in standardised units (predicting 0 scores
+        about 1); NaN when every unit of y is constant, or for NaN or inf in x or y.
+
+    Raises:
+        ValueError: invalid representations, an empty or non-positive penalty list, or holdout
+            outside [0, 1) or leaving too few training examples.
+
+    References:
+        Li, Yosinski, Clune, Lipson & Hopcroft, *Convergent Learning: Do different neural networks
+        learn the same representations?*, ICLR 2016.
     """
     xa, ya = (host_matrix(a) for a in check_pair(x, y, own=False))
     try:

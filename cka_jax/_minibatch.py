@@ -82,15 +82,41 @@ def _static(default: Any) -> Any:
 class MinibatchCKA:
     """Running sums of HSIC₁ over minibatches for every layer pair (and model pair).
 
-    Fields (Ma, Mb = 1 outside population mode; B = number of bootstrap replicates):
-      xy: (Ma, Mb, La, Lb) Σ_b HSIC₁(K_b, L_b); xx: (Ma, La) Σ_b HSIC₁(K_b, K_b); yy: (Mb, Lb);
-      all in units where each layer's activations are divided by 2^log2_scale.
-      count: minibatches seen. boot_*: the same sums with Exponential(1) weights per minibatch
-      (online Bayesian bootstrap over minibatches). key: raw PRNG key of those weights.
-      log2_scale_a: (Ma, La) int32, log2_scale_b: (Mb, Lb) int32: each layer's power-of-two scale
-      (see the module docstring); NO_SCALE until the layer varies.
-    population, kernel, threshold: static (part of the pytree structure, fixed under jit).
-    `totals` gives the sums, bootstrap sums and scales as one named pytree.
+    CKA = Σ_b HSIC₁(K_b, L_b) / (sqrt(Σ_b HSIC₁(K_b, K_b)) · sqrt(Σ_b HSIC₁(L_b, L_b))) over
+    minibatches b, with HSIC₁ the unbiased estimator of Song et al. 2012. An immutable pytree: every
+    method returns a new accumulator, and it works inside `jax.jit`, `jax.vmap` and `jax.shard_map`.
+    Build one with `create`, feed it with `update` (or `update_grams`, `update_sharded`), combine
+    with `merge`, read it with `result` and `bootstrap_interval`.
+
+    Attributes:
+        xy: (Ma, Mb, La, Lb) Σ_b HSIC₁(K_b, L_b), in units where each layer's activations are divided
+            by 2^log2_scale (Ma, Mb = 1 outside population mode).
+        xx: (Ma, La) Σ_b HSIC₁(K_b, K_b).
+        yy: (Mb, Lb) Σ_b HSIC₁(L_b, L_b).
+        count: minibatches seen.
+        boot_xy: (B, Ma, Mb, La, Lb) the sums with Exponential(1) weights per minibatch (online
+            Bayesian bootstrap over minibatches; B replicates); boot_xx and boot_yy likewise.
+        key: raw PRNG key of the bootstrap weights.
+        log2_scale_a: (Ma, La) int32 power-of-two scale of each layer of model a (NO_SCALE until the
+            layer varies); log2_scale_b: (Mb, Lb) the same for model b.
+        population: static (part of the pytree structure, fixed under jit): population mode.
+        kernel: static: "linear" or "rbf".
+        threshold: static: the RBF bandwidth as a multiple of the median distance.
+
+    References:
+        Nguyen, Raghu & Kornblith, *Do Wide and Deep Networks Learn the Same Things? Uncovering
+        How Neural Network Representations Vary with Width and Depth*, ICLR 2021.
+
+    Example:
+        >>> import numpy as np
+        >>> from cka_jax import MinibatchCKA
+        >>> x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+        >>> acc = MinibatchCKA.create(2)
+        >>> for batch in np.split(x, 4):
+        ...     acc = acc.update([batch, 2 * batch])  # two "layers" of 16 examples each
+        >>> np.round(np.asarray(acc.result()), 3)
+        array([[1., 1.],
+               [1., 1.]], dtype=float32)
     """
 
     xy: jax.Array
@@ -122,11 +148,24 @@ class MinibatchCKA:
     ) -> MinibatchCKA:
         """An empty accumulator.
 
-        num_layers_b=None compares model a with itself (`update(acts_a)`). Passing num_models_a
-        turns on population mode: activations carry a leading model axis and the result holds
-        every model pair, (Ma, Mb, La, Lb); num_models_b defaults to num_models_a.
-        num_bootstrap > 0 keeps that many bootstrap replicates for `bootstrap_interval`; give
-        accumulators that will be merged different seeds.
+        Args:
+            num_layers_a: La, the number of layers of model a (≥ 1).
+            num_layers_b: Lb, the number of layers of model b; None compares model a with itself
+                (`update(acts_a)`).
+            num_models_a: turns on population mode: activations carry a leading model axis and the
+                result holds every model pair, (Ma, Mb, La, Lb).
+            num_models_b: Mb; defaults to num_models_a.
+            kernel: "linear" or "rbf".
+            threshold: RBF bandwidth as a multiple of the median distance; finite and > 0.
+            num_bootstrap: B ≥ 0 bootstrap replicates kept for `bootstrap_interval`.
+            seed: seed of the bootstrap weights; give accumulators that will be merged different seeds.
+
+        Returns:
+            A `MinibatchCKA` with zero sums.
+
+        Raises:
+            ValueError: a count that is not a positive integer (bools included: `create(True)`), an
+                unknown kernel, or a threshold that is not a finite number > 0.
         """
         check_count(num_layers_a, "num_layers_a", 1)
         optional = {"num_layers_b": num_layers_b, "num_models_a": num_models_a, "num_models_b": num_models_b}
@@ -171,11 +210,12 @@ class MinibatchCKA:
 
     @property
     def num_bootstrap(self) -> int:
+        """B, the number of bootstrap replicates kept."""
         return self.boot_xy.shape[0]
 
     @property
     def totals(self) -> Totals:
-        """The sums, their bootstrap copies and their log2 scales."""
+        """The sums, their bootstrap copies and their log2 scales, as one named pytree."""
         return Totals(
             HsicSums(self.xy, self.xx, self.yy),
             HsicSums(self.boot_xy, self.boot_xx, self.boot_yy),
@@ -184,6 +224,7 @@ class MinibatchCKA:
 
     @property
     def gram_kind(self) -> GramKind:
+        """How grams are built: population mode, kernel and threshold (static)."""
         return GramKind(self.population, self.kernel, self.threshold)
 
     @property
@@ -195,7 +236,15 @@ class MinibatchCKA:
     # ---- traced building blocks of the compiled operations below ----
 
     def plus(self, totals: Totals, batches: jax.Array | int) -> MinibatchCKA:
-        """This accumulator plus `totals` of `batches` more minibatches."""
+        """This accumulator plus `totals` of `batches` more minibatches (a traced building block).
+
+        Args:
+            totals: sums from the same kind of accumulator (see `totals`).
+            batches: how many minibatches those sums hold.
+
+        Returns:
+            The combined accumulator; sums at different log2 scales are rescaled exactly.
+        """
         (xy, xx, yy), (boot_xy, boot_xx, boot_yy), (scale_a, scale_b) = combine(self.totals, totals)
         return dataclasses.replace(
             self,
@@ -211,7 +260,14 @@ class MinibatchCKA:
         )
 
     def bootstrap_weights(self, k: int) -> jax.Array:
-        """Exponential(1) weights (k, B) of the next k minibatches, fixed by seed and index."""
+        """Exponential(1) weights of the next k minibatches, fixed by the seed and minibatch index.
+
+        Args:
+            k: the number of minibatches.
+
+        Returns:
+            The (k, B) weights.
+        """
         key = jax.random.wrap_key_data(self.key)
 
         def draw(i: jax.Array) -> jax.Array:
@@ -222,16 +278,40 @@ class MinibatchCKA:
     # ---- the public operations: host-side checks, then one compiled call ----
 
     def update(self, acts_a: Activations, acts_b: Activations | None = None) -> MinibatchCKA:
-        """Adds one minibatch. acts_*: list or ordered mapping of per-layer arrays (batch, ...),
-        (models, batch, ...) in population mode; acts_b=None compares model a with itself."""
+        """Adds one minibatch.
+
+        Args:
+            acts_a: per-layer activations of model a: a list or ordered mapping of La arrays
+                (batch, ...), or (models, batch, ...) in population mode.
+            acts_b: the same for model b, over the same examples; None compares model a with itself.
+
+        Returns:
+            The updated accumulator (self is unchanged).
+
+        Raises:
+            ValueError: wrong layer or model counts, fewer than 4 examples, example counts that differ
+                between layers, or inputs that are not numeric arrays (see the measures' checks).
+        """
         items_b = None if acts_b is None else named_layers(acts_b, "acts_b")
         items_a = named_layers(acts_a, "acts_a")
         check_minibatch(items_a, items_b, self.layouts, self.population)
         return _update(self, *update_sides(items_a, items_b, self.population, self.kernel))
 
     def update_grams(self, grams_a: jax.Array, grams_b: jax.Array | None = None) -> MinibatchCKA:
-        """Adds one minibatch from `minibatch_grams` outputs, (L, n, n) or (M, L, n, n), of any
-        finite scale (each gram is rescaled exactly by a power of two per layer and model)."""
+        """Adds one minibatch from U-centred grams (`minibatch_grams` outputs).
+
+        Args:
+            grams_a: (La, n, n), or (Ma, La, n, n) in population mode, of any finite scale (each gram
+                is rescaled exactly by a power of two per layer and model).
+            grams_b: the same for model b; None compares model a with itself.
+
+        Returns:
+            The updated accumulator.
+
+        Raises:
+            ValueError: wrong shapes, minibatches that differ between a and b, or grams that are not
+                symmetric and U-centred (zero diagonal and row sums) beyond rounding.
+        """
         layout_a, layout_b = self.layouts
         checked_a = check_minibatch_grams(grams_a, "grams_a", layout_a, self.population)
         if grams_b is None:
@@ -250,10 +330,21 @@ class MinibatchCKA:
     ) -> MinibatchCKA:
         """Adds k minibatches spread over the devices of one mesh axis.
 
-        acts_*: per-layer arrays with a leading minibatch axis, (k, batch, ...) or
-        (k, models, batch, ...), k a multiple of the axis size. Each device accumulates its own
-        minibatches with its own log2 scales; the devices then agree on the largest scales (one
-        pmax), rescale their sums exactly and one psum combines them. Equals k calls of `update`.
+        Each device accumulates its own minibatches with its own log2 scales; the devices then agree
+        on the largest scales (one pmax), rescale their sums exactly and one psum combines them.
+
+        Args:
+            acts_a: per-layer arrays with a leading minibatch axis, (k, batch, ...) or
+                (k, models, batch, ...), k a multiple of the axis size.
+            acts_b: the same for model b; None compares model a with itself.
+            mesh: the `jax.sharding.Mesh` to spread over.
+            axis_name: the mesh axis the minibatches are spread over.
+
+        Returns:
+            The updated accumulator, equal to k calls of `update`.
+
+        Raises:
+            ValueError: as `update`, or k is not a multiple of the axis size or the axis is not in mesh.
         """
         items_a = named_layers(acts_a, "acts_a")
         items_b = None if acts_b is None else named_layers(acts_b, "acts_b")
@@ -267,8 +358,18 @@ class MinibatchCKA:
         return _update_sharded(self, arrays_a, arrays_b, b_is_a, mesh, axis_name)
 
     def merge(self, other: MinibatchCKA) -> MinibatchCKA:
-        """Sums of two accumulators of the same shape (other hosts, runs or devices); sums kept at
-        different log2 scales are rescaled exactly to the larger ones."""
+        """Sums of two accumulators of the same shape (other hosts, runs or devices).
+
+        Args:
+            other: a `MinibatchCKA` with the same layouts, kernel and bootstrap count.
+
+        Returns:
+            The accumulator of both sets of minibatches; sums kept at different log2 scales are rescaled
+            exactly to the larger ones.
+
+        Raises:
+            ValueError: other is not a `MinibatchCKA` or differs in shape or kind.
+        """
         if not isinstance(other, MinibatchCKA):
             raise ValueError(f"can only merge another MinibatchCKA, got {type(other).__name__}")
         mine = (self.xy.shape, self.boot_xy.shape, self.population, self.kernel, self.threshold)
@@ -287,23 +388,43 @@ class MinibatchCKA:
         return _merge(self, other)
 
     def result(self) -> jax.Array:
-        """CKA heatmap (La, Lb), or (Ma, Mb, La, Lb) in population mode; NaN where undefined."""
+        """The CKA heatmap.
+
+        Returns:
+            (La, Lb), or (Ma, Mb, La, Lb) in population mode; NaN where undefined (a layer constant on
+            every minibatch, NaN or inf in the data, or no minibatch yet).
+        """
         return _result(self)
 
     def bootstrap_samples(self) -> jax.Array:
-        """CKA of each bootstrap replicate, (B, *result().shape)."""
+        """CKA of each bootstrap replicate.
+
+        Returns:
+            (B, La, Lb), or (B, Ma, Mb, La, Lb) in population mode.
+
+        Raises:
+            ValueError: the accumulator keeps no bootstrap replicates (num_bootstrap=0).
+        """
         self._check_bootstrap()
         return _bootstrap_samples(self)
 
     def bootstrap_interval(self, level: float = 0.95) -> tuple[jax.Array, jax.Array]:
-        """Percentile bootstrap confidence interval over minibatches: (low, high), each like result().
+        """Percentile bootstrap confidence interval over minibatches.
 
         Replicates weight each minibatch by an independent Exponential(1) draw (the Bayesian
         bootstrap, Rubin 1981), the continuous counterpart of Poisson(1) resampling counts with
         the same mean and variance. The weights are never zero, so every replicate is defined
-        (Poisson counts are all zero with probability e^-count, and such a replicate is 0/0);
-        the interval is finite from 2 minibatches on. With fewer than 2 minibatches the spread
-        over minibatches is unknown and the interval is NaN; NaN in the data gives NaN too.
+        (Poisson counts are all zero with probability e^-count, and such a replicate is 0/0).
+
+        Args:
+            level: the confidence level, in (0, 1).
+
+        Returns:
+            (low, high), each shaped like `result()`; finite from 2 minibatches on, NaN with fewer (the
+            spread over minibatches is unknown) or with NaN data.
+
+        Raises:
+            ValueError: no bootstrap replicates are kept, or level is outside (0, 1).
         """
         check_number(level, "level", lambda x: 0 < x < 1, "must lie in (0, 1)")
         self._check_bootstrap()

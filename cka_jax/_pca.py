@@ -55,7 +55,28 @@ _direction = jax.jit(lambda x: _first_pc_summary(x)[2])
 
 
 def first_pc_variance_fraction(x: jax.Array) -> jax.Array:
-    """Fraction of the total variance of `x: (n, ...)` explained by its first PC: scalar in [0, 1]."""
+    """Fraction of the total variance of `x: (n, ...)` explained by its first PC: scalar in [0, 1].
+
+    Args:
+        x: representation of n examples, (n, ...); trailing axes are flattened.
+
+    Returns:
+        A scalar in [0, 1]; NaN for a constant representation or NaN or inf input.
+
+    Raises:
+        ValueError: x is not an array of at least 2 axes with a numeric dtype.
+
+    References:
+        Nguyen, Raghu & Kornblith, *Do Wide and Deep Networks Learn the Same Things? Uncovering How
+        Neural Network Representations Vary with Width and Depth*, ICLR 2021 (Fig. 3).
+
+    Example:
+        >>> import numpy as np
+        >>> from cka_jax import first_pc_variance_fraction
+        >>> x = np.random.default_rng(0).normal(size=(100, 4)) * [10.0, 1.0, 1.0, 1.0]
+        >>> 0.9 < float(first_pc_variance_fraction(x)) < 1.0
+        True
+    """
     return _variance_fraction(check_input(x, centre_axis=0, scale_lead=0))
 
 
@@ -63,8 +84,17 @@ def first_pc_scores(x: jax.Array) -> jax.Array:
     """Unit-norm per-example coordinates of the first PC of `x: (n, ...)`: `(n,)`.
 
     The first left singular vector of the centred representation; it lives in example space,
-    so it is comparable across layers of different widths. Sign: its largest-magnitude entry
-    is positive.
+    so it is comparable across layers of different widths.
+
+    Args:
+        x: representation of n examples, (n, ...).
+
+    Returns:
+        The (n,) unit-norm scores; sign: the largest-magnitude entry is positive. NaN for a
+        constant representation or NaN or inf input.
+
+    Raises:
+        ValueError: x is not an array of at least 2 axes with a numeric dtype.
     """
     return _scores(check_input(x, centre_axis=0, scale_lead=0))
 
@@ -72,7 +102,15 @@ def first_pc_scores(x: jax.Array) -> jax.Array:
 def first_pc_direction(x: jax.Array) -> jax.Array:
     """Unit-norm first principal direction of `x: (n, ...)` in flattened feature space: `(p,)`.
 
-    Sign matches `first_pc_scores`: centred `x @ direction` is a positive multiple of the scores.
+    Args:
+        x: representation of n examples, (n, ...), p features after flattening.
+
+    Returns:
+        The (p,) unit-norm direction; its sign matches `first_pc_scores` (centred `x @ direction`
+        is a positive multiple of the scores). NaN for a constant representation or NaN or inf input.
+
+    Raises:
+        ValueError: x is not an array of at least 2 axes with a numeric dtype.
     """
     return _direction(check_input(x, centre_axis=0, scale_lead=0))
 
@@ -87,16 +125,36 @@ def _remove_first_pc(x: jax.Array) -> jax.Array:
 
 
 def remove_first_pc(x: jax.Array) -> jax.Array:
-    """Centred `x: (n, ...)` with its first PC projected out, same shape as `x` and in its units
-    (equivariant: remove_first_pc(c·x) = c·remove_first_pc(x))."""
+    """Centred `x: (n, ...)` with its first PC projected out: same shape as `x`.
+
+    Args:
+        x: representation of n examples, (n, ...).
+
+    Returns:
+        The centred representation minus its first-PC component, in x's units (equivariant:
+        remove_first_pc(c·x) = c·remove_first_pc(x)); NaN for a constant representation or NaN or
+        inf input.
+
+    Raises:
+        ValueError: x is not an array of at least 2 axes with a numeric dtype.
+    """
     return _remove_first_pc(check_input(x, centre_axis=0))
 
 
 def first_pc_cosine_similarity(xs: Sequence[jax.Array]) -> jax.Array:
-    """|cos| between the first-PC score vectors of layers `xs[i]: (n, ...)`: `(L, L)`.
+    """Absolute cosine between the first-PC score vectors of layers `xs[i]: (n, ...)`: `(L, L)`.
 
-    xs is a list or tuple of arrays, one per layer; all share the same `n` examples (in the same
-    order).
+    Args:
+        xs: a list or tuple of L arrays, one per layer; all share the same n examples (in the
+            same order).
+
+    Returns:
+        The (L, L) symmetric matrix of abs(cos) in [0, 1], ones on the diagonal of defined layers;
+        NaN in the rows and columns of a constant layer or one with NaN or inf.
+
+    Raises:
+        ValueError: xs is empty, not a list or tuple, or its arrays differ in n or are not valid
+            representations.
     """
     if not isinstance(xs, (list, tuple)) or not xs:
         got = f"an empty {type(xs).__name__}" if isinstance(xs, (list, tuple)) else f"a {type(xs).__name__}"

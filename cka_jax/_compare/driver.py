@@ -46,38 +46,67 @@ def compare(
 ) -> CKAComparison:
     """CKA between every selected layer of model_a and of model_b over `batches`.
 
-    Models: a ``(linen_module, variables)`` pair (optionally with a dict of `apply` keyword
-    arguments as a third element, e.g. ``{"train": False}``), an NNX module, or a function
-    ``x -> {name: activation}`` (compiled when JAX can trace it; otherwise, e.g. NumPy code or a
-    PyTorch model, run eagerly on NumPy inputs); model_b=None compares model_a with itself.
-    ``model_a=None``: the activations are given by `batches` itself, each batch a mapping
-    name -> activation (compared with itself) or a pair ``(acts_a, acts_b)`` of them
-    (NumPy/torch/JAX arrays, e.g. from PyTorch forward hooks).
-    batches: any iterable of minibatches: arrays (batch, ...), or tuples/lists/mappings whose
-    element `input_key` is the input (default 0: the x of (x, y)); read once, in order.
-    layers_a, layers_b: a name, a glob (``"block*/conv"``), or a list of them over the model's own
-    layer names; selected layers keep network order. Default: every captured layer.
-
     Estimator: debiased=True (default) is minibatch CKA (Nguyen et al. 2021): the ratio of sums
     over minibatches of the unbiased HSIC₁, via `MinibatchCKA`, in constant memory. Every
     minibatch counts once: a smaller last batch weighs as much as a full one (still unbiased,
-    noisier); drop_remainder=True leaves out batches smaller than the first. Minibatches need at
-    least 4 examples. debiased=False is the biased whole-set CKA of Kornblith et al. 2019
-    (all examples' grams at once; see `cka_jax._compare.full`).
-    kernel: "linear" or "rbf" (bandwidth threshold × the median distance). num_bootstrap > 0
-    adds a percentile bootstrap interval over minibatches at `level` (`interval`).
-    population=True: model_a/model_b carry a leading model axis (stacked variables or NNX state;
-    activations (models, batch, ...) for callables and streams); the heatmap is one per model
-    (model i of a vs model i of b, or vs itself), or every (a, b) model pair with all_pairs=True.
-    devices: with more than one (default: every local device), each group of that many
-    equal-shape minibatches runs sharded over them (`update_sharded`); devices=1 runs serially.
-    names: labels of the two models for plots (default: their class or function names).
-    max_batches stops after that many minibatches; progress=False hides the tqdm bar.
+    noisier). debiased=False is the biased whole-set CKA of Kornblith et al. 2019 (all examples'
+    grams at once). NaN/inf activations give NaN entries and a RuntimeWarning naming the layer and
+    the batch; a layer constant on every minibatch has NaN (undefined) entries and a warning.
 
-    NaN/inf activations give NaN entries and a RuntimeWarning naming the layer and the batch;
-    a layer constant on every minibatch has NaN (undefined) entries and a warning. Bad input
-    (unknown layers, mismatched batch sizes, a layer changing shape, no batches, an unsupported
-    model) raises ValueError naming the layer or batch.
+    Args:
+        model_a: a ``(linen_module, variables)`` pair (optionally with a dict of `apply` keyword
+            arguments as a third element, e.g. ``{"train": False}``), an NNX module, or a function
+            ``x -> {name: activation}`` (compiled when JAX can trace it; otherwise, e.g. NumPy code
+            or a PyTorch model, run eagerly on NumPy inputs). None: the activations are given by
+            `batches` itself, each batch a mapping name -> activation (compared with itself) or a
+            pair ``(acts_a, acts_b)`` of them (NumPy/torch/JAX arrays, e.g. from forward hooks).
+        model_b: the same kinds; None compares model_a with itself.
+        batches: any iterable of minibatches: arrays (batch, ...), or tuples/lists/mappings whose
+            element `input_key` is the input; read once, in order. At least 4 examples each.
+        layers_a: a name, a glob (``"block*/conv"``), or a list of them over model a's own layer
+            names; selected layers keep network order. Default: every captured layer.
+        layers_b: the same for model b.
+        kernel: "linear" or "rbf" (bandwidth threshold × the median distance).
+        threshold: the RBF bandwidth as a multiple of the median distance.
+        debiased: minibatch CKA (True) or whole-set CKA (False).
+        num_bootstrap: > 0 adds a percentile bootstrap interval over minibatches (`interval`).
+        level: the interval's confidence level.
+        seed: seed of the bootstrap weights.
+        population: model_a/model_b carry a leading model axis (stacked variables or NNX state;
+            activations (models, batch, ...) for callables and streams); the heatmap is one per
+            model (model i of a vs model i of b, or vs itself).
+        all_pairs: with population=True, every (a, b) model pair.
+        devices: with more than one (default: every local device), each group of that many
+            equal-shape minibatches runs sharded over them (`update_sharded`); 1 runs serially.
+        input_key: which element of a tuple/list/mapping batch is the input (default 0: the x of
+            (x, y)).
+        drop_remainder: leave out batches smaller than the first.
+        max_batches: stop after that many minibatches.
+        progress: show a tqdm bar.
+        names: labels of the two models for plots (default: their class or function names).
+
+    Returns:
+        A `CKAComparison`: the heatmap (La, Lb) as NumPy float64 with its layer names, counts,
+        options and interval.
+
+    Raises:
+        ValueError: unknown layers (the message lists those that exist), mismatched batch sizes, a
+            layer changing shape, no batches, fewer than 4 examples in a minibatch, an unsupported
+            model, or an option out of range.
+
+    References:
+        Nguyen, Raghu & Kornblith, *Do Wide and Deep Networks Learn the Same Things?*, ICLR 2021;
+        Kornblith, Norouzi, Lee & Hinton, *Similarity of Neural Network Representations
+        Revisited*, ICML 2019.
+
+    Example:
+        >>> import numpy as np
+        >>> import cka_jax
+        >>> rng = np.random.default_rng(0)
+        >>> stream = [{"pixels": x, "doubled": 2 * x} for x in np.split(rng.normal(size=(64, 5)), 4)]
+        >>> result = cka_jax.compare(None, batches=stream, progress=False)
+        >>> result.layers_a, np.round(result.heatmap, 3).tolist()
+        (('pixels', 'doubled'), [[1.0, 1.0], [1.0, 1.0]])
     """
     options = Options(kernel, threshold, debiased, num_bootstrap, level, seed, population, all_pairs, names)
     options.check(drop_remainder, max_batches, progress)

@@ -24,12 +24,30 @@ _META = ("name_a", "name_b", "kernel", "threshold", "debiased", "level", "num_bo
 
 @dataclasses.dataclass(frozen=True, repr=False, eq=False)
 class CKAComparison:
-    """CKA between every selected layer of model a (rows) and of model b (columns).
+    """CKA between every selected layer of model a (rows) and of model b (columns); `compare` makes one.
 
-    heatmap: (La, Lb); (M, La, Lb) for populations (model i of a against model i of b, or against
-    itself); (Ma, Mb, La, Lb) with all_pairs. NaN where CKA is undefined (a layer constant on
-    every minibatch) or the activations held NaN/inf. interval: bootstrap (low, high), each like
-    heatmap, when num_bootstrap > 0. num_examples counts the examples fed to each model.
+    Attributes:
+        heatmap: (La, Lb); (M, La, Lb) for populations (model i of a against model i of b, or
+            against itself); (Ma, Mb, La, Lb) with all_pairs. NaN where CKA is undefined (a layer
+            constant on every minibatch) or the activations held NaN/inf.
+        layers_a: the La layer names of model a, network order.
+        layers_b: the Lb layer names of model b.
+        num_examples: the examples fed to each model.
+        num_minibatches: the minibatches they came in.
+        interval: bootstrap (low, high), each like heatmap, when num_bootstrap > 0; else None.
+        name_a: label of model a.
+        name_b: label of model b.
+        kernel: "linear" or "rbf".
+        threshold: the RBF bandwidth multiple.
+        debiased: minibatch CKA (True) or whole-set CKA (False).
+        level: the interval's confidence level, or None.
+        num_bootstrap: the bootstrap replicates behind the interval.
+        population: one heatmap per model.
+        all_pairs: every model pair.
+
+    Raises:
+        ValueError: on construction, contents no comparison can have (a heatmap that does not fit
+            the layer names, an interval of another shape, fields of the wrong type).
     """
 
     heatmap: np.ndarray
@@ -64,10 +82,22 @@ class CKAComparison:
 
     @property
     def estimator(self) -> str:
+        """The estimator in words, e.g. 'minibatch CKA (HSIC₁, debiased)'."""
         return "minibatch CKA (HSIC₁, debiased)" if self.debiased else "whole-set CKA (HSIC₀, biased)"
 
     def value(self, layer_a: str, layer_b: str):
-        """CKA of one layer pair by name: a float, or an array over models for populations."""
+        """CKA of one layer pair by name.
+
+        Args:
+            layer_a: a name in `layers_a`.
+            layer_b: a name in `layers_b`.
+
+        Returns:
+            A float, or an array over models for populations.
+
+        Raises:
+            ValueError: a name that is not a layer (the message lists the layers).
+        """
         for name, names in ((layer_a, self.layers_a), (layer_b, self.layers_b)):
             if name not in names:
                 raise ValueError(f"no layer {name!r}; the layers are {list(names)}")
@@ -84,11 +114,22 @@ class CKAComparison:
         max_labels: int = 40,
         annotate: bool | None = None,
     ):
-        """The heatmap in the paper's style (first layer bottom left); returns the matplotlib Figure.
+        """The heatmap in the paper's style (first layer bottom left).
 
-        Populations: one panel per model (index=i for one; all_pairs: index=(i, j)). ax: draw a
-        single heatmap into an existing Axes. annotate: write the values in the cells (default:
-        when both sides have at most 12 layers).
+        Args:
+            index: for populations, the panel to draw (i, or (i, j) with all_pairs); None draws one
+                panel per model.
+            ax: draw a single heatmap into this existing matplotlib Axes.
+            title: the title (default: the two model names).
+            cmap: a matplotlib colormap name.
+            max_labels: at most this many tick labels per axis.
+            annotate: write the values in the cells (default: when both sides have at most 12 layers).
+
+        Returns:
+            The matplotlib Figure.
+
+        Raises:
+            ValueError: an index out of range or not allowed for this comparison.
         """
         from cka_jax._compare.plot import plot_comparison
 
@@ -117,11 +158,29 @@ class CKAComparison:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CKAComparison:
-        """A comparison written by `save`; the same as `cka_jax.load_comparison(path)`."""
+        """A comparison written by `save`; the same as `cka_jax.load_comparison(path)`.
+
+        Args:
+            path: the .npz file.
+
+        Returns:
+            The `CKAComparison`.
+
+        Raises:
+            FileNotFoundError: no file at path.
+            ValueError: the file is not a comparison, is damaged, or does not match its digest.
+        """
         return load_comparison(path)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the comparison to `path` (.npz, written atomically); `load_comparison` reads it back."""
+        """Writes the comparison to `path` (.npz, no pickle, written atomically).
+
+        The file holds the arrays, the layer names, the options as JSON, a format tag and a SHA-256
+        digest over everything else; `load_comparison` reads it back and checks all of them.
+
+        Args:
+            path: where to write.
+        """
         arrays = _arrays(self)
         arrays["digest"] = np.array(_digest(arrays))
         atomic_file.write(os.fspath(path), lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
@@ -218,9 +277,33 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
 
 
 def load_comparison(path: str | os.PathLike) -> CKAComparison:
-    """A comparison written by `CKAComparison.save`; ValueError (one line) for any other file.
+    """A comparison written by `CKAComparison.save`.
 
-    The same as `CKAComparison.load(path)`; public as `cka_jax.load_comparison`."""
+    The same as `CKAComparison.load(path)`. A damaged, truncated or foreign file is a one-line
+    ValueError, never a plausible heatmap.
+
+    Args:
+        path: the .npz file.
+
+    Returns:
+        The `CKAComparison`, equal to the one saved.
+
+    Raises:
+        FileNotFoundError: no file at path.
+        ValueError: the file is not a readable comparison file, has no format tag, or does not
+            match the digest written with it.
+
+    Example:
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> import cka_jax
+        >>> stream = [{"a": x, "b": x ** 2} for x in np.split(np.random.default_rng(0).normal(size=(32, 3)), 2)]
+        >>> result = cka_jax.compare(None, batches=stream, progress=False)
+        >>> path = os.path.join(tempfile.mkdtemp(), "cka.npz")
+        >>> result.save(path)
+        >>> np.array_equal(cka_jax.load_comparison(path).heatmap, result.heatmap)
+        True
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")

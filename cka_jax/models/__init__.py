@@ -54,23 +54,50 @@ __all__ = [
     "representation_shapes",
 ]
 
-# The architectures a run config may name (its `model.name`).
+#: The architectures a run config may name (its `model.name`): name -> class.
 MODELS: dict[str, type[ResNetTrunk]] = {"cifar_resnet": CifarResNet, "imagenet_resnet": ImageNetResNet}
-# Fields of a run config's `model` section that every architecture takes.
+#: Fields of a run config's `model` section that every architecture takes.
 SHARED_CONFIG_FIELDS = ("residual", "zero_init_last_bn")
 
 
 def create_model(name: str, *, num_classes: int, **kwargs) -> ResNetTrunk:
-    """The model registered as `name` (see MODELS) with the given fields."""
+    """The model registered as `name` in `MODELS`, with the given fields.
+
+    Args:
+        name: "cifar_resnet" or "imagenet_resnet".
+        num_classes: the classifier's outputs.
+        **kwargs: the class's other fields (e.g. ``depth=20, width=1.0``).
+
+    Returns:
+        The Flax module (a `ResNetTrunk`).
+
+    Raises:
+        ValueError: an unknown name or an invalid architecture.
+
+    Example:
+        >>> from cka_jax.models import create_model
+        >>> create_model("cifar_resnet", num_classes=10, depth=20).architecture()
+        'ResNet-20 1×'
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {tuple(MODELS)}")
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 
 def from_config(model_config: Any, num_classes: int) -> ResNetTrunk:
-    """The model a run config's `model` section describes: `model_config.name` picks the class,
-    which takes its own `config_fields`, the `SHARED_CONFIG_FIELDS` and the compute `dtype` (a
-    name, e.g. "bfloat16"). ValueError for an unknown name or an invalid architecture."""
+    """The model a run config's `model` section describes.
+
+    Args:
+        model_config: the section: `name` picks the class, which takes its own `config_fields`,
+            the `SHARED_CONFIG_FIELDS` and the compute `dtype` (a name, e.g. "bfloat16").
+        num_classes: the data set's classes.
+
+    Returns:
+        The Flax module (a `ResNetTrunk`).
+
+    Raises:
+        ValueError: an unknown name or an invalid architecture.
+    """
     if model_config.name not in MODELS:
         raise ValueError(f"unknown model {model_config.name!r}; choose one of {tuple(MODELS)}")
     cls = MODELS[model_config.name]
@@ -81,8 +108,26 @@ def from_config(model_config: Any, num_classes: int) -> ResNetTrunk:
 def representation_names(
     model: ResNetTrunk, capture: CaptureSpec = "blocks", skip_blocks: str | Iterable[str] = ()
 ) -> tuple[str, ...]:
-    """Names of the representations ``model.apply(..., capture=capture, skip_blocks=skip_blocks)``
-    returns, in order, without running the model (they do not depend on the input shape)."""
+    """Names of the representations ``model.apply(..., capture=capture, skip_blocks=skip_blocks)`` returns.
+
+    Computed without running the model (they do not depend on the input shape).
+
+    Args:
+        model: a `ResNetTrunk`.
+        capture: a capture spec (see `ResNetTrunk`).
+        skip_blocks: deleted blocks, whose only representation is their ``post_residual``.
+
+    Returns:
+        The names, in network order.
+
+    Raises:
+        ValueError: a pattern matching no layer, or an unknown block name.
+
+    Example:
+        >>> from cka_jax.models import CifarResNet, representation_names
+        >>> representation_names(CifarResNet(depth=8), "blocks")
+        ('stem', 'stage1/block1/post_residual', 'stage2/block1/post_residual', 'stage3/block1/post_residual')
+    """
     check_capture(capture, model.layer_names())
     return select_names(capture, model.layer_names(skip_blocks))
 
@@ -93,8 +138,22 @@ def representation_shapes(
     capture: CaptureSpec = "blocks",
     skip_blocks: str | Iterable[str] = (),
 ) -> OrderedDict[str, jax.ShapeDtypeStruct]:
-    """Shape and dtype of each representation for inputs of `input_shape` (B, H, W, C), via
-    `jax.eval_shape` (no computation)."""
+    """Shape and dtype of each representation for inputs of `input_shape`, via `jax.eval_shape`.
+
+    No computation runs.
+
+    Args:
+        model: a `ResNetTrunk`.
+        input_shape: (B, H, W, C).
+        capture: a capture spec (see `ResNetTrunk`).
+        skip_blocks: deleted blocks.
+
+    Returns:
+        An OrderedDict name -> `jax.ShapeDtypeStruct`, in network order.
+
+    Raises:
+        ValueError: a pattern matching no layer, or an unknown block name.
+    """
 
     def init_and_capture():
         x = jnp.zeros(tuple(input_shape), jnp.float32)

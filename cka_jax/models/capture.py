@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 
+#: A capture spec: a preset, a glob or name over layer names, or a tuple of these (their union).
 CaptureSpec = str | tuple[str, ...]
 
 _PRESETS = {
@@ -20,6 +21,7 @@ _PRESETS = {
     "blocks": lambda name: name == "stem" or name.endswith("/post_residual"),
     "pre_and_post": lambda name: name == "stem" or name.endswith(("/pre_residual", "/post_residual")),
 }
+#: The preset capture specs: "all", "blocks" (stem and block outputs), "pre_and_post".
 CAPTURE_PRESETS: tuple[str, ...] = tuple(_PRESETS)
 
 

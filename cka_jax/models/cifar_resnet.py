@@ -17,9 +17,31 @@ class CifarResNet(ResNetTrunk):
 
     Stem conv3×3-BN-ReLU with round(16k) channels, three stages of n basic blocks with round(16k),
     round(32k), round(64k) channels (stride 2 and a 1×1 conv+BN projection shortcut at the start
-    of stages 2 and 3), global average pool, dense classifier. `residual=False` drops every skip
-    connection. Layers are named ``stem``, ``stage{1..3}/block{1..n}/{conv1, pre_residual,
-    post_residual}``, ``pool``, ``logits``.
+    of stages 2 and 3), global average pool, dense classifier. Layers are named ``stem``,
+    ``stage{1..3}/block{1..n}/{conv1, pre_residual, post_residual}``, ``pool``, ``logits``. Called
+    as described in `ResNetTrunk`.
+
+    Attributes:
+        depth: 6n+2 (8, 14, 20, 26, 38, 56, 62, 110, 164, ...).
+        width: the width multiplier k, any positive number leaving at least one channel.
+        residual: False drops every skip connection.
+        num_classes: the classifier's outputs.
+        zero_init_last_bn: initialise each block's last BatchNorm scale to zero.
+        dtype: the compute dtype (e.g. ``jnp.bfloat16``); parameters, BatchNorm statistics and
+            logits stay float32.
+
+    Raises:
+        ValueError: on construction, a depth that is not 6n+2 with n ≥ 1, a width leaving no channel,
+            or num_classes < 1.
+
+    References:
+        He, Zhang, Ren & Sun, *Deep Residual Learning for Image Recognition*, CVPR 2016.
+
+    Example:
+        >>> from cka_jax.models import CifarResNet
+        >>> model = CifarResNet(depth=14, width=2.0)
+        >>> model.architecture(), model.stages()
+        ('ResNet-14 2×', ((2, 2, 2), (32, 64, 128)))
     """
 
     depth: int = 14
@@ -33,7 +55,7 @@ class CifarResNet(ResNetTrunk):
     config_fields = ("depth", "width")  # the fields of a run config's `model` section it takes
 
     def architecture(self) -> str:
-        """e.g. 'ResNet-14 2×'."""
+        """A short name of the architecture, e.g. 'ResNet-14 2×'."""
         return f"ResNet-{self.depth} {self.width:g}×"
 
     def __post_init__(self) -> None:
@@ -47,9 +69,11 @@ class CifarResNet(ResNetTrunk):
         super().__post_init__()
 
     def stages(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(blocks per stage, block filters per stage)."""
         n = (self.depth - 2) // 6
         return (n, n, n), tuple(scaled_channels(c, self.width, "width") for c in (16, 32, 64))
 
     def stem(self, x: jax.Array, conv: ModuleDef, norm: ModuleDef) -> jax.Array:
+        """The stem, conv3×3-BN-ReLU (an architecture hook of `ResNetTrunk`)."""
         x = conv(scaled_channels(16, self.width, "width"), (3, 3), name="stem_conv")(x)
         return nn.relu(norm(name="stem_bn")(x))

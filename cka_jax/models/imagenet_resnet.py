@@ -17,14 +17,32 @@ from cka_jax.models.resnet import ResNetTrunk, check_positive_int, check_width, 
 
 
 class ImageNetResNet(ResNetTrunk):
-    """Bottleneck ResNet for (B, H, W, C) input -> (B, num_classes) logits.
+    """Bottleneck ResNet (v1.5) for (B, H, W, C) input -> (B, num_classes) logits.
 
     Stem conv7×7/2-BN-ReLU with `num_filters` channels and max-pool 3×3/2; stage i has
     stage_sizes[i] bottleneck blocks of width round(num_filters·2^i·stage_widths[i]) (output 4×
     that), stride 2 on the 3×3 conv of the first block of stages 2+, and a 1×1 conv+BN projection
     shortcut on each stage's first block; global average pool, dense classifier. Layers are named
     ``stem``, ``stage{i}/block{j}/{conv1, conv2, pre_residual, post_residual}``, ``pool``,
-    ``logits``.
+    ``logits``. ResNet-50 (25,557,032 parameters) is the default; the paper's deeper variant adds
+    blocks to stage 3 (``(3, 4, 17, 3)``), its wider variant widens stage 3
+    (``stage_widths=(1, 1, 2.8, 1)``).
+
+    Attributes:
+        stage_sizes: blocks per stage, each ≥ 1.
+        stage_widths: one width multiplier per stage.
+        num_classes: the classifier's outputs.
+        num_filters: the stem's channels.
+        residual: False drops every skip connection.
+        zero_init_last_bn: initialise each block's last BatchNorm scale to zero.
+        dtype: the compute dtype; parameters, BatchNorm statistics and logits stay float32.
+
+    Raises:
+        ValueError: on construction, no stage, a stage size below 1, a width per stage missing or
+            leaving no channel.
+
+    References:
+        He, Zhang, Ren & Sun, *Deep Residual Learning for Image Recognition*, CVPR 2016.
     """
 
     stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
@@ -39,7 +57,7 @@ class ImageNetResNet(ResNetTrunk):
     config_fields = ("stage_sizes", "stage_widths")  # the fields of a run config's `model` section it takes
 
     def architecture(self) -> str:
-        """e.g. 'ResNet stages 3-4-6-3 widths 1.0-1.0-2.8-1.0'."""
+        """A short name, e.g. 'ResNet stages 3-4-6-3 widths 1.0-1.0-2.8-1.0'."""
         return f"ResNet stages {'-'.join(map(str, self.stage_sizes))} widths {'-'.join(map(str, self.stage_widths))}"
 
     def __post_init__(self) -> None:
@@ -61,12 +79,14 @@ class ImageNetResNet(ResNetTrunk):
         super().__post_init__()
 
     def stages(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(blocks per stage, block filters per stage)."""
         filters = tuple(
             scaled_channels(self.num_filters * 2**i, w, f"stage_widths[{i}]") for i, w in enumerate(self.stage_widths)
         )
         return self.stage_sizes, filters
 
     def stem(self, x: jax.Array, conv: ModuleDef, norm: ModuleDef) -> jax.Array:
+        """The stem, conv7×7/2-BN-ReLU and max-pool (an architecture hook of `ResNetTrunk`)."""
         x = conv(self.num_filters, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="stem_conv")(x)
         x = nn.relu(norm(name="stem_bn")(x))
         return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

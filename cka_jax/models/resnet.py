@@ -47,13 +47,23 @@ def scaled_channels(base: int, multiplier: float, what: str) -> int:
 
 
 class ResNetTrunk(nn.Module):
-    """Base of the ResNets; subclasses define the fields used here (``residual``, ``num_classes``,
-    ``zero_init_last_bn``, ``dtype``) and the architecture hooks below.
+    """Base of the ResNets: stem, residual stages, classifier, representation capture, block deletion.
 
-    ``__call__(x, *, train=False, capture=None, skip_blocks=())`` maps x (B, H, W, C) to float32
-    logits (B, num_classes); with `capture`, to ``(logits, reps)``, reps an OrderedDict name ->
-    activation (B, ...) in network order (see `cka_jax.models.capture` for the patterns).
-    `skip_blocks` deletes the named blocks' residual branches, keeping their shortcuts.
+    Subclasses define the fields used here (``residual``, ``num_classes``, ``zero_init_last_bn``,
+    ``dtype``), ``block_cls``, ``config_fields`` and the architecture hooks `stages`, `stem` and
+    `architecture`. A model is called through ``model.apply(variables, x, *, train=False,
+    capture=None, skip_blocks=())``:
+
+    - x: (B, H, W, C) images.
+    - train: train-mode BatchNorm (pass ``mutable=["batch_stats"]``).
+    - capture: a preset (``"all"``, ``"blocks"``, ``"pre_and_post"``), a glob over layer names
+      (``"stage3/*/post_residual"``), a name, or a tuple of those (`CAPTURE_PRESETS`).
+    - skip_blocks: names of blocks (``"stage3/block2"``) whose residual branches are deleted,
+      keeping their shortcuts.
+
+    It returns float32 logits (B, num_classes); with `capture`, ``(logits, reps)``, reps an
+    OrderedDict name -> activation (B, ...) in network order. A pattern matching no layer, or an
+    unknown block name, raises ValueError.
     """
 
     block_cls: ClassVar[type[nn.Module]]
@@ -68,6 +78,7 @@ class ResNetTrunk(nn.Module):
         raise NotImplementedError
 
     def stem(self, x: jax.Array, conv: ModuleDef, norm: ModuleDef) -> jax.Array:
+        """The stem applied to the input (an architecture hook)."""
         raise NotImplementedError
 
     def block_names(self) -> tuple[str, ...]:
