@@ -5,6 +5,7 @@ status, in test_train_cli.py and test_bad_inputs_train.py)."""
 import contextlib
 import importlib.util
 import io
+import logging
 import os
 import sys
 from unittest import mock
@@ -25,6 +26,8 @@ def run_train_here(*args: str) -> tuple[int, str]:
     """(exit status, stderr) of `train.py *args` run in this process on one CPU device, as
     `tiny.run_train` runs it in another; the flags it defined are removed afterwards."""
     before = set(flags.FLAGS)
+    logger = logging.getLogger("cka_jax")  # train.py's main sets it up for the command line
+    logger_state = (logger.handlers[:], logger.propagate, logger.level)
     spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
     module = importlib.util.module_from_spec(spec)
     err, code = io.StringIO(), 0
@@ -38,4 +41,5 @@ def run_train_here(*args: str) -> tuple[int, str]:
         for name in set(flags.FLAGS) - before:
             delattr(flags.FLAGS, name)
         sys.modules.pop("config_config", None)  # ml_collections loads every config file under this name
+        logger.handlers, logger.propagate, logger.level = logger_state
     return code, err.getvalue()
