@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices (before jax is imported) for the sharded code paths."""
+"""Test setup: 8 fake CPU devices (before jax is imported) for the sharded code paths, and the
+trained tiny workdirs several test files read (each trained once per session, per xdist worker)."""
 
 import contextlib
 import os
@@ -45,3 +46,25 @@ def jax_events():
             jax.monitoring.unregister_event_duration_listener(listener)
 
     return record
+
+
+@pytest.fixture(scope="session")
+def workdirs(tmp_path_factory):
+    """Two trained tiny digits populations for the analysis tests: "narrow", 3 × ResNet-8 (0.25×),
+    and "wide", 2 × ResNet-8 (0.5×), 1 epoch each, checkpoints kept at 0, 50% and 100%. Trained
+    once per session; tests must never modify them (copy them first, e.g. shutil.copytree)."""
+    import jax
+    import tiny
+
+    from cka_jax.train import loop
+    from cka_jax.workdir import Workdir
+
+    root = tmp_path_factory.getbasetemp() / "analysis_runs"
+    paths = []
+    for name, size, width in (("narrow", 3, 0.25), ("wide", 2, 0.5)):
+        path = str(root / name)
+        if not os.path.exists(Workdir(path).predictions):
+            config = tiny.tiny_config(size, 1, width=width, milestones=(0.0, 0.5, 1.0))
+            loop.train_and_evaluate(config, path, devices=jax.devices()[:1])
+        paths.append(path)
+    return paths

@@ -15,10 +15,8 @@ from cka_jax.train import population
 from cka_jax.train import run_checks as checks
 from cka_jax.train.config import validate_config
 
-# Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -107,6 +105,7 @@ assert not os.path.exists(workdir) and sys.argv[1] == "--bogus=1"
 """
 
 
+@pytest.mark.slow
 def test_importing_train_py_neither_reads_argv_nor_defines_flags(tmp_path):
     """Importing train.py (e.g. from a test or beside analyze.py, which defines its own --workdir)
     leaves sys.argv and absl's global flags alone."""
@@ -158,6 +157,7 @@ def test_process_flags_select_distributed_initialization():
     )
 
 
+@pytest.mark.slow
 def test_bad_process_flags_exit_2_with_one_line_before_any_work(tmp_path):
     code, err = run_train(
         *TINY, "--workdir", str(tmp_path / "run"), "--num_processes=2", "--process_id=2", "--coordinator_address=h:1"

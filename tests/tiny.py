@@ -1,5 +1,6 @@
 """The tiny training runs the tests use: ResNet-8 populations on 144 digits, 4 steps per epoch,
-in this process (`tiny_config`) or through train.py (`TINY_FLAGS`, `start_train`, `run_train`)."""
+in this process (`tiny_config`) or through train.py (`TINY_FLAGS`, `start_train`, `run_train`);
+analyze.py run on them (`analyze`)."""
 
 import os
 import subprocess
@@ -72,3 +73,17 @@ def run_train(*args, script=None, timeout=300):
         timeout=timeout,
     )
     return done.returncode, done.stderr
+
+
+def analyze(*args, cwd=ROOT):
+    """analyze.py with `args` in a subprocess on CPU, run to its end (a CompletedProcess: returncode,
+    stdout, stderr as text)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "analyze.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
