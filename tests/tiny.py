@@ -11,8 +11,9 @@ from cka_jax.train.config import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.py")
-# The tests compile the same small programs again and again: keep them across tests and runs.
-CACHE_DIR = os.path.join(tempfile.gettempdir(), "cka_jax_test_xla")
+# The tests compile the same small programs again and again: keep them across tests and runs, in
+# the cache conftest.py chose (one per xdist worker).
+CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "cka_jax_test_xla")
 # train.py's flags for 2 models of ResNet-8 (1/4 width) on 144 digits: 4 steps per epoch.
 TINY_FLAGS = [
     "--config",
