@@ -1,4 +1,6 @@
-"""Test setup: 8 fake CPU devices (before jax is imported) for the sharded code paths."""
+"""Test setup: 8 fake CPU devices (before jax is imported) for the sharded code paths; the
+trained tiny workdirs several test files read (each trained once per session, per xdist worker);
+the xdist groups that keep the tests of one expensive module fixture on one worker."""
 
 import contextlib
 import os
@@ -8,10 +10,52 @@ import pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA's persistent compilation cache, shared by every test and the train.py runs they start: most
-# of the fast loop's time is compiling each test's shapes, which a second run reads back.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "cka_jax_test_xla"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+# Every program goes into XLA's persistent compilation cache (see pytest_configure), however quick
+# to compile: the tests build the same small programs again and again.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_configure(config):
+    """XLA's persistent compilation cache, used by every test and the train.py runs they start:
+    most of the fast loop's time is compiling each test's shapes, which a second run reads back.
+    One cache per xdist worker (gw0, gw1, ...; set before the test modules import jax): JAX writes
+    an entry in place, so a worker reading it while another writes it would warn on stderr, which
+    the tests of one-line errors would see."""
+    if "CKA_JAX_TEST_XLA_CACHE" not in os.environ:  # the first pytest process: xdist's workers inherit it
+        default = os.path.join(tempfile.gettempdir(), "cka_jax_test_xla")
+        os.environ["CKA_JAX_TEST_XLA_CACHE"] = os.environ.get("JAX_COMPILATION_CACHE_DIR", default)
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["CKA_JAX_TEST_XLA_CACHE"] + (f"_{worker}" if worker else "")
+
+
+# Module-scoped fixtures that train populations (or run analyze.py) for several tests: under
+# pytest-xdist (`-n auto --dist loadgroup` in setup.cfg) every test that uses one goes to the same
+# worker, so each is built once, not once per worker. (The session's `workdirs` are left out: the
+# ~60 tests on them balance better over the workers than the one training they share.)
+SHARED_FIXTURES = {
+    "analysed",  # test_analyze_cli: analyze.py over both `workdirs`
+    "imagenet_runs",  # test_analyze_predictions
+    "trained",  # test_bad_inputs_checkpoints, test_bad_inputs_train
+    "two_process_run",  # test_multihost
+    "one_process_run",  # test_multihost
+    "runs",  # test_population
+    "params_by_chunk_size",  # test_strategy_tuning
+    "uninterrupted",  # test_training
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Puts each test that uses a fixture of SHARED_FIXTURES in the xdist group of its module."""
+    for item in items:
+        if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per CPU this process may use, at most 4 (each worker holds 8 fake
+    devices and trains populations: about 1-3 GB of memory)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cpus, 4))
 
 
 @pytest.fixture
@@ -45,3 +89,25 @@ def jax_events():
             jax.monitoring.unregister_event_duration_listener(listener)
 
     return record
+
+
+@pytest.fixture(scope="session")
+def workdirs(tmp_path_factory):
+    """Two trained tiny digits populations for the analysis tests: "narrow", 3 × ResNet-8 (0.25×),
+    and "wide", 2 × ResNet-8 (0.5×), 1 epoch each, checkpoints kept at 0, 50% and 100%. Trained
+    once per session; tests must never modify them (copy them first, e.g. shutil.copytree)."""
+    import jax
+    import tiny
+
+    from cka_jax.train import loop
+    from cka_jax.workdir import Workdir
+
+    root = tmp_path_factory.getbasetemp() / "analysis_runs"
+    paths = []
+    for name, size, width in (("narrow", 3, 0.25), ("wide", 2, 0.5)):
+        path = str(root / name)
+        if not os.path.exists(Workdir(path).predictions):
+            config = tiny.tiny_config(size, 1, width=width, milestones=(0.0, 0.5, 1.0))
+            loop.train_and_evaluate(config, path, devices=jax.devices()[:1])
+        paths.append(path)
+    return paths

@@ -11,52 +11,16 @@ import sys
 import jax
 import numpy as np
 import pytest
-import tiny
+from tiny import ROOT, analyze
 
 from cka_jax.analysis import runner
 from cka_jax.analysis.deletion import deletion_accuracy
 from cka_jax.analysis.inputs import AnalysisInputError, load_correct
 from cka_jax.analysis.outputs import Section, write_npz
-from cka_jax.train import loop as trainer
 from cka_jax.workdir import Workdir
 
-# Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
-pytestmark = pytest.mark.slow
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--max_examples=200", "--probe_steps=50", "--num_bootstrap=100"]
 BLOCK_OUTPUTS = ["stem", "stage1/block1/post_residual", "stage2/block1/post_residual", "stage3/block1/post_residual"]
-
-
-def tiny_config(size: int, width: float):
-    return tiny.tiny_config(size, 1, width=width, milestones=(0.0, 0.5, 1.0))
-
-
-@pytest.fixture(scope="session")
-def workdirs(tmp_path_factory):
-    """Two trained tiny digits populations: 3 × ResNet-8 (0.25×) and 2 × ResNet-8 (0.5×). Trained
-    once per session, also for the test modules that import this fixture (never modify them:
-    copy them first)."""
-    root = tmp_path_factory.getbasetemp() / "analysis_runs"
-    paths = []
-    for name, size, width in (("narrow", 3, 0.25), ("wide", 2, 0.5)):
-        path = str(root / name)
-        if not os.path.exists(Workdir(path).predictions):
-            trainer.train_and_evaluate(tiny_config(size, width), path, devices=jax.devices()[:1])
-        paths.append(path)
-    return paths
-
-
-def analyze(*args, cwd=ROOT):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "analyze.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +31,7 @@ def analysed(workdirs, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_every_analysis_writes_numbers_figures_and_a_report_section(analysed):
     page = open(os.path.join(analysed, "report.html")).read()
     for name in runner.ANALYSES:
@@ -79,6 +44,7 @@ def test_every_analysis_writes_numbers_figures_and_a_report_section(analysed):
     assert not [f for f in os.listdir(analysed) if f.startswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_cka_within_holds_block_output_heatmaps(analysed):
     with np.load(os.path.join(analysed, "cka_within.npz")) as f:
         cka, names = f["cka"], f["layer_names"]
@@ -91,6 +57,7 @@ def test_cka_within_holds_block_output_heatmaps(analysed):
     np.testing.assert_allclose(full[:, index][:, :, index], cka)
 
 
+@pytest.mark.slow
 def test_block_sizes_shrink_as_the_threshold_rises(analysed):
     for record in json.load(open(os.path.join(analysed, "blocks.json"))):
         by_threshold = record["block_fraction_by_threshold"]
@@ -99,6 +66,7 @@ def test_block_sizes_shrink_as_the_threshold_rises(analysed):
         assert by_threshold["0.85"] == pytest.approx(record["block_fraction_mean"])
 
 
+@pytest.mark.slow
 def test_disagreement_numbers(analysed, workdirs):
     record = json.load(open(os.path.join(analysed, "disagreement.json")))[0]
     assert record["population_b"] == "wide"
@@ -106,6 +74,7 @@ def test_disagreement_numbers(analysed, workdirs):
     assert record["overall"]["mean_a"] == pytest.approx(correct.mean())
 
 
+@pytest.mark.slow
 def test_deleting_nothing_equals_full_accuracy(workdirs):
     ctx = runner.load_context(workdirs[0])
     correct, labels = load_correct(workdirs[0])
@@ -114,6 +83,7 @@ def test_deleting_nothing_equals_full_accuracy(workdirs):
     assert acc.shape == (3, 2)
 
 
+@pytest.mark.slow
 def test_a_failed_analysis_keeps_earlier_outputs(workdirs, tmp_path, monkeypatch):
     out = str(tmp_path / "analysis")
     ctx = runner.load_context(workdirs[0], outdir=out)
@@ -145,6 +115,7 @@ class BrokenArray:
         raise RuntimeError("planted failure while writing")
 
 
+@pytest.mark.slow
 def test_unknown_analysis_is_an_error_and_writes_nothing(workdirs, tmp_path):
     out = str(tmp_path / "out")
     result = analyze(f"--workdir={workdirs[0]}", f"--outdir={out}", "--analyses=within,heatmapz")
@@ -153,11 +124,13 @@ def test_unknown_analysis_is_an_error_and_writes_nothing(workdirs, tmp_path):
     assert not os.path.exists(out)
 
 
+@pytest.mark.slow
 def test_missing_default_workdir_says_how_to_train_it(tmp_path):
     result = analyze(cwd=str(tmp_path))
     assert result.returncode == 2 and "workdir/default" in result.stderr and "train.py" in result.stderr
 
 
+@pytest.mark.slow
 def test_workdir_without_checkpoint_is_an_error(workdirs, tmp_path):
     empty = tmp_path / "untrained"
     empty.mkdir()
@@ -166,6 +139,7 @@ def test_workdir_without_checkpoint_is_an_error(workdirs, tmp_path):
         runner.load_context(str(empty))
 
 
+@pytest.mark.slow
 def test_populations_on_different_data_sets_are_refused(workdirs, tmp_path):
     other = tmp_path / "cifar"
     shutil.copytree(workdirs[1], other)
@@ -178,6 +152,7 @@ def test_populations_on_different_data_sets_are_refused(workdirs, tmp_path):
         runner.load_context(workdirs[0], [str(other)])
 
 
+@pytest.mark.slow
 def test_populations_with_different_test_sets_are_refused(workdirs, tmp_path):
     other = tmp_path / "relabelled"
     shutil.copytree(workdirs[1], other)
@@ -196,6 +171,7 @@ def test_compare_only_analyses_need_compare():
     assert runner.choose_analyses(["blocks", "within"], has_compare=False) == ["training", "within", "blocks"]
 
 
+@pytest.mark.slow
 def test_the_report_opens_with_the_training_curves(analysed, workdirs):
     page = open(os.path.join(analysed, "report.html")).read()
     assert page.index('id="training"') < page.index('id="within"') < page.index('id="blocks"')
@@ -207,6 +183,7 @@ def test_the_report_opens_with_the_training_curves(analysed, workdirs):
     assert records[0]["final_test_accuracy"] == pytest.approx([r["test_accuracy"] for r in rows if r["epoch"] == 1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metrics", ["missing", "torn", "diverged"])
 def test_training_curves_of_missing_torn_or_diverged_metrics(workdirs, tmp_path, metrics):
     workdir = tmp_path / "narrow"
@@ -286,6 +263,7 @@ def test_undefined_models_are_reported_as_undefined_by_every_analysis(workdirs, 
         json.loads(open(path).read(), parse_constant=pytest.fail)  # strict JSON: null, never NaN
 
 
+@pytest.mark.slow
 def test_inapplicable_analyses_are_skipped_when_chosen_by_default_and_refused_when_named(workdirs, tmp_path):
     out = str(tmp_path / "out")
     ctx = runner.load_context(workdirs[0], outdir=out)
@@ -331,6 +309,7 @@ def analyze_signalled(signum, where, *args):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
 def test_a_stop_signal_exits_128_plus_it_with_one_line_and_leaves_no_temporary_file(workdirs, tmp_path, signum):
     out = tmp_path / "out"
@@ -343,6 +322,7 @@ def test_a_stop_signal_exits_128_plus_it_with_one_line_and_leaves_no_temporary_f
     assert written == ["training.json"], written  # written before the figure; no .tmp-* file
 
 
+@pytest.mark.slow
 def test_a_stop_signal_before_any_output_leaves_no_outdir(workdirs, tmp_path):
     out = tmp_path / "out"
     result = analyze_signalled(signal.SIGTERM, "outdir", f"--workdir={workdirs[0]}", f"--outdir={out}")

@@ -8,16 +8,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from test_analyze_cli import analyze
+from tiny import analyze
 
 from cka_jax.analysis import runner
 from cka_jax.analysis.inputs import AnalysisInputError, load_correct, load_labels
 from cka_jax.train import loop as trainer
 from cka_jax.workdir import Workdir
 from cka_jax.workdir.config import base_config
-
-# Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
-pytestmark = pytest.mark.slow
 
 
 def predictions_file(workdir) -> str:
@@ -140,6 +137,7 @@ def imagenet_runs(tmp_path_factory):
     return deeper, wider, planted
 
 
+@pytest.mark.slow
 def test_streamed_populations_are_compared_from_predictions(imagenet_runs, tmp_path):
     deeper, wider, planted = imagenet_runs
     out = str(tmp_path / "analysis")
@@ -157,6 +155,7 @@ def test_streamed_populations_are_compared_from_predictions(imagenet_runs, tmp_p
     assert f"{len(planted)} of 1000 classes differ" in page and "predictions/test.npz" in page
 
 
+@pytest.mark.slow
 def test_streamed_populations_are_not_restored(imagenet_runs):
     ctx = runner.load_context(imagenet_runs[0], [imagenet_runs[1]], images=False)
     assert ctx.test.images is None and ctx.test.num_classes == 1000 and len(ctx.test.labels) == 20
@@ -164,6 +163,7 @@ def test_streamed_populations_are_not_restored(imagenet_runs):
     assert [p.size for p in ctx.populations] == [2, 2] and ctx.main.step == 2
 
 
+@pytest.mark.slow
 def test_image_analyses_of_streamed_populations_are_refused(imagenet_runs, tmp_path):
     deeper, wider, _ = imagenet_runs
     out = str(tmp_path / "out")
@@ -174,6 +174,7 @@ def test_image_analyses_of_streamed_populations_are_refused(imagenet_runs, tmp_p
         runner.load_context(deeper)
 
 
+@pytest.mark.slow
 def test_streamed_population_alone_gets_its_training_curves(imagenet_runs, tmp_path):
     out = str(tmp_path / "out")
     result = analyze(f"--workdir={imagenet_runs[0]}", f"--outdir={out}")

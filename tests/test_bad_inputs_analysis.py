@@ -6,12 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
-from test_analyze_cli import analyze, workdirs  # noqa: F401  (the session's trained tiny populations)
+from tiny import analyze
 
 from cka_jax.workdir import Workdir
-
-# Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
-pytestmark = pytest.mark.slow
 
 
 def damaged_config(text):
@@ -103,8 +100,9 @@ ROWS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", list(ROWS))
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(row, workdirs, tmp_path):  # noqa: F811
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(row, workdirs, tmp_path):
     flags, damage, expected = ROWS[row]
     main, compare = str(tmp_path / "narrow"), str(tmp_path / "wide")
     shutil.copytree(workdirs[0], main)

@@ -23,9 +23,6 @@ from cka_jax.train import run_checks as checks
 from cka_jax.workdir import checkpoint_manifest
 from cka_jax.workdir.trained import load_trained_population
 
-# Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
-pytestmark = pytest.mark.slow
-
 jax.config.update("jax_compilation_cache_dir", tiny.CACHE_DIR)
 ONE_DEVICE = jax.devices()[:1]
 NOISE = ("Traceback", "Event loop is closed", "TensorStore", "Exception ignored")
@@ -197,6 +194,7 @@ def _copy(workdir, tmp_path):
     return target
 
 
+@pytest.mark.slow
 def test_resume_after_flipped_bytes_retrains_from_the_previous_checkpoint(trained, tmp_path, caplog):
     workdir = _copy(trained[0], tmp_path)
     flip_42_bytes(os.path.join(workdir, "checkpoints"), 8)
@@ -208,6 +206,7 @@ def test_resume_after_flipped_bytes_retrains_from_the_previous_checkpoint(traine
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_resume_after_a_renamed_checkpoint_retrains_from_the_previous_one(trained, tmp_path, caplog):
     """`mv checkpoints/4 checkpoints/8` used to resume as step 8 with step 4's state (and so end
     with other parameters): its state's own step says it is not step 8's, so it is set aside."""
@@ -226,6 +225,7 @@ def test_resume_after_a_renamed_checkpoint_retrains_from_the_previous_one(traine
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, reason", DAMAGES[:4])
 def test_analysis_of_a_damaged_checkpoint_is_refused_naming_step_and_file(trained, tmp_path, damage, reason):
     workdir = _copy(trained[0], tmp_path)
@@ -290,6 +290,7 @@ def _delete_during(monkeypatch, workdir, where):
     monkeypatch.setattr(owner, name, deleting)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["verifying", "restoring"])
 def test_reading_the_newest_checkpoint_while_training_deletes_it(trained, tmp_path, monkeypatch, where):
     workdir = _copy(trained[0], tmp_path)
@@ -300,6 +301,7 @@ def test_reading_the_newest_checkpoint_while_training_deletes_it(trained, tmp_pa
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["verifying", "restoring"])
 def test_a_requested_step_deleted_while_read_is_reported(trained, tmp_path, monkeypatch, where):
     workdir = _copy(trained[0], tmp_path)
@@ -310,6 +312,7 @@ def test_a_requested_step_deleted_while_read_is_reported(trained, tmp_path, monk
         analysis_workdir.load_population(workdir, step=8)
 
 
+@pytest.mark.slow
 def test_reads_that_keep_losing_the_race_say_training_is_still_writing(trained, tmp_path, monkeypatch):
     workdir = _copy(trained[0], tmp_path)
 
@@ -408,6 +411,7 @@ def _fail_saves_from(monkeypatch, nth):
     monkeypatch.setattr(checkpoint_manifest, "write_manifest", full)
 
 
+@pytest.mark.slow
 def test_disk_full_stops_in_one_line_and_a_rerun_resumes(trained, tmp_path, monkeypatch, capfd):
     workdir = str(tmp_path / "run")
     _fail_saves_from(monkeypatch, 2)  # step 0 is saved, step 4 is not
@@ -437,6 +441,7 @@ def _mount_tmpfs(path, size):
         pytest.skip("mounting a small tmpfs needs root")
 
 
+@pytest.mark.slow
 def test_disk_full_on_a_real_filesystem(tmp_path, capfd):
     """TensorStore's own ENOSPC (not an OSError) on a 300 kB tmpfs: step 0 fits (170 kB), step 4 does
     not (another 220 kB)."""
@@ -482,6 +487,7 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_cli_disk_full_writing_metrics_is_one_line_exit_1(tmp_path):
     workdir = str(tmp_path / "run")
     line = _disk_full_cli_line(CLI_METRICS_DISK_FULL, workdir)
@@ -506,6 +512,7 @@ def _errors(stderr):
     return [line for line in stderr.replace("\r", "\n").splitlines() if "error" in line.lower() or "Traceback" in line]
 
 
+@pytest.mark.slow
 def test_cli_disk_full_is_one_line_exit_1(tmp_path):
     workdir = str(tmp_path / "run")
     line = _disk_full_cli_line(CLI_DISK_FULL, workdir)
@@ -565,6 +572,7 @@ def test_a_population_that_fits_is_accepted(monkeypatch):
     checks.check_run(tiny_config(2), ONE_DEVICE)
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_population_that_cannot_fit_in_one_line(tmp_path):
     workdir = str(tmp_path / "run")
     code, err = tiny.run_train("--config.population.size=100000", f"--workdir={workdir}", timeout=120)

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 import tiny
+from fashion_idx import write_full_size, write_set
 from in_process import run_train_here
 from tiny import DIGITS, ROOT, run_train, start_train
 from tiny import TINY_FLAGS as TINY
@@ -28,9 +29,6 @@ from cka_jax.train import run_checks as checks
 from cka_jax.train.health import TrainingDiverged
 from cka_jax.workdir import CONFIG_COPIES, Workdir, metrics_log
 from cka_jax.workdir.trained import load_trained_population
-
-# Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
-pytestmark = pytest.mark.slow
 
 jax.config.update("jax_compilation_cache_dir", tiny.CACHE_DIR)
 ONE_DEVICE = jax.devices()[:1]
@@ -69,6 +67,7 @@ def snapshot(workdir):
 # --- 1. divergence -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "learning_rate, every_steps, models, kind",
     [
@@ -99,6 +98,7 @@ def test_diverged_training_stops_and_saves_nothing_diverged(tmp_path, learning_r
         assert row.get("diverged", False) == (row["model"] in models and row["step"] == caught.value.step)
 
 
+@pytest.mark.slow
 def test_diverged_cli_run_exits_3_naming_the_models(tmp_path):
     workdir = str(tmp_path / "run")
     code, err = run_train(*TINY, "--config.train.learning_rate=1e8", "--config.train.epochs=2", "--workdir", workdir)
@@ -160,6 +160,7 @@ HOLD_LOCK = (
 )
 
 
+@pytest.mark.slow
 def test_a_locked_workdir_is_refused_and_a_killed_holder_releases_it(tmp_path):
     workdir = str(tmp_path / "run")
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, workdir], cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -208,6 +209,7 @@ def other_architecture():
     return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deleted", ["config.json", "checkpoints/config.json"])
 @pytest.mark.parametrize("other", [other_learning_rate, other_architecture], ids=["learning_rate", "architecture"])
 def test_another_run_is_refused_whichever_config_copy_is_missing(run_copy, deleted, other):
@@ -218,6 +220,7 @@ def test_another_run_is_refused_whichever_config_copy_is_missing(run_copy, delet
     assert snapshot(run_copy) == before and not os.path.exists(run_copy + "/checkpoints.corrupt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deleted", ["config.json", "checkpoints/config.json"])
 def test_the_same_run_resumes_and_restores_the_missing_copy(run_copy, deleted):
     kept = open(os.path.join(run_copy, "checkpoints/config.json" if deleted == "config.json" else "config.json")).read()
@@ -227,6 +230,7 @@ def test_the_same_run_resumes_and_restores_the_missing_copy(run_copy, deleted):
     assert open(os.path.join(run_copy, deleted)).read() == kept
 
 
+@pytest.mark.slow
 def test_a_run_without_either_config_copy_is_refused(run_copy):
     for name in CONFIG_COPIES:
         os.remove(os.path.join(run_copy, name))
@@ -246,6 +250,7 @@ DAMAGED_CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", DAMAGED_CONFIGS.values(), ids=DAMAGED_CONFIGS.keys())
 @pytest.mark.parametrize("name", ["config.json", "checkpoints/config.json"])
 def test_a_damaged_config_copy_is_refused_and_left_alone(run_copy, name, text):
@@ -260,6 +265,7 @@ def test_a_damaged_config_copy_is_refused_and_left_alone(run_copy, name, text):
 # --- 4. a torn metrics line -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, caplog):
     workdir = str(tmp_path / "run")
     calls = iter(range(100))
@@ -302,6 +308,7 @@ def test_metrics_rows_are_strict_json(tmp_path):
 # --- 5. signals during setup ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_while_starting_exits_143_at_once(tmp_path):
     workdir = str(tmp_path / "run")
     proc = start_train(*TINY, "--workdir", workdir)
@@ -312,6 +319,7 @@ def test_sigterm_while_starting_exits_143_at_once(tmp_path):
     assert not os.path.exists(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_stop_signal_during_setup_stops_before_training_and_resumes(tmp_path, signum):
     workdir = str(tmp_path / "run")
@@ -361,20 +369,18 @@ def _fashion(data_dir):
 
 def _idx_files(tmp, kind):
     """A directory of Fashion-MNIST IDX files under `tmp`: `kind` says what is wrong with them."""
-    from test_fashion_mnist import _full_size, _write_set
-
     directory = os.path.join(tmp, kind)
     if kind == "lacks_a_file":
-        _write_set(directory)
+        write_set(directory)
         os.remove(os.path.join(directory, "t10k-labels-idx1-ubyte.gz"))
     elif kind == "swapped":
-        _full_size(directory, swapped=True)
+        write_full_size(directory, swapped=True)
     elif kind == "empty":
-        _write_set(directory, num_train=0, num_test=0)
+        write_set(directory, num_train=0, num_test=0)
     elif kind == "none":
         os.makedirs(directory)
     else:
-        _full_size(directory)
+        write_full_size(directory)
     return directory
 
 
@@ -443,8 +449,10 @@ SEPARATE_PROCESS = {"bad_flag_name"}
 
 @pytest.mark.parametrize(
     "make_args, expected, separate",
-    [(a, e, i in SEPARATE_PROCESS) for i, a, e in CLI_MISTAKES],
-    ids=[i for i, _, _ in CLI_MISTAKES],
+    [
+        pytest.param(a, e, i in SEPARATE_PROCESS, id=i, marks=[pytest.mark.slow] if i in SEPARATE_PROCESS else [])
+        for i, a, e in CLI_MISTAKES
+    ],
 )
 def test_a_command_line_mistake_is_one_line_and_exit_2(tmp_path, make_args, expected, separate):
     args = make_args(str(tmp_path))
@@ -464,6 +472,7 @@ def test_a_command_line_mistake_is_one_line_and_exit_2(tmp_path, make_args, expe
         assert not os.listdir(str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_a_refused_nan_leaves_the_workdir_usable(tmp_path):
     workdir = str(tmp_path / "run")
     code, _ = run_train(*TINY, "--config.train.momentum=nan", "--workdir", workdir, timeout=120)
@@ -484,6 +493,7 @@ def _fashion_config(data_dir):
     return config
 
 
+@pytest.mark.slow
 def test_a_run_refused_for_its_data_leaves_nothing_and_the_corrected_one_runs(tmp_path):
     """The refused run used to leave config.json, .lock and checkpoints/, and the corrected
     command (another data.data_dir) was then refused as "a different config"."""
@@ -502,6 +512,7 @@ def test_a_run_refused_for_its_data_leaves_nothing_and_the_corrected_one_runs(tm
     assert json.load(open(os.path.join(workdir, "config.json")))["data.data_dir"].endswith("good")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
 def test_every_file_of_a_run_has_the_umasks_mode(tmp_path, umask):
     """config.json, the metrics, predictions, checkpoints (orbax's files and the manifest),

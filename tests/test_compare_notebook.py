@@ -5,8 +5,6 @@ import os
 
 import pytest
 
-pytestmark = pytest.mark.slow  # one kernel, about 30-60 s on 2 cores
-
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("ipykernel")
@@ -14,6 +12,7 @@ pytest.importorskip("ipykernel")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_compare_your_model_notebook(tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device, as in Colab

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from fashion_idx import write_full_size, write_idx, write_set
 from tiny import ROOT, run_train
 
 from cka_jax.data import datasets as data
@@ -21,37 +22,6 @@ needs_files = pytest.mark.skipif(
 CONFIG = os.path.join(ROOT, "configs", "fashion_mnist.py")
 
 
-def _idx(path, array, magic=None, gz=True):
-    """Write ``array`` (uint8) as an IDX file (magic 0x08 type, ndim) and return its path."""
-    array = np.asarray(array, np.uint8)
-    magic = (0x0800 | array.ndim) if magic is None else magic
-    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    raw = header + array.tobytes()
-    if gz:
-        path = str(path) + ".gz"
-        with gzip.open(path, "wb") as f:
-            f.write(raw)
-    else:
-        with open(path, "wb") as f:
-            f.write(raw)
-    return path
-
-
-def _write_set(directory, num_train=20, num_test=10, gz=True):
-    """A small Fashion-MNIST-shaped set of IDX files; returns its (train, test) arrays."""
-    os.makedirs(directory, exist_ok=True)
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", num_train), ("test", num_test)):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = np.arange(n) % 10
-        images_name, labels_name = fashion_mnist.FILES[split]
-        _idx(os.path.join(directory, images_name), images, gz=gz)
-        _idx(os.path.join(directory, labels_name), labels, gz=gz)
-        arrays[split] = (images, labels)
-    return arrays
-
-
 @pytest.fixture
 def no_debian_files(monkeypatch, tmp_path):
     monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", str(tmp_path / "not_installed"))
@@ -59,7 +29,7 @@ def no_debian_files(monkeypatch, tmp_path):
 
 @pytest.fixture
 def small_splits(monkeypatch):
-    """The sizes of `_write_set`'s splits stand for Fashion-MNIST's 60000 and 10000."""
+    """The sizes of `write_set`'s splits stand for Fashion-MNIST's 60000 and 10000."""
     monkeypatch.setattr(fashion_mnist, "SPLIT_SIZES", {"train": 20, "test": 10})
 
 
@@ -88,7 +58,7 @@ def test_fraction_subsets_the_real_training_set_only():
 @pytest.mark.usefixtures("small_splits")
 @pytest.mark.parametrize("gz", [True, False])
 def test_data_dir_comes_first_gzipped_or_not(tmp_path, gz):
-    arrays = _write_set(tmp_path, gz=gz)
+    arrays = write_set(tmp_path, gz=gz)
     d = data.load_fashion_mnist(str(tmp_path))
     np.testing.assert_array_equal(d.train_images[..., 0], arrays["train"][0])
     np.testing.assert_array_equal(d.test_labels, arrays["test"][1])
@@ -113,16 +83,16 @@ def _damage(directory, how):
             f.write(raw[: len(raw) // 2])
         return images, "cannot read"
     if how == "wrong magic":
-        _idx(images[:-3], np.zeros((20, 28, 28)), magic=0x0801 + 0x10)
+        write_idx(images[:-3], np.zeros((20, 28, 28)), magic=0x0801 + 0x10)
         return images, "not an IDX file"
     if how == "other shape":
-        _idx(images[:-3], np.zeros((20, 32, 32)))
+        write_idx(images[:-3], np.zeros((20, 32, 32)))
         return images, r"shape \(32, 32\)"
     if how == "fewer labels":
-        _idx(labels[:-3], np.zeros(19))
+        write_idx(labels[:-3], np.zeros(19))
         return labels, "20 images but"
     if how == "bad label":
-        _idx(labels[:-3], np.full(20, 10))
+        write_idx(labels[:-3], np.full(20, 10))
         return labels, "label 10"
     raise AssertionError(how)
 
@@ -132,7 +102,7 @@ def _damage(directory, how):
     "how", ["truncated", "not gzip", "cut gzip", "wrong magic", "other shape", "fewer labels", "bad label"]
 )
 def test_damaged_files_are_an_error_naming_the_file(tmp_path, how):
-    _write_set(tmp_path)
+    write_set(tmp_path)
     path, message = _damage(tmp_path, how)
     with pytest.raises(data.DataNotAvailableError, match=message) as error:
         data.load_fashion_mnist(str(tmp_path))
@@ -142,7 +112,7 @@ def test_damaged_files_are_an_error_naming_the_file(tmp_path, how):
 @pytest.mark.usefixtures("small_splits")
 def test_missing_everywhere_says_how_to_install(tmp_path, no_debian_files):
     (tmp_path / "empty").mkdir()
-    _write_set(tmp_path / "half")
+    write_set(tmp_path / "half")
     os.remove(os.path.join(tmp_path / "half", fashion_mnist.FILES["test"][1] + ".gz"))
     for data_dir in (str(tmp_path / "empty"), str(tmp_path / "half"), None):
         with pytest.raises(data.DataNotAvailableError, match="apt-get install dataset-fashion-mnist"):
@@ -150,7 +120,7 @@ def test_missing_everywhere_says_how_to_install(tmp_path, no_debian_files):
 
 
 def _lacking(directory, name):
-    _write_set(directory)
+    write_set(directory)
     os.remove(os.path.join(directory, name + ".gz"))
 
 
@@ -173,7 +143,7 @@ GIVEN_DATA_DIRS = [
 def test_a_given_data_dir_is_used_or_refused_never_replaced(tmp_path, monkeypatch, make, expected):
     """Debian's copy is there, but a data.data_dir the user gave is the only place looked in: it
     lacking the data is one line naming it and what it lacks (it used to fall back to Debian's)."""
-    debian = _write_set(tmp_path / "debian")
+    debian = write_set(tmp_path / "debian")
     monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", str(tmp_path / "debian"))
     given = str(tmp_path / "given")
     make(given)
@@ -186,27 +156,17 @@ def test_a_given_data_dir_is_used_or_refused_never_replaced(tmp_path, monkeypatc
     np.testing.assert_array_equal(data.load_fashion_mnist(None).train_labels, debian["train"][1])  # none given
 
 
-def _full_size(directory, swapped=False, test_from_train=False, num_test=10000):
-    """Uncompressed IDX files of Fashion-MNIST's sizes (mostly blank images, each one distinct);
-    `swapped`: the test split under the train names and the other way round; `test_from_train`:
-    the test images are the first training images."""
-    os.makedirs(directory, exist_ok=True)
-    train = np.zeros((fashion_mnist.SPLIT_SIZES["train"], 28, 28), np.uint8)
-    train.reshape(len(train), -1)[:, :3] = np.stack(np.unravel_index(np.arange(len(train)), (256, 256, 256)), 1)
-    test = train[:num_test].copy() if test_from_train else 255 - train[:num_test]
-    arrays = {"train": test, "test": train} if swapped else {"train": train, "test": test}
-    for split, images in arrays.items():
-        _idx(os.path.join(directory, fashion_mnist.FILES[split][0]), images, gz=False)
-        _idx(os.path.join(directory, fashion_mnist.FILES[split][1]), np.arange(len(images)) % 10, gz=False)
-
-
 SPLIT_MISTAKES = [
     # (id, write the IDX files into a directory, substrings of the refusal)
-    ("swapped", lambda d: _full_size(d, swapped=True), ["holds 10000 images", "train split has 60000", "swapped"]),
-    ("test_is_train", lambda d: _full_size(d, test_from_train=True), ["10000 of the 10000 test images", "also in"]),
-    ("empty", lambda d: _write_set(d, num_train=0, num_test=0), ["holds 0 images", "train split has 60000"]),
-    ("empty_test", lambda d: _full_size(d, num_test=0), ["holds 0 images", "test split has 10000"]),
-    ("another_size", lambda d: _write_set(d), ["holds 20 images", "train split has 60000"]),
+    ("swapped", lambda d: write_full_size(d, swapped=True), ["holds 10000 images", "train split has 60000", "swapped"]),
+    (
+        "test_is_train",
+        lambda d: write_full_size(d, test_from_train=True),
+        ["10000 of the 10000 test images", "also in"],
+    ),
+    ("empty", lambda d: write_set(d, num_train=0, num_test=0), ["holds 0 images", "train split has 60000"]),
+    ("empty_test", lambda d: write_full_size(d, num_test=0), ["holds 0 images", "test split has 10000"]),
+    ("another_size", lambda d: write_set(d), ["holds 20 images", "train split has 60000"]),
 ]
 
 
@@ -227,14 +187,14 @@ def test_splits_that_are_not_fashion_mnists_are_refused(tmp_path, write, expecte
 
 
 def test_full_size_distinct_splits_are_read(tmp_path):
-    _full_size(str(tmp_path / "idx"))
+    write_full_size(str(tmp_path / "idx"))
     d = data.load_in_memory("fashion_mnist", fraction=0.5, data_dir=str(tmp_path / "idx"))
     assert len(d.train_labels) == 30000 and len(d.test_labels) == 10000
 
 
 @pytest.mark.slow
 def test_damaged_file_stops_train_py_with_one_line(tmp_path):
-    _write_set(tmp_path / "idx")
+    write_set(tmp_path / "idx")
     _damage(tmp_path / "idx", "truncated")
     args = [f"--config={CONFIG}:depth=8,size=1,epochs=1", f"--config.data.data_dir={tmp_path / 'idx'}"]
     code, err = run_train(*args, "--workdir", str(tmp_path / "run"), timeout=120)

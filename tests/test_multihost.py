@@ -17,9 +17,6 @@ from tiny import CACHE_DIR, DIGITS, ROOT
 
 from cka_jax.workdir.trained import load_trained_population
 
-# Starts train.py processes that train together: part of `pytest`, not of the fast loop.
-pytestmark = pytest.mark.slow
-
 SIZE, EPOCHS, STEPS = 8, 8, 32  # 144 digits in batches of 32: 4 steps per epoch
 # ResNet-8 (1/4 width) on 8 devices, 1 model each; step 1 (0.03 of 32 steps) is kept for comparing.
 RUN = [
@@ -129,6 +126,7 @@ def _one_process(*args, script="train.py", devices=8):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 def test_process_0_writes_each_shared_file_once(two_process_run):
     names = sorted(os.listdir(two_process_run))
     assert {"config.json", "metrics.jsonl", "predictions", "checkpoints"} <= set(names), names
@@ -143,6 +141,7 @@ def test_process_0_writes_each_shared_file_once(two_process_run):
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(shards), shards  # both processes wrote theirs
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_process_with_all_8_devices(two_process_run, one_process_run):
     """Same global layout (8 devices, 1 model each): the same numbers. Measured on XLA:CPU: equal
     to the bit after step 1 and in the final logits."""
@@ -158,6 +157,7 @@ def test_two_processes_train_as_one_process_with_all_8_devices(two_process_run, 
     assert metric_rows(two_process_run) == metric_rows(one_process_run)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_one_step_and_rerun_resumes(two_process_run, tmp_path):
     workdir, log = str(tmp_path / "run"), str(tmp_path / "stopped")
     procs = launch(log, *RUN, "--workdir", workdir)
@@ -177,6 +177,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_rerun_resumes(two_pro
     assert metric_rows(workdir) == metric_rows(two_process_run)
 
 
+@pytest.mark.slow
 def test_a_busy_workdir_refuses_both_and_a_killed_process_is_reported_by_the_other(tmp_path):
     workdir, log = str(tmp_path / "run"), str(tmp_path / "long")
     procs = launch(log, *RUN, "--config.train.epochs=500", "--workdir", workdir)
@@ -222,6 +223,7 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "where, calls",
     [
@@ -287,6 +289,7 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, says",
     [
@@ -312,6 +315,7 @@ def test_processes_given_different_configs_are_told_the_difference(tmp_path, ext
     assert not os.path.exists(os.path.join(workdir, "config.json"))
 
 
+@pytest.mark.slow
 def test_processes_that_never_connect_fail_with_one_line_in_time(tmp_path):
     port = free_port()
     start = time.time()
@@ -358,6 +362,7 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_auto_on_two_processes_chooses_one_chunk_size_and_trains_as_one_process(tmp_path):
     """16 models on 2 processes x 4 devices, population.strategy=auto: both processes log the
     same choice, process 0 alone writes population_strategy.json, and the predictions equal those
@@ -415,6 +420,7 @@ print("devices", jax.device_count(), jax.local_device_count())
 """
 
 
+@pytest.mark.slow
 def test_minibatch_cka_over_two_processes_equals_one_process(tmp_path):
     """A population's within-model CKA: update_sharded over a mesh of both processes' devices,
     and each process's half merged, equal k serial updates in this process."""
@@ -439,6 +445,7 @@ def test_minibatch_cka_over_two_processes_equals_one_process(tmp_path):
         np.testing.assert_allclose(merged, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_analyze_reads_a_two_process_workdir_in_one_process(two_process_run, tmp_path):
     args = ["--workdir", two_process_run, "--outdir", str(tmp_path), "--analyses=within", "--passes=1"]
     _one_process(*args, script="analyze.py", devices=1)

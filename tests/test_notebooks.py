@@ -5,8 +5,6 @@ import os
 
 import pytest
 
-pytestmark = pytest.mark.slow  # each notebook runs in a kernel: 10-30 s
-
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("ipykernel")
@@ -40,6 +38,7 @@ def small_kernel_env(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_quickstart_then_workdir_notebook(small_kernel_env):
     run_notebook("quickstart.ipynb")
     analysis = small_kernel_env / "quickstart" / "analysis"
@@ -49,5 +48,6 @@ def test_quickstart_then_workdir_notebook(small_kernel_env):
     assert shown_images(notebook) >= 1  # the within-model heatmaps drawn in the notebook itself
 
 
+@pytest.mark.slow
 def test_cka_api_tour(small_kernel_env):
     run_notebook("cka_api_tour.ipynb")

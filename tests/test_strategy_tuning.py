@@ -74,7 +74,6 @@ def test_the_command_line_gives_a_chunk_size_as_a_string_that_validates():
     assert layout.models_per_call == 2
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "value, message",
     [

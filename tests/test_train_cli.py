@@ -16,9 +16,6 @@ from cka_jax.train import launch, population
 from cka_jax.train import run_checks as checks
 from cka_jax.workdir.config import validate_config
 
-# Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
-pytestmark = pytest.mark.slow
-
 
 @pytest.mark.parametrize(
     "args, message",
@@ -132,6 +129,7 @@ def test_process_flags_select_distributed_initialization():
     )
 
 
+@pytest.mark.slow
 def test_bad_process_flags_exit_2_with_one_line_before_any_work(tmp_path):
     code, err = run_train(
         *TINY, "--workdir", str(tmp_path / "run"), "--num_processes=2", "--process_id=2", "--coordinator_address=h:1"

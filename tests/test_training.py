@@ -14,9 +14,6 @@ from cka_jax.train import run_checks as checks
 from cka_jax.workdir.config import base_config, validate_config
 from cka_jax.workdir.trained import load_trained_population
 
-# Runs train.py / analyze.py or trains populations: part of `pytest`, not of the fast loop.
-pytestmark = pytest.mark.slow
-
 jax.config.update("jax_compilation_cache_dir", tiny.CACHE_DIR)
 ONE_DEVICE = jax.devices()[:1]
 
@@ -57,6 +54,7 @@ def uninterrupted(tmp_path_factory):
     return workdir, loop.train_and_evaluate(tiny_config(), workdir, devices=ONE_DEVICE)
 
 
+@pytest.mark.slow
 def test_outputs(uninterrupted):
     workdir, result = uninterrupted
     assert not result.interrupted and result.step == result.total_steps == 8
@@ -78,6 +76,7 @@ def test_outputs(uninterrupted):
     assert step == 8 and jax.tree.leaves(variables["params"])[0].shape[0] == 3
 
 
+@pytest.mark.slow
 def test_workdir_with_a_different_config_is_refused(uninterrupted):
     workdir, _ = uninterrupted
     config = tiny_config()
@@ -90,6 +89,7 @@ def _params(workdir, step=None):
     return jax.tree.leaves(load_trained_population(workdir, step)[2])
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted(uninterrupted, tmp_path):
     reference, _ = uninterrupted
     workdir = str(tmp_path / "run")
@@ -135,6 +135,7 @@ def test_corrupt_latest_checkpoint_is_reported(tmp_path, caplog):
     assert "step 2" in caplog.text and "cannot be restored" in caplog.text
 
 
+@pytest.mark.slow
 def test_streamed_imagenet_path_trains_and_predicts(tmp_path):
     import tensorflow_datasets as tfds
 

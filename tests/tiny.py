@@ -1,5 +1,6 @@
 """The tiny training runs the tests use: ResNet-8 populations on 144 digits, 4 steps per epoch,
-in this process (`tiny_config`) or through train.py (`TINY_FLAGS`, `start_train`, `run_train`)."""
+in this process (`tiny_config`) or through train.py (`TINY_FLAGS`, `start_train`, `run_train`);
+analyze.py run on them (`analyze`)."""
 
 import os
 import subprocess
@@ -10,8 +11,9 @@ from cka_jax.workdir.config import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.py")
-# The tests compile the same small programs again and again: keep them across tests and runs.
-CACHE_DIR = os.path.join(tempfile.gettempdir(), "cka_jax_test_xla")
+# The tests compile the same small programs again and again: keep them across tests and runs, in
+# the cache conftest.py chose (one per xdist worker).
+CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "cka_jax_test_xla")
 # train.py's flags for 2 models of ResNet-8 (1/4 width) on 144 digits: 4 steps per epoch.
 TINY_FLAGS = [
     "--config",
@@ -72,3 +74,17 @@ def run_train(*args, script=None, timeout=300):
         timeout=timeout,
     )
     return done.returncode, done.stderr
+
+
+def analyze(*args, cwd=ROOT):
+    """analyze.py with `args` in a subprocess on CPU, run to its end (a CompletedProcess: returncode,
+    stdout, stderr as text)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "analyze.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
