@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from cka_jax import MinibatchCKA
-from cka_jax import _minibatch as minibatch
+from cka_jax import _minibatch_ops as minibatch_ops
 
 
 def make_batches(widths, batch, pool, models=None, seed=0):
@@ -43,7 +43,7 @@ def make_batches(widths, batch, pool, models=None, seed=0):
 
 def _dispatch(acc, acts_a, acts_b):
     """The compiled update on the caller's arrays as they are: the library before it owned them."""
-    return minibatch._update(acc, list(acts_a), list(acts_b), False)
+    return minibatch_ops.update(acc, list(acts_a), list(acts_b), False)
 
 
 def _owning(acc, acts_a, acts_b):

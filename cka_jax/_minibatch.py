@@ -13,15 +13,8 @@ are multiplied by the matching power of two (again exact), so nothing under- or 
 any finite activations. Grams are built from the raw activations where that is as accurate, and
 from shifted, exactly rescaled ones otherwise (`cka_jax._layer_grams`).
 
-Remainder batches: every update counts as one minibatch with equal weight, as in the definition
-above. HSIC₁ is unbiased at any batch size n >= 4, so a smaller last batch keeps the estimate
-unbiased but is noisier, and a new batch shape retraces a jitted update. The paper's code does
-not drop it: its `load_test_data` batches with `drop_remainder=False`, and `update_state` in
-`efficient_CKA.py` adds each batch's unnormalised <U(K_b), U(L_b)> = n_b(n_b - 3)·HSIC₁, so there
-a short batch weighs n_b(n_b - 3) / (n(n - 3)) of a full one (CIFAR-10's 10,000 test examples in
-batches of 256 end with 16 examples, weight 0.3%), while here it weighs as much as a full one.
-For the same numbers, use equal-size minibatches (as `cka_jax.analysis` does) or drop the short
-one.
+Remainder batches count as one minibatch each, with the same weight as a full one (the guide on
+MinibatchCKA compares this with the paper's code).
 
 A layer that is constant over a minibatch contributes zero; a layer constant over every minibatch
 has undefined CKA and its entries are NaN. NaN or inf activations make the affected entries NaN.
@@ -30,19 +23,14 @@ Accumulators are pytrees: save them with orbax or `np.savez(path, *jax.tree.leav
 combine runs, hosts or devices with `merge`. Sums are kept in float32 (float64 with
 `jax_enable_x64`); bool, integer and 16-bit float activations are upcast before the grams.
 
-Speed: every method checks its arguments on the host (shapes and dtypes only, so errors come at
-once, also inside a caller's jit or vmap) and then runs one compiled program, cached per input
-shapes, so an eager loop of `update` needs no jax.jit. On the CPU backend `update` builds the
-linear grams of host and CPU arrays on the host, from the caller's buffers, with BLAS's
-symmetric product in parallel (`cka_jax._host_grams`); under jit, on other devices and in
-`update_sharded` compiled code builds them. `update(acts, acts)` (the same arrays for both
-models) builds each layer's gram once. benchmarks/README.md has the measurements.
+Every method checks its arguments on the host, then runs one compiled program per input shape
+(`cka_jax._minibatch_ops`); on the CPU backend `update` builds linear grams on the host with BLAS
+(`cka_jax._host_grams`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import Any
 
 import jax
@@ -50,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from cka_jax import _minibatch_ops as ops
 from cka_jax._checks import (
     Activations,
-    Array,
     Layout,
     check_count,
     check_minibatch,
@@ -62,12 +50,10 @@ from cka_jax._checks import (
     check_threshold,
     check_within,
     named_layers,
-    to_float,
 )
 from cka_jax._host_grams import owned_sides, update_sides
-from cka_jax._hsic_sums import NO_SCALE, HsicSums, Scales, Totals, batch_hsic, cka_ratio, combine, weighted
-from cka_jax._layer_grams import KERNELS, GramKind, LayerInputs, batch_totals, fit_grams, minibatch_grams, upper
-from cka_jax._sharded_sums import sharded_totals
+from cka_jax._hsic_sums import NO_SCALE, HsicSums, Scales, Totals
+from cka_jax._layer_grams import KERNELS, GramKind, minibatch_grams
 
 __all__ = ["MinibatchCKA", "minibatch_grams"]
 
@@ -233,48 +219,6 @@ class MinibatchCKA:
         ma, mb, la, lb = self.xy.shape
         return (ma, la), (mb, lb)
 
-    # ---- traced building blocks of the compiled operations below ----
-
-    def plus(self, totals: Totals, batches: jax.Array | int) -> MinibatchCKA:
-        """This accumulator plus `totals` of `batches` more minibatches (a traced building block).
-
-        Args:
-            totals: sums from the same kind of accumulator (see `totals`).
-            batches: how many minibatches those sums hold.
-
-        Returns:
-            The combined accumulator; sums at different log2 scales are rescaled exactly.
-        """
-        (xy, xx, yy), (boot_xy, boot_xx, boot_yy), (scale_a, scale_b) = combine(self.totals, totals)
-        return dataclasses.replace(
-            self,
-            xy=xy,
-            xx=xx,
-            yy=yy,
-            count=self.count + batches,
-            boot_xy=boot_xy,
-            boot_xx=boot_xx,
-            boot_yy=boot_yy,
-            log2_scale_a=scale_a,
-            log2_scale_b=scale_b,
-        )
-
-    def bootstrap_weights(self, k: int) -> jax.Array:
-        """Exponential(1) weights of the next k minibatches, fixed by the seed and minibatch index.
-
-        Args:
-            k: the number of minibatches.
-
-        Returns:
-            The (k, B) weights.
-        """
-        key = jax.random.wrap_key_data(self.key)
-
-        def draw(i: jax.Array) -> jax.Array:
-            return jax.random.exponential(jax.random.fold_in(key, i), (self.num_bootstrap,), self.xy.dtype)
-
-        return jax.vmap(draw)(self.count + jnp.arange(k))
-
     # ---- the public operations: host-side checks, then one compiled call ----
 
     def update(self, acts_a: Activations, acts_b: Activations | None = None) -> MinibatchCKA:
@@ -295,7 +239,7 @@ class MinibatchCKA:
         items_b = None if acts_b is None else named_layers(acts_b, "acts_b")
         items_a = named_layers(acts_a, "acts_a")
         check_minibatch(items_a, items_b, self.layouts, self.population)
-        return _update(self, *update_sides(items_a, items_b, self.population, self.kernel))
+        return ops.update(self, *update_sides(items_a, items_b, self.population, self.kernel))
 
     def update_grams(self, grams_a: jax.Array, grams_b: jax.Array | None = None) -> MinibatchCKA:
         """Adds one minibatch from U-centred grams (`minibatch_grams` outputs).
@@ -316,14 +260,14 @@ class MinibatchCKA:
         checked_a = check_minibatch_grams(grams_a, "grams_a", layout_a, self.population)
         if grams_b is None:
             check_within(self.layouts, "grams_b")
-            return _update_grams(self, checked_a, None)
+            return ops.update_grams(self, checked_a, None)
         checked_b = check_minibatch_grams(grams_b, "grams_b", layout_b, self.population)
         if checked_a.shape[-1] != checked_b.shape[-1]:
             raise ValueError(
                 f"grams_a and grams_b need the same minibatch, got {tuple(checked_a.shape)} and "
                 f"{tuple(checked_b.shape)}"
             )
-        return _update_grams(self, checked_a, checked_b)
+        return ops.update_grams(self, checked_a, checked_b)
 
     def update_sharded(
         self, acts_a: Activations, acts_b: Activations | None = None, *, mesh: Mesh, axis_name: str = "batch"
@@ -350,12 +294,15 @@ class MinibatchCKA:
         items_b = None if acts_b is None else named_layers(acts_b, "acts_b")
         check_stacked(items_a + (items_b or []), mesh, axis_name)
         check_minibatch(
-            _one_minibatch(items_a), None if items_b is None else _one_minibatch(items_b), self.layouts, self.population
+            ops.one_minibatch(items_a),
+            None if items_b is None else ops.one_minibatch(items_b),
+            self.layouts,
+            self.population,
         )
         arrays_a, arrays_b, b_is_a = owned_sides(items_a, items_b, 1 + int(self.population))
         # Auto axes: the result is an ordinary replicated array, usable outside any mesh context.
         mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-        return _update_sharded(self, arrays_a, arrays_b, b_is_a, mesh, axis_name)
+        return ops.update_sharded(self, arrays_a, arrays_b, b_is_a, mesh, axis_name)
 
     def merge(self, other: MinibatchCKA) -> MinibatchCKA:
         """Sums of two accumulators of the same shape (other hosts, runs or devices).
@@ -385,7 +332,7 @@ class MinibatchCKA:
                 "both accumulators draw bootstrap weights from the same seed; create them with different seeds "
                 "(e.g. the host index) so their replicates are independent"
             )
-        return _merge(self, other)
+        return ops.merge(self, other)
 
     def result(self) -> jax.Array:
         """The CKA heatmap.
@@ -394,7 +341,7 @@ class MinibatchCKA:
             (La, Lb), or (Ma, Mb, La, Lb) in population mode; NaN where undefined (a layer constant on
             every minibatch, NaN or inf in the data, or no minibatch yet).
         """
-        return _result(self)
+        return ops.result(self)
 
     def bootstrap_samples(self) -> jax.Array:
         """CKA of each bootstrap replicate.
@@ -406,7 +353,7 @@ class MinibatchCKA:
             ValueError: the accumulator keeps no bootstrap replicates (num_bootstrap=0).
         """
         self._check_bootstrap()
-        return _bootstrap_samples(self)
+        return ops.bootstrap_samples(self)
 
     def bootstrap_interval(self, level: float = 0.95) -> tuple[jax.Array, jax.Array]:
         """Percentile bootstrap confidence interval over minibatches.
@@ -428,82 +375,8 @@ class MinibatchCKA:
         """
         check_number(level, "level", lambda x: 0 < x < 1, "must lie in (0, 1)")
         self._check_bootstrap()
-        return _bootstrap_interval(self, float(level))
+        return ops.bootstrap_interval(self, float(level))
 
     def _check_bootstrap(self) -> None:
         if not self.num_bootstrap:
             raise ValueError("this accumulator keeps no bootstrap replicates: create it with num_bootstrap > 0")
-
-
-def _one_minibatch(items: list[tuple[str, Array]]) -> list[tuple[str, jax.ShapeDtypeStruct]]:
-    """Stand-ins (shape and dtype only) for one minibatch of layers stacked as (k, ...)."""
-    return [(label, jax.ShapeDtypeStruct(a.shape[1:], a.dtype)) for label, a in items]
-
-
-# ---- compiled operations: pure functions of the accumulator (a pytree) and the arrays. Module-level
-# jit caches one program per input shapes; inside a caller's jit or vmap they are inlined. ----
-
-
-@partial(jax.jit, static_argnames=("b_is_a", "modes"))
-def _update(
-    acc: MinibatchCKA,
-    side_a: LayerInputs,
-    side_b: LayerInputs | None,
-    b_is_a: bool,
-    modes: tuple[tuple[str, ...] | None, tuple[str, ...] | None],
-) -> MinibatchCKA:
-    weights = acc.bootstrap_weights(1)[0]
-    totals = batch_totals(acc.gram_kind, side_a, side_b, b_is_a, weights, acc.totals.scales, acc.xy.dtype, modes)
-    return acc.plus(totals, 1)
-
-
-@jax.jit
-def _update_grams(acc: MinibatchCKA, grams_a: jax.Array, grams_b: jax.Array | None) -> MinibatchCKA:
-    def fitted(grams: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
-        grams = to_float(grams)
-        return fit_grams(upper(grams if acc.population else grams[None]), scale)
-
-    scales = acc.totals.scales
-    ga, scale_a = fitted(grams_a, scales.a)
-    gb, scale_b = (None, scale_a) if grams_b is None else fitted(grams_b, scales.b)
-    weights = acc.bootstrap_weights(1)[0]
-    return acc.plus(weighted(batch_hsic(ga, gb), weights, Scales(scale_a, scale_b), acc.xy.dtype), 1)
-
-
-@partial(jax.jit, static_argnames=("b_is_a", "mesh", "axis_name"))
-def _update_sharded(
-    acc: MinibatchCKA,
-    arrays_a: list[jax.Array],
-    arrays_b: list[jax.Array] | None,
-    b_is_a: bool,
-    mesh: Mesh,
-    axis_name: str,
-) -> MinibatchCKA:
-    k = arrays_a[0].shape[0]
-    weights = acc.bootstrap_weights(k)
-    totals = sharded_totals(acc.gram_kind, acc.totals, weights, arrays_a, arrays_b, b_is_a, mesh, axis_name)
-    return acc.plus(totals, k)
-
-
-@jax.jit
-def _merge(acc: MinibatchCKA, other: MinibatchCKA) -> MinibatchCKA:
-    return acc.plus(other.totals, other.count)
-
-
-@jax.jit
-def _result(acc: MinibatchCKA) -> jax.Array:
-    return cka_ratio(acc.totals.sums, acc.population)
-
-
-@jax.jit
-def _bootstrap_samples(acc: MinibatchCKA) -> jax.Array:
-    return cka_ratio(acc.totals.boot, acc.population)
-
-
-@partial(jax.jit, static_argnames="level")
-def _bootstrap_interval(acc: MinibatchCKA, level: float) -> tuple[jax.Array, jax.Array]:
-    samples = cka_ratio(acc.totals.boot, acc.population)
-    alpha = (1 - level) / 2
-    enough = acc.count >= 2
-    low, high = (jnp.where(enough, jnp.quantile(samples, q, axis=0), jnp.nan) for q in (alpha, 1 - alpha))
-    return low, high

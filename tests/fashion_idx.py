@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from cka_jax.train import fashion_mnist
+from cka_jax.data import fashion_mnist
 
 
 def write_idx(path, array, magic=None, gz=True):
