@@ -19,12 +19,13 @@ unbiased but is noisier, and a new batch shape retraces a jitted update. The pap
 not drop it: its `load_test_data` batches with `drop_remainder=False`, and `update_state` in
 `efficient_CKA.py` adds each batch's unnormalised <U(K_b), U(L_b)> = n_b(n_b - 3)·HSIC₁, so there
 a short batch weighs n_b(n_b - 3) / (n(n - 3)) of a full one (CIFAR-10's 10,000 test examples in
-batches of 256 end with 16 examples, weight 0.3%), while here it weighs as much as a full one.
-For the same numbers, use equal-size minibatches (as `cka_jax.analysis` does) or drop the short
-one.
+batches of 256 end with 16, weight 0.3%), here as much as a full one. For the same numbers, use
+equal-size minibatches (as `cka_jax.analysis` does) or drop the short one.
 
 A layer that is constant over a minibatch contributes zero; a layer constant over every minibatch
 has undefined CKA and its entries are NaN. NaN or inf activations make the affected entries NaN.
+Permutation p-values: num_permutations=P keeps P null replicates of the xy sums, model b's examples
+permuted within each minibatch by gathering its grams (`cka_jax._permutations`).
 
 Accumulators are pytrees: save them with orbax or `np.savez(path, *jax.tree.leaves(acc))`, and
 combine runs, hosts or devices with `merge`. Sums are kept in float32 (float64 with
@@ -52,7 +53,6 @@ from jax.sharding import AxisType, Mesh
 
 from cka_jax._checks import (
     Activations,
-    Array,
     Layout,
     check_count,
     check_minibatch,
@@ -62,11 +62,13 @@ from cka_jax._checks import (
     check_threshold,
     check_within,
     named_layers,
+    one_minibatch,
     to_float,
 )
 from cka_jax._host_grams import owned_sides, update_sides
 from cka_jax._hsic_sums import NO_SCALE, HsicSums, Scales, Totals, batch_hsic, cka_ratio, combine, weighted
 from cka_jax._layer_grams import KERNELS, GramKind, LayerInputs, batch_totals, fit_grams, minibatch_grams, upper
+from cka_jax._permutations import PermutationTests, null_sums, replicate_keys
 from cka_jax._sharded_sums import sharded_totals
 
 __all__ = ["MinibatchCKA", "minibatch_grams"]
@@ -79,7 +81,7 @@ def _static(default: Any) -> Any:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class MinibatchCKA:
+class MinibatchCKA(PermutationTests):
     """Running sums of HSIC₁ over minibatches for every layer pair (and model pair).
 
     Fields (Ma, Mb = 1 outside population mode; B = number of bootstrap replicates):
@@ -89,6 +91,7 @@ class MinibatchCKA:
       (online Bayesian bootstrap over minibatches). key: raw PRNG key of those weights.
       log2_scale_a: (Ma, La) int32, log2_scale_b: (Mb, Lb) int32: each layer's power-of-two scale
       (see the module docstring); NO_SCALE until the layer varies.
+      null_xy: (P, Ma, Mb, La, Lb) xy of P permutation-null replicates (`cka_jax._permutations`).
     population, kernel, threshold: static (part of the pytree structure, fixed under jit).
     `totals` gives the sums, bootstrap sums and scales as one named pytree.
     """
@@ -103,6 +106,7 @@ class MinibatchCKA:
     key: jax.Array
     log2_scale_a: jax.Array
     log2_scale_b: jax.Array
+    null_xy: jax.Array
     population: bool = _static(False)
     kernel: str = _static("linear")
     threshold: float = _static(1.0)
@@ -118,6 +122,7 @@ class MinibatchCKA:
         kernel: str = "linear",
         threshold: float = 1.0,
         num_bootstrap: int = 0,
+        num_permutations: int = 0,
         seed: int = 0,
     ) -> MinibatchCKA:
         """An empty accumulator.
@@ -126,7 +131,9 @@ class MinibatchCKA:
         turns on population mode: activations carry a leading model axis and the result holds
         every model pair, (Ma, Mb, La, Lb); num_models_b defaults to num_models_a.
         num_bootstrap > 0 keeps that many bootstrap replicates for `bootstrap_interval`; give
-        accumulators that will be merged different seeds.
+        accumulators that will be merged different seeds. num_permutations > 0 keeps that many
+        permutation-null replicates (model b's examples permuted within each minibatch) for
+        `p_values`, `row_max_p_values` and `null_mean`.
         """
         check_count(num_layers_a, "num_layers_a", 1)
         optional = {"num_layers_b": num_layers_b, "num_models_a": num_models_a, "num_models_b": num_models_b}
@@ -139,6 +146,7 @@ class MinibatchCKA:
             raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
         check_threshold(threshold)
         check_count(num_bootstrap, "num_bootstrap", 0)
+        check_count(num_permutations, "num_permutations", 0)
         check_count(seed, "seed", None)
         if not -(2**63) <= seed < 2**63:
             raise ValueError(f"seed must fit in 64 bits, -2**63 <= seed < 2**63, got {seed!r}")
@@ -162,6 +170,7 @@ class MinibatchCKA:
             key=jax.random.key_data(jax.random.key(seed)),
             log2_scale_a=jnp.full((ma, la), NO_SCALE, jnp.int32),
             log2_scale_b=jnp.full((mb, lb), NO_SCALE, jnp.int32),
+            null_xy=jnp.zeros((num_permutations, ma, mb, la, lb), dtype),
             population=num_models_a is not None,
             kernel=kernel,
             threshold=float(threshold),
@@ -180,6 +189,7 @@ class MinibatchCKA:
             HsicSums(self.xy, self.xx, self.yy),
             HsicSums(self.boot_xy, self.boot_xx, self.boot_yy),
             Scales(self.log2_scale_a, self.log2_scale_b),
+            self.null_xy,
         )
 
     @property
@@ -196,7 +206,7 @@ class MinibatchCKA:
 
     def plus(self, totals: Totals, batches: jax.Array | int) -> MinibatchCKA:
         """This accumulator plus `totals` of `batches` more minibatches."""
-        (xy, xx, yy), (boot_xy, boot_xx, boot_yy), (scale_a, scale_b) = combine(self.totals, totals)
+        (xy, xx, yy), (boot_xy, boot_xx, boot_yy), (scale_a, scale_b), null_xy = combine(self.totals, totals)
         return dataclasses.replace(
             self,
             xy=xy,
@@ -208,6 +218,7 @@ class MinibatchCKA:
             boot_yy=boot_yy,
             log2_scale_a=scale_a,
             log2_scale_b=scale_b,
+            null_xy=null_xy,
         )
 
     def bootstrap_weights(self, k: int) -> jax.Array:
@@ -218,6 +229,10 @@ class MinibatchCKA:
             return jax.random.exponential(jax.random.fold_in(key, i), (self.num_bootstrap,), self.xy.dtype)
 
         return jax.vmap(draw)(self.count + jnp.arange(k))
+
+    def null_keys(self, k: int) -> jax.Array:
+        """Raw keys (k, P, ...) of the null replicates of the next k minibatches (by seed and index)."""
+        return replicate_keys(self.key, self.count + jnp.arange(k), self.num_permutations)
 
     # ---- the public operations: host-side checks, then one compiled call ----
 
@@ -259,7 +274,7 @@ class MinibatchCKA:
         items_b = None if acts_b is None else named_layers(acts_b, "acts_b")
         check_stacked(items_a + (items_b or []), mesh, axis_name)
         check_minibatch(
-            _one_minibatch(items_a), None if items_b is None else _one_minibatch(items_b), self.layouts, self.population
+            one_minibatch(items_a), None if items_b is None else one_minibatch(items_b), self.layouts, self.population
         )
         arrays_a, arrays_b, b_is_a = owned_sides(items_a, items_b, 1 + int(self.population))
         # Auto axes: the result is an ordinary replicated array, usable outside any mesh context.
@@ -271,12 +286,14 @@ class MinibatchCKA:
         different log2 scales are rescaled exactly to the larger ones."""
         if not isinstance(other, MinibatchCKA):
             raise ValueError(f"can only merge another MinibatchCKA, got {type(other).__name__}")
-        mine = (self.xy.shape, self.boot_xy.shape, self.population, self.kernel, self.threshold)
-        theirs = (other.xy.shape, other.boot_xy.shape, other.population, other.kernel, other.threshold)
+        mine, theirs = (
+            (acc.xy.shape, acc.boot_xy.shape, acc.null_xy.shape, acc.population, acc.kernel, acc.threshold)
+            for acc in (self, other)
+        )
         if mine != theirs:
             raise ValueError(
-                "cannot merge accumulators of different layouts: (heatmap, bootstrap, population, kernel, threshold)"
-                f" = {mine} vs {theirs}"
+                "cannot merge accumulators of different layouts: (heatmap, bootstrap, null replicates, population, "
+                f"kernel, threshold) = {mine} vs {theirs}"
             )
         concrete = not isinstance(self.key, jax.core.Tracer) and not isinstance(other.key, jax.core.Tracer)
         if self.num_bootstrap and concrete and np.array_equal(self.key, other.key):
@@ -314,11 +331,6 @@ class MinibatchCKA:
             raise ValueError("this accumulator keeps no bootstrap replicates: create it with num_bootstrap > 0")
 
 
-def _one_minibatch(items: list[tuple[str, Array]]) -> list[tuple[str, jax.ShapeDtypeStruct]]:
-    """Stand-ins (shape and dtype only) for one minibatch of layers stacked as (k, ...)."""
-    return [(label, jax.ShapeDtypeStruct(a.shape[1:], a.dtype)) for label, a in items]
-
-
 # ---- compiled operations: pure functions of the accumulator (a pytree) and the arrays. Module-level
 # jit caches one program per input shapes; inside a caller's jit or vmap they are inlined. ----
 
@@ -331,8 +343,8 @@ def _update(
     b_is_a: bool,
     modes: tuple[tuple[str, ...] | None, tuple[str, ...] | None],
 ) -> MinibatchCKA:
-    weights = acc.bootstrap_weights(1)[0]
-    totals = batch_totals(acc.gram_kind, side_a, side_b, b_is_a, weights, acc.totals.scales, acc.xy.dtype, modes)
+    weights, keys = acc.bootstrap_weights(1)[0], acc.null_keys(1)[0]
+    totals = batch_totals(acc.gram_kind, side_a, side_b, b_is_a, weights, acc.totals.scales, acc.xy.dtype, modes, keys)
     return acc.plus(totals, 1)
 
 
@@ -345,8 +357,8 @@ def _update_grams(acc: MinibatchCKA, grams_a: jax.Array, grams_b: jax.Array | No
     scales = acc.totals.scales
     ga, scale_a = fitted(grams_a, scales.a)
     gb, scale_b = (None, scale_a) if grams_b is None else fitted(grams_b, scales.b)
-    weights = acc.bootstrap_weights(1)[0]
-    return acc.plus(weighted(batch_hsic(ga, gb), weights, Scales(scale_a, scale_b), acc.xy.dtype), 1)
+    weights, null = acc.bootstrap_weights(1)[0], null_sums(ga, gb, acc.null_keys(1)[0])
+    return acc.plus(weighted(batch_hsic(ga, gb), weights, Scales(scale_a, scale_b), acc.xy.dtype, null), 1)
 
 
 @partial(jax.jit, static_argnames=("b_is_a", "mesh", "axis_name"))
@@ -359,8 +371,8 @@ def _update_sharded(
     axis_name: str,
 ) -> MinibatchCKA:
     k = arrays_a[0].shape[0]
-    weights = acc.bootstrap_weights(k)
-    totals = sharded_totals(acc.gram_kind, acc.totals, weights, arrays_a, arrays_b, b_is_a, mesh, axis_name)
+    weights, keys = acc.bootstrap_weights(k), acc.null_keys(k)
+    totals = sharded_totals(acc.gram_kind, acc.totals, weights, keys, arrays_a, arrays_b, b_is_a, mesh, axis_name)
     return acc.plus(totals, k)
 
 
