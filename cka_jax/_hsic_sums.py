@@ -43,12 +43,13 @@ class Scales(NamedTuple):
 
 class Totals(NamedTuple):
     """Sums over some minibatches, their bootstrap-weighted copies (B, ...), their units, and the
-    xy sums of the permutation null replicates, null: (P, Ma, Mb, La, Lb) (P may be 0)."""
+    xy sums of the permutation null replicates, null: (P, Ma, Mb, La, Lb), or None (none kept:
+    no zero-size array, which checkpointers such as orbax refuse)."""
 
     sums: HsicSums
     boot: HsicSums
     scales: Scales
-    null: jax.Array
+    null: jax.Array | None
 
 
 def applied(log2_scale: jax.Array) -> jax.Array:
@@ -78,12 +79,12 @@ def batch_hsic(ga: jax.Array, gb: jax.Array | None) -> HsicSums:
     return HsicSums(xy, xx.reshape(ma, la), yy.reshape(mb, lb))
 
 
-def weighted(batch: HsicSums, weights: jax.Array, scales: Scales, dtype: jnp.dtype, null: jax.Array) -> Totals:
+def weighted(batch: HsicSums, weights: jax.Array, scales: Scales, dtype: jnp.dtype, null: jax.Array | None) -> Totals:
     """One minibatch's sums in `dtype`, with copies weighted by its bootstrap weights (B,), and its
     null replicates' xy sums (P, Ma, Mb, La, Lb) (not weighted)."""
     sums = HsicSums(*(s.astype(dtype) for s in batch))
     boot = HsicSums(*(jnp.tensordot(weights, s, axes=0) for s in sums))
-    return Totals(sums, boot, scales, null.astype(dtype))
+    return Totals(sums, boot, scales, None if null is None else null.astype(dtype))
 
 
 def _xy_shift(shift: Scales) -> jax.Array:
@@ -108,7 +109,7 @@ def rescale(sums: HsicSums, shift: Scales) -> HsicSums:
 def _in_units(totals: Totals, scales: Scales) -> Totals:
     """totals re-expressed in larger (or equal) log2 scales."""
     shift = Scales(scales.a - totals.scales.a, scales.b - totals.scales.b)
-    null = times_pow2(totals.null, _xy_shift(shift))
+    null = None if totals.null is None else times_pow2(totals.null, _xy_shift(shift))
     return Totals(rescale(totals.sums, shift), rescale(totals.boot, shift), scales, null)
 
 

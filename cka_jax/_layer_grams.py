@@ -273,7 +273,6 @@ def batch_totals(
     b's own scales if b_is_a (the same arrays were passed for both), else the within-model heatmap.
     modes: how each side's layers reach their grams (see `LayerInputs`). keys: (P, ...) raw keys
     of the null replicates (`cka_jax._permutations`; None: none)."""
-    keys = jnp.zeros((0, 2), jnp.uint32) if keys is None else keys
     if b_is_a:
         (ga, scale_a), (gb, scale_b) = layer_grams(side_a, kind, [scales.a, scales.b], modes[0])
     else:

@@ -106,7 +106,7 @@ class MinibatchCKA(PermutationTests):
     key: jax.Array
     log2_scale_a: jax.Array
     log2_scale_b: jax.Array
-    null_xy: jax.Array
+    null_xy: jax.Array | None
     population: bool = _static(False)
     kernel: str = _static("linear")
     threshold: float = _static(1.0)
@@ -170,7 +170,7 @@ class MinibatchCKA(PermutationTests):
             key=jax.random.key_data(jax.random.key(seed)),
             log2_scale_a=jnp.full((ma, la), NO_SCALE, jnp.int32),
             log2_scale_b=jnp.full((mb, lb), NO_SCALE, jnp.int32),
-            null_xy=jnp.zeros((num_permutations, ma, mb, la, lb), dtype),
+            null_xy=jnp.zeros((num_permutations, ma, mb, la, lb), dtype) if num_permutations else None,
             population=num_models_a is not None,
             kernel=kernel,
             threshold=float(threshold),
@@ -202,8 +202,6 @@ class MinibatchCKA(PermutationTests):
         ma, mb, la, lb = self.xy.shape
         return (ma, la), (mb, lb)
 
-    # ---- traced building blocks of the compiled operations below ----
-
     def plus(self, totals: Totals, batches: jax.Array | int) -> MinibatchCKA:
         """This accumulator plus `totals` of `batches` more minibatches."""
         (xy, xx, yy), (boot_xy, boot_xx, boot_yy), (scale_a, scale_b), null_xy = combine(self.totals, totals)
@@ -230,9 +228,10 @@ class MinibatchCKA(PermutationTests):
 
         return jax.vmap(draw)(self.count + jnp.arange(k))
 
-    def null_keys(self, k: int) -> jax.Array:
-        """Raw keys (k, P, ...) of the null replicates of the next k minibatches (by seed and index)."""
-        return replicate_keys(self.key, self.count + jnp.arange(k), self.num_permutations)
+    def null_keys(self, k: int | None = None) -> jax.Array | None:
+        """Raw keys (k, P, ...) of the next k minibatches' null replicates ((P, ...) for k None) or None."""
+        keys = replicate_keys(self.key, self.count + jnp.arange(k or 1), self.num_permutations)
+        return keys if keys is None or k else keys[0]
 
     # ---- the public operations: host-side checks, then one compiled call ----
 
@@ -287,7 +286,7 @@ class MinibatchCKA(PermutationTests):
         if not isinstance(other, MinibatchCKA):
             raise ValueError(f"can only merge another MinibatchCKA, got {type(other).__name__}")
         mine, theirs = (
-            (acc.xy.shape, acc.boot_xy.shape, acc.null_xy.shape, acc.population, acc.kernel, acc.threshold)
+            (acc.xy.shape, acc.boot_xy.shape, acc.num_permutations, acc.population, acc.kernel, acc.threshold)
             for acc in (self, other)
         )
         if mine != theirs:
@@ -343,7 +342,7 @@ def _update(
     b_is_a: bool,
     modes: tuple[tuple[str, ...] | None, tuple[str, ...] | None],
 ) -> MinibatchCKA:
-    weights, keys = acc.bootstrap_weights(1)[0], acc.null_keys(1)[0]
+    weights, keys = acc.bootstrap_weights(1)[0], acc.null_keys()
     totals = batch_totals(acc.gram_kind, side_a, side_b, b_is_a, weights, acc.totals.scales, acc.xy.dtype, modes, keys)
     return acc.plus(totals, 1)
 
@@ -357,7 +356,7 @@ def _update_grams(acc: MinibatchCKA, grams_a: jax.Array, grams_b: jax.Array | No
     scales = acc.totals.scales
     ga, scale_a = fitted(grams_a, scales.a)
     gb, scale_b = (None, scale_a) if grams_b is None else fitted(grams_b, scales.b)
-    weights, null = acc.bootstrap_weights(1)[0], null_sums(ga, gb, acc.null_keys(1)[0])
+    weights, null = acc.bootstrap_weights(1)[0], null_sums(ga, gb, acc.null_keys())
     return acc.plus(weighted(batch_hsic(ga, gb), weights, Scales(scale_a, scale_b), acc.xy.dtype, null), 1)
 
 

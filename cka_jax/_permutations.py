@@ -29,9 +29,12 @@ from cka_jax._hsic_sums import HsicSums, cka_ratio
 from cka_jax._scaling import HIGHEST
 
 
-def replicate_keys(key_data: jax.Array, indices: jax.Array, num_permutations: int) -> jax.Array:
+def replicate_keys(key_data: jax.Array, indices: jax.Array, num_permutations: int) -> jax.Array | None:
     """Raw PRNG keys (k, P, ...) of the null replicates of minibatches `indices` (k,), fixed by the
-    accumulator's key and each minibatch's index (a stream apart from the bootstrap weights')."""
+    accumulator's key and each minibatch's index (a stream apart from the bootstrap weights');
+    None where no replicates are kept."""
+    if not num_permutations:
+        return None
     key = jax.random.wrap_key_data(key_data)
 
     def draw(i: jax.Array) -> jax.Array:
@@ -51,14 +54,15 @@ def permuted_upper_index(perm: jax.Array) -> jax.Array:
     return lo * (2 * n - lo - 1) // 2 + hi - lo - 1
 
 
-def null_sums(ga: jax.Array, gb: jax.Array | None, keys: jax.Array) -> jax.Array:
+def null_sums(ga: jax.Array, gb: jax.Array | None, keys: jax.Array | None) -> jax.Array | None:
     """HSIC₁ xy of one minibatch under each null replicate: ga: (Ma, La, D), gb: (Mb, Lb, D) upper
     triangles of U-centred grams (gb None: model a against itself), keys: (P, ...) raw keys ->
-    (P, Ma, Mb, La, Lb), the observed `batch_hsic` xy with model b's examples permuted."""
+    (P, Ma, Mb, La, Lb), the observed `batch_hsic` xy with model b's examples permuted; keys None
+    (no replicates kept) -> None."""
     second = ga if gb is None else gb
     (ma, la, d), (mb, lb) = ga.shape, second.shape[:2]
-    if keys.shape[0] == 0:
-        return jnp.zeros((0, ma, mb, la, lb), ga.dtype)
+    if keys is None:
+        return None
     n = (1 + math.isqrt(1 + 8 * d)) // 2
     fa, fb = ga.reshape(ma * la, d), second.reshape(mb * lb, d)
 
@@ -107,7 +111,7 @@ def null_mean(sums: HsicSums, null_xy: jax.Array) -> jax.Array:
 class PermutationTests:
     """The permutation-test views of `MinibatchCKA` (its fields null_xy, xy, xx, yy, population)."""
 
-    null_xy: jax.Array
+    null_xy: jax.Array | None
     xy: jax.Array
     xx: jax.Array
     yy: jax.Array
@@ -115,10 +119,10 @@ class PermutationTests:
 
     @property
     def num_permutations(self) -> int:
-        return self.null_xy.shape[0]
+        return 0 if self.null_xy is None else self.null_xy.shape[0]
 
     def _null_parts(self) -> tuple[HsicSums, jax.Array]:
-        if not self.num_permutations:
+        if self.null_xy is None:
             raise ValueError("this accumulator keeps no null replicates: create it with num_permutations > 0")
         return HsicSums(self.xy, self.xx, self.yy), self.null_xy
 

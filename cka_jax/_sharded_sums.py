@@ -24,7 +24,7 @@ def sharded_totals(
     kind: GramKind,
     like: Totals,
     weights: jax.Array,
-    keys: jax.Array,
+    keys: jax.Array | None,
     arrays_a: list[jax.Array],
     arrays_b: list[jax.Array] | None,
     b_is_a: bool,
@@ -41,7 +41,9 @@ def sharded_totals(
     """
     within = arrays_b is None
 
-    def local(weights: jax.Array, keys: jax.Array, arrays_a: list[jax.Array], arrays_b: list[jax.Array]) -> Totals:
+    def local(
+        weights: jax.Array, keys: jax.Array | None, arrays_a: list[jax.Array], arrays_b: list[jax.Array]
+    ) -> Totals:
         def body(carry: Totals, i: jax.Array) -> tuple[Totals, None]:
             batch_b = None if within else LayerInputs([b[i] for b in arrays_b])
             batch = batch_totals(
@@ -52,7 +54,7 @@ def sharded_totals(
                 weights[i],
                 carry.scales,
                 like.sums.xy.dtype,
-                keys=keys[i],
+                keys=None if keys is None else keys[i],
             )
             return combine(carry, batch), None
 
