@@ -184,3 +184,32 @@ def test_undefined_entries_and_misuse():
     for method in ("p_values", "null_mean", "row_max_p_values"):
         with pytest.raises(ValueError, match="num_permutations > 0"):
             getattr(MinibatchCKA.create(2), method)()
+
+
+def test_compare_p_values_save_load_and_plot(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from cka_jax import compare, load_comparison
+
+    rng = np.random.default_rng(9)
+    batches = []
+    for _ in range(3):
+        x = rng.standard_normal((16, 8)).astype(np.float32)
+        batches.append(({"a": x, "noise": rng.standard_normal((16, 5)).astype(np.float32)}, {"b": 3 * x}))
+    result = compare(None, batches=batches, num_permutations=19, progress=False)
+    acc = MinibatchCKA.create(2, 1, num_permutations=19)
+    for a, b in batches:
+        acc = acc.update(list(a.values()), list(b.values()))
+    np.testing.assert_allclose(result.p_values, acc.p_values(), rtol=1e-6)
+    assert result.p_values[0, 0] == pytest.approx(1 / 20)
+    result.save(tmp_path / "c.npz")
+    back = load_comparison(tmp_path / "c.npz")
+    np.testing.assert_array_equal(back.p_values, result.p_values)
+    assert back.num_permutations == 19 and "permutation p-values" in repr(back)
+    fig = result.plot(alpha=0.05)
+    assert len(fig.axes[0].collections) == int(np.sum(result.p_values > 0.05) > 0)
+    with pytest.raises(ValueError, match="num_permutations"):
+        compare(None, batches=batches, progress=False).plot(alpha=0.05)
+    with pytest.raises(ValueError, match="debiased=False"):
+        compare(None, batches=batches, num_permutations=5, debiased=False, progress=False)

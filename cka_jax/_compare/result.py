@@ -19,7 +19,19 @@ import numpy as np
 from cka_jax import _atomic_file as atomic_file
 
 FORMAT = "cka_jax.compare/1"
-_META = ("name_a", "name_b", "kernel", "threshold", "debiased", "level", "num_bootstrap", "population", "all_pairs")
+_META = (
+    "name_a",
+    "name_b",
+    "kernel",
+    "threshold",
+    "debiased",
+    "level",
+    "num_bootstrap",
+    "population",
+    "all_pairs",
+    "num_permutations",
+)
+_OPTIONAL_META = {"num_permutations": 0}  # fields files written before them lack
 
 
 @dataclasses.dataclass(frozen=True, repr=False, eq=False)
@@ -29,7 +41,8 @@ class CKAComparison:
     heatmap: (La, Lb); (M, La, Lb) for populations (model i of a against model i of b, or against
     itself); (Ma, Mb, La, Lb) with all_pairs. NaN where CKA is undefined (a layer constant on
     every minibatch) or the activations held NaN/inf. interval: bootstrap (low, high), each like
-    heatmap, when num_bootstrap > 0. num_examples counts the examples fed to each model.
+    heatmap, when num_bootstrap > 0. p_values: permutation p-values like heatmap (NaN where
+    undefined), when num_permutations > 0. num_examples counts the examples fed to each model.
     """
 
     heatmap: np.ndarray
@@ -47,6 +60,8 @@ class CKAComparison:
     num_bootstrap: int = 0
     population: bool = False
     all_pairs: bool = False
+    p_values: np.ndarray | None = None
+    num_permutations: int = 0
 
     def __post_init__(self):
         """ValueError (one line, naming the argument) for contents no comparison can have: they
@@ -61,6 +76,14 @@ class CKAComparison:
             )
         if self.interval is not None and any(np.shape(b) != shape for b in self.interval):
             raise ValueError(f"interval bounds must have the heatmap's shape {shape}")
+        if not (_is_integer(self.num_permutations) and self.num_permutations >= 0):
+            raise ValueError(f"num_permutations must be an integer >= 0, got {self.num_permutations!r}")
+        if (self.p_values is None) != (self.num_permutations == 0):
+            raise ValueError(f"p_values need num_permutations >= 1 and back, got {self.num_permutations!r}")
+        if self.p_values is not None:
+            p = np.asarray(self.p_values, np.float64)
+            if p.shape != shape or ((p <= 0) | (p > 1)).any():
+                raise ValueError(f"p_values must have the heatmap's shape {shape} and lie in (0, 1] (NaN: undefined)")
 
     @property
     def estimator(self) -> str:
@@ -83,17 +106,19 @@ class CKAComparison:
         cmap: str = "magma",
         max_labels: int = 40,
         annotate: bool | None = None,
+        alpha: float | None = None,
     ):
         """The heatmap in the paper's style (first layer bottom left); returns the matplotlib Figure.
 
         Populations: one panel per model (index=i for one; all_pairs: index=(i, j)). ax: draw a
         single heatmap into an existing Axes. annotate: write the values in the cells (default:
-        when both sides have at most 12 layers).
+        when both sides have at most 12 layers). alpha: mark entries whose permutation p-value
+        exceeds it (not significant at that level; needs num_permutations > 0).
         """
         from cka_jax._compare.plot import plot_comparison
 
         return plot_comparison(
-            self, index=index, ax=ax, title=title, cmap=cmap, max_labels=max_labels, annotate=annotate
+            self, index=index, ax=ax, title=title, cmap=cmap, max_labels=max_labels, annotate=annotate, alpha=alpha
         )
 
     def __repr__(self) -> str:
@@ -108,6 +133,8 @@ class CKAComparison:
         ]
         if self.interval is not None:
             parts.append(f"{self.level:.0%} bootstrap interval ({self.num_bootstrap} replicates)")
+        if self.p_values is not None:
+            parts.append(f"permutation p-values ({self.num_permutations} replicates)")
         if undefined:
             parts.append(f"{undefined} undefined (NaN) entries")
         return (
@@ -204,6 +231,8 @@ def _arrays(result: CKAComparison) -> dict[str, np.ndarray]:
     if result.interval is not None:
         arrays["interval_low"] = np.asarray(result.interval[0], np.float64)
         arrays["interval_high"] = np.asarray(result.interval[1], np.float64)
+    if result.p_values is not None:
+        arrays["p_values"] = np.asarray(result.p_values, np.float64)
     return arrays
 
 
@@ -249,7 +278,7 @@ def _from_arrays(arrays: dict[str, np.ndarray]) -> CKAComparison:
     """The comparison that `_arrays` wrote as `arrays`; ValueError naming the first array or field
     that `save` cannot have written (a wrong dtype or shape, a field of the wrong type)."""
     missing = [key for key in _REQUIRED if key not in arrays]
-    unknown = sorted(set(arrays) - {*_REQUIRED, *_INTERVAL})
+    unknown = sorted(set(arrays) - {*_REQUIRED, *_INTERVAL, "p_values"})
     if missing or unknown:
         raise ValueError(f"missing arrays {missing}" if missing else f"unexpected arrays {unknown}")
     if ("interval_low" in arrays) != ("interval_high" in arrays):
@@ -257,7 +286,7 @@ def _from_arrays(arrays: dict[str, np.ndarray]) -> CKAComparison:
     for key in ("format", "digest", "meta"):
         if arrays[key].dtype.kind != "U" or arrays[key].ndim != 0:
             raise ValueError(f"{key} must be one string, got {arrays[key].dtype} of shape {arrays[key].shape}")
-    for key in ("heatmap", *_INTERVAL):
+    for key in ("heatmap", *_INTERVAL, "p_values"):
         if key in arrays and arrays[key].dtype.kind != "f":
             raise ValueError(f"{key} must hold real floats (CKA values), got dtype {arrays[key].dtype}")
     for key in ("layers_a", "layers_b"):
@@ -271,10 +300,12 @@ def _from_arrays(arrays: dict[str, np.ndarray]) -> CKAComparison:
             f"counts must be 2 integers (num_examples, num_minibatches), got {counts.dtype} of shape {counts.shape}"
         )
     meta = json.loads(str(arrays["meta"]))
+    if isinstance(meta, dict):
+        meta = {**_OPTIONAL_META, **meta}
     if not isinstance(meta, dict) or set(meta) != set(_META):
         fields = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"meta must hold the fields {sorted(_META)}, got {fields}")
-    for key in ("threshold", "level", "num_bootstrap"):  # JSON true/false would pass as 1/0
+    for key in ("threshold", "level", "num_bootstrap", "num_permutations"):  # JSON true/false would pass as 1/0
         if isinstance(meta[key], bool):
             raise ValueError(f"meta field {key} must be a number, got {meta[key]!r}")
     interval = (arrays["interval_low"], arrays["interval_high"]) if "interval_low" in arrays else None
@@ -285,6 +316,7 @@ def _from_arrays(arrays: dict[str, np.ndarray]) -> CKAComparison:
         num_examples=int(counts[0]),
         num_minibatches=int(counts[1]),
         interval=interval,
+        p_values=arrays.get("p_values"),
         **{key: meta[key] for key in _META},
     )
     if interval is not None and (interval[0] > interval[1]).any():  # NaN compares False
