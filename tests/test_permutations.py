@@ -99,7 +99,8 @@ def test_dependent_representations_give_the_smallest_p_value():
 
 def test_null_mean_near_zero_at_p_much_larger_than_n():
     """Independent data, 2000 features, 16 examples per minibatch: the biased CKA of each pair is
-    inflated (about sqrt(p / (p + n)) far from 0); the HSIC₁ null stays near 0."""
+    inflated (0.99 here: the centred grams of n examples at p ≫ n are nearly multiples of H);
+    the HSIC₁ null stays near 0."""
     rng = np.random.default_rng(2)
     acc = MinibatchCKA.create(1, 1, num_permutations=20)
     biased = []
@@ -107,7 +108,7 @@ def test_null_mean_near_zero_at_p_much_larger_than_n():
         x, y = _acts(rng, 16, (2000,)), _acts(rng, 16, (2000,))
         acc = acc.update(x, y)
         biased.append(ref.cka(ref.gram_linear(x[0]), ref.gram_linear(y[0])))
-    assert np.mean(biased) > 0.5
+    assert np.mean(biased) > 0.95
     assert abs(float(acc.null_mean()[0, 0])) < 0.05
 
 
