@@ -315,6 +315,11 @@ def check_stacked(items: Sequence[tuple[str, Shaped]], mesh: Any, axis_name: Any
 # ---- compiled side: applied to checked inputs inside jitted code ----
 
 
+def one_minibatch(items: Sequence[tuple[str, Array]]) -> list[tuple[str, jax.ShapeDtypeStruct]]:
+    """Stand-ins (shape and dtype only) for one minibatch of layers stacked as (k, ...)."""
+    return [(label, jax.ShapeDtypeStruct(a.shape[1:], a.dtype)) for label, a in items]
+
+
 def to_float(x: jax.Array) -> jax.Array:
     """A checked array in the float dtype it is computed in (see `float_dtype`)."""
     return jnp.asarray(x).astype(float_dtype(x.dtype))

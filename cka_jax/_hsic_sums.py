@@ -3,7 +3,8 @@
 `HsicSums` holds Σ_b HSIC₁ over minibatches for every layer pair (xy) and each layer with itself
 (xx, yy), in units where each layer's activations are divided by 2^scale; `Scales` holds those
 log2 scales for model a's and model b's layers; `Totals` bundles the plain sums, their
-bootstrap-weighted copies and the scales. Sums kept at different scales are combined after an
+bootstrap-weighted copies, the permutation-null copies of xy (`cka_jax._permutations`) and the
+scales. Sums kept at different scales are combined after an
 exact power-of-two rescaling (see `cka_jax._minibatch` for why the scales exist).
 """
 
@@ -41,11 +42,14 @@ class Scales(NamedTuple):
 
 
 class Totals(NamedTuple):
-    """Sums over some minibatches, their bootstrap-weighted copies (B, ...), and their units."""
+    """Sums over some minibatches, their bootstrap-weighted copies (B, ...), their units, and the
+    xy sums of the permutation null replicates, null: (P, Ma, Mb, La, Lb), or None (none kept:
+    no zero-size array, which checkpointers such as orbax refuse)."""
 
     sums: HsicSums
     boot: HsicSums
     scales: Scales
+    null: jax.Array | None
 
 
 def applied(log2_scale: jax.Array) -> jax.Array:
@@ -75,11 +79,18 @@ def batch_hsic(ga: jax.Array, gb: jax.Array | None) -> HsicSums:
     return HsicSums(xy, xx.reshape(ma, la), yy.reshape(mb, lb))
 
 
-def weighted(batch: HsicSums, weights: jax.Array, scales: Scales, dtype: jnp.dtype) -> Totals:
-    """One minibatch's sums in `dtype`, with copies weighted by its bootstrap weights (B,)."""
+def weighted(batch: HsicSums, weights: jax.Array, scales: Scales, dtype: jnp.dtype, null: jax.Array | None) -> Totals:
+    """One minibatch's sums in `dtype`, with copies weighted by its bootstrap weights (B,), and its
+    null replicates' xy sums (P, Ma, Mb, La, Lb) (not weighted)."""
     sums = HsicSums(*(s.astype(dtype) for s in batch))
     boot = HsicSums(*(jnp.tensordot(weights, s, axes=0) for s in sums))
-    return Totals(sums, boot, scales)
+    return Totals(sums, boot, scales, None if null is None else null.astype(dtype))
+
+
+def _xy_shift(shift: Scales) -> jax.Array:
+    """log2 factor (Ma, Mb, La, Lb) of the xy sums when the scales grow by `shift` (see `rescale`)."""
+    shift_a, shift_b = jnp.minimum(shift.a, MAX_SHIFT), jnp.minimum(shift.b, MAX_SHIFT)
+    return -2 * (shift_a[:, None, :, None] + shift_b[None, :, None, :])
 
 
 def rescale(sums: HsicSums, shift: Scales) -> HsicSums:
@@ -90,22 +101,24 @@ def rescale(sums: HsicSums, shift: Scales) -> HsicSums:
     xx 2^-4·shift_a: exact powers of two. A sum kept under NO_SCALE is zero (or NaN) and stays so.
     """
     shift_a, shift_b = jnp.minimum(shift.a, MAX_SHIFT), jnp.minimum(shift.b, MAX_SHIFT)
-    k_xy = -2 * (shift_a[:, None, :, None] + shift_b[None, :, None, :])
-    return HsicSums(times_pow2(sums.xy, k_xy), times_pow2(sums.xx, -4 * shift_a), times_pow2(sums.yy, -4 * shift_b))
+    return HsicSums(
+        times_pow2(sums.xy, _xy_shift(shift)), times_pow2(sums.xx, -4 * shift_a), times_pow2(sums.yy, -4 * shift_b)
+    )
 
 
 def _in_units(totals: Totals, scales: Scales) -> Totals:
     """totals re-expressed in larger (or equal) log2 scales."""
     shift = Scales(scales.a - totals.scales.a, scales.b - totals.scales.b)
-    return Totals(rescale(totals.sums, shift), rescale(totals.boot, shift), scales)
+    null = None if totals.null is None else times_pow2(totals.null, _xy_shift(shift))
+    return Totals(rescale(totals.sums, shift), rescale(totals.boot, shift), scales, null)
 
 
 def combine(one: Totals, two: Totals) -> Totals:
     """Totals of two sets of minibatches, in the larger of their scales."""
     scales = Scales(jnp.maximum(one.scales.a, two.scales.a), jnp.maximum(one.scales.b, two.scales.b))
     one, two = _in_units(one, scales), _in_units(two, scales)
-    sums, boot = jax.tree.map(jnp.add, (one.sums, one.boot), (two.sums, two.boot))
-    return Totals(sums, boot, scales)
+    sums, boot, null = jax.tree.map(jnp.add, (one.sums, one.boot, one.null), (two.sums, two.boot, two.null))
+    return Totals(sums, boot, scales, null)
 
 
 def agree(totals: Totals, axis_name: str) -> Totals:
@@ -113,8 +126,8 @@ def agree(totals: Totals, axis_name: str) -> Totals:
     the largest scales (one pmax), rescale their own sums exactly, and one psum adds them."""
     scales = Scales(*(jax.lax.pmax(s, axis_name) for s in totals.scales))
     local = _in_units(totals, scales)
-    sums, boot = jax.lax.psum((local.sums, local.boot), axis_name)
-    return Totals(sums, boot, scales)
+    sums, boot, null = jax.lax.psum((local.sums, local.boot, local.null), axis_name)
+    return Totals(sums, boot, scales, null)
 
 
 def cka_ratio(sums: HsicSums, population: bool) -> jax.Array:

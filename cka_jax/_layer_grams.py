@@ -25,6 +25,7 @@ from cka_jax._checks import Activations, check_layers, check_threshold, float_dt
 from cka_jax._hsic import rbf_gram, ucenter
 from cka_jax._hsic_sums import NO_SCALE, Scales, Totals, applied, batch_hsic, weighted
 from cka_jax._owned import Array, owned_layers
+from cka_jax._permutations import null_sums
 from cka_jax._scaling import HIGHEST, pow2, scale_exponent, times_pow2
 
 KERNELS = ("linear", "rbf")
@@ -265,19 +266,21 @@ def batch_totals(
     scales: Scales,
     dtype: jnp.dtype,
     modes: tuple[tuple[str, ...] | None, tuple[str, ...] | None] = (None, None),
+    keys: jax.Array | None = None,
 ) -> Totals:
     """HSIC₁ sums of one minibatch, and their copies weighted by its bootstrap weights (B,), in
     units of `scales` grown to cover it. side_b None: model a against itself, as model b under
     b's own scales if b_is_a (the same arrays were passed for both), else the within-model heatmap.
-    modes: how each side's layers reach their grams (see `LayerInputs`)."""
+    modes: how each side's layers reach their grams (see `LayerInputs`). keys: (P, ...) raw keys
+    of the null replicates (`cka_jax._permutations`; None: none)."""
     if b_is_a:
         (ga, scale_a), (gb, scale_b) = layer_grams(side_a, kind, [scales.a, scales.b], modes[0])
-        return weighted(batch_hsic(ga, gb), weights, Scales(scale_a, scale_b), dtype)
-    ((ga, scale_a),) = layer_grams(side_a, kind, [scales.a], modes[0])
-    if side_b is None:
-        return weighted(batch_hsic(ga, None), weights, Scales(scale_a, scale_a), dtype)
-    ((gb, scale_b),) = layer_grams(side_b, kind, [scales.b], modes[1])
-    return weighted(batch_hsic(ga, gb), weights, Scales(scale_a, scale_b), dtype)
+    else:
+        ((ga, scale_a),) = layer_grams(side_a, kind, [scales.a], modes[0])
+        gb, scale_b = None, scale_a
+        if side_b is not None:
+            ((gb, scale_b),) = layer_grams(side_b, kind, [scales.b], modes[1])
+    return weighted(batch_hsic(ga, gb), weights, Scales(scale_a, scale_b), dtype, null_sums(ga, gb, keys))
 
 
 @partial(jax.jit, static_argnames=("population", "kernel"))

@@ -16,6 +16,9 @@ from shifted, exactly rescaled ones otherwise (`cka_jax._layer_grams`).
 Remainder batches count as one minibatch each, with the same weight as a full one (the guide on
 MinibatchCKA compares this with the paper's code).
 
+Permutation p-values: num_permutations=P keeps P null replicates of the xy sums, model b's examples
+permuted within each minibatch by gathering its grams (`cka_jax._permutations`).
+
 A layer that is constant over a minibatch contributes zero; a layer constant over every minibatch
 has undefined CKA and its entries are NaN. NaN or inf activations make the affected entries NaN.
 
@@ -50,10 +53,12 @@ from cka_jax._checks import (
     check_threshold,
     check_within,
     named_layers,
+    one_minibatch,
 )
 from cka_jax._host_grams import owned_sides, update_sides
 from cka_jax._hsic_sums import NO_SCALE, HsicSums, Scales, Totals
 from cka_jax._layer_grams import KERNELS, GramKind, minibatch_grams
+from cka_jax._permutations import PermutationTests
 
 __all__ = ["MinibatchCKA", "minibatch_grams"]
 
@@ -65,7 +70,7 @@ def _static(default: Any) -> Any:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class MinibatchCKA:
+class MinibatchCKA(PermutationTests):
     """Running sums of HSIC₁ over minibatches for every layer pair (and model pair).
 
     CKA = Σ_b HSIC₁(K_b, L_b) / (sqrt(Σ_b HSIC₁(K_b, K_b)) · sqrt(Σ_b HSIC₁(L_b, L_b))) over
@@ -85,6 +90,8 @@ class MinibatchCKA:
         key: raw PRNG key of the bootstrap weights.
         log2_scale_a: (Ma, La) int32 power-of-two scale of each layer of model a (NO_SCALE until the
             layer varies); log2_scale_b: (Mb, Lb) the same for model b.
+        null_xy: (P, Ma, Mb, La, Lb) xy of P permutation-null replicates (`cka_jax._permutations`),
+            None without them.
         population: static (part of the pytree structure, fixed under jit): population mode.
         kernel: static: "linear" or "rbf".
         threshold: static: the RBF bandwidth as a multiple of the median distance.
@@ -115,6 +122,7 @@ class MinibatchCKA:
     key: jax.Array
     log2_scale_a: jax.Array
     log2_scale_b: jax.Array
+    null_xy: jax.Array | None
     population: bool = _static(False)
     kernel: str = _static("linear")
     threshold: float = _static(1.0)
@@ -131,6 +139,7 @@ class MinibatchCKA:
         threshold: float = 1.0,
         num_bootstrap: int = 0,
         seed: int = 0,
+        num_permutations: int = 0,
     ) -> MinibatchCKA:
         """An empty accumulator.
 
@@ -144,7 +153,10 @@ class MinibatchCKA:
             kernel: "linear" or "rbf".
             threshold: RBF bandwidth as a multiple of the median distance; finite and > 0.
             num_bootstrap: B ≥ 0 bootstrap replicates kept for `bootstrap_interval`.
-            seed: seed of the bootstrap weights; give accumulators that will be merged different seeds.
+            seed: seed of the bootstrap weights and permutations; give accumulators that will be merged
+                different seeds.
+            num_permutations: P ≥ 0 permutation-null replicates (model b's examples permuted within
+                each minibatch) kept for `p_values`, `row_max_p_values` and `null_mean`.
 
         Returns:
             A `MinibatchCKA` with zero sums.
@@ -164,6 +176,7 @@ class MinibatchCKA:
             raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
         check_threshold(threshold)
         check_count(num_bootstrap, "num_bootstrap", 0)
+        check_count(num_permutations, "num_permutations", 0)
         check_count(seed, "seed", None)
         if not -(2**63) <= seed < 2**63:
             raise ValueError(f"seed must fit in 64 bits, -2**63 <= seed < 2**63, got {seed!r}")
@@ -187,6 +200,7 @@ class MinibatchCKA:
             key=jax.random.key_data(jax.random.key(seed)),
             log2_scale_a=jnp.full((ma, la), NO_SCALE, jnp.int32),
             log2_scale_b=jnp.full((mb, lb), NO_SCALE, jnp.int32),
+            null_xy=jnp.zeros((num_permutations, ma, mb, la, lb), dtype) if num_permutations else None,
             population=num_models_a is not None,
             kernel=kernel,
             threshold=float(threshold),
@@ -206,6 +220,7 @@ class MinibatchCKA:
             HsicSums(self.xy, self.xx, self.yy),
             HsicSums(self.boot_xy, self.boot_xx, self.boot_yy),
             Scales(self.log2_scale_a, self.log2_scale_b),
+            self.null_xy,
         )
 
     @property
@@ -294,8 +309,8 @@ class MinibatchCKA:
         items_b = None if acts_b is None else named_layers(acts_b, "acts_b")
         check_stacked(items_a + (items_b or []), mesh, axis_name)
         check_minibatch(
-            ops.one_minibatch(items_a),
-            None if items_b is None else ops.one_minibatch(items_b),
+            one_minibatch(items_a),
+            None if items_b is None else one_minibatch(items_b),
             self.layouts,
             self.population,
         )
@@ -319,12 +334,14 @@ class MinibatchCKA:
         """
         if not isinstance(other, MinibatchCKA):
             raise ValueError(f"can only merge another MinibatchCKA, got {type(other).__name__}")
-        mine = (self.xy.shape, self.boot_xy.shape, self.population, self.kernel, self.threshold)
-        theirs = (other.xy.shape, other.boot_xy.shape, other.population, other.kernel, other.threshold)
+        mine, theirs = (
+            (acc.xy.shape, acc.boot_xy.shape, acc.num_permutations, acc.population, acc.kernel, acc.threshold)
+            for acc in (self, other)
+        )
         if mine != theirs:
             raise ValueError(
-                "cannot merge accumulators of different layouts: (heatmap, bootstrap, population, kernel, threshold)"
-                f" = {mine} vs {theirs}"
+                "cannot merge accumulators of different layouts: (heatmap, bootstrap, null replicates, population, "
+                f"kernel, threshold) = {mine} vs {theirs}"
             )
         concrete = not isinstance(self.key, jax.core.Tracer) and not isinstance(other.key, jax.core.Tracer)
         if self.num_bootstrap and concrete and np.array_equal(self.key, other.key):

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from cka_jax._checks import Array, to_float
+from cka_jax._checks import to_float
 from cka_jax._hsic_sums import Scales, Totals, batch_hsic, cka_ratio, combine, weighted
 from cka_jax._layer_grams import LayerInputs, batch_totals, fit_grams, upper
+from cka_jax._permutations import null_sums, replicate_keys
 from cka_jax._sharded_sums import sharded_totals
 
 # A cka_jax.MinibatchCKA: its methods check their arguments and call these functions (importing it
@@ -27,7 +28,7 @@ MinibatchCKA = Any
 def plus(acc: MinibatchCKA, totals: Totals, batches: jax.Array | int) -> MinibatchCKA:
     """`acc` plus `totals` (sums from the same kind of accumulator) of `batches` more minibatches;
     sums at different log2 scales are rescaled exactly."""
-    (xy, xx, yy), (boot_xy, boot_xx, boot_yy), (scale_a, scale_b) = combine(acc.totals, totals)
+    (xy, xx, yy), (boot_xy, boot_xx, boot_yy), (scale_a, scale_b), null_xy = combine(acc.totals, totals)
     return dataclasses.replace(
         acc,
         xy=xy,
@@ -39,6 +40,7 @@ def plus(acc: MinibatchCKA, totals: Totals, batches: jax.Array | int) -> Minibat
         boot_yy=boot_yy,
         log2_scale_a=scale_a,
         log2_scale_b=scale_b,
+        null_xy=null_xy,
     )
 
 
@@ -53,9 +55,11 @@ def bootstrap_weights(acc: MinibatchCKA, k: int) -> jax.Array:
     return jax.vmap(draw)(acc.count + jnp.arange(k))
 
 
-def one_minibatch(items: list[tuple[str, Array]]) -> list[tuple[str, jax.ShapeDtypeStruct]]:
-    """Stand-ins (shape and dtype only) for one minibatch of layers stacked as (k, ...)."""
-    return [(label, jax.ShapeDtypeStruct(a.shape[1:], a.dtype)) for label, a in items]
+def null_keys(acc: MinibatchCKA, k: int | None = None) -> jax.Array | None:
+    """Raw keys (k, P, ...) of `acc`'s next k minibatches' null replicates ((P, ...) for k None),
+    or None without replicates."""
+    keys = replicate_keys(acc.key, acc.count + jnp.arange(k or 1), acc.num_permutations)
+    return keys if keys is None or k else keys[0]
 
 
 @partial(jax.jit, static_argnames=("b_is_a", "modes"))
@@ -66,8 +70,8 @@ def update(
     b_is_a: bool,
     modes: tuple[tuple[str, ...] | None, tuple[str, ...] | None],
 ) -> MinibatchCKA:
-    weights = bootstrap_weights(acc, 1)[0]
-    totals = batch_totals(acc.gram_kind, side_a, side_b, b_is_a, weights, acc.totals.scales, acc.xy.dtype, modes)
+    weights, keys = bootstrap_weights(acc, 1)[0], null_keys(acc)
+    totals = batch_totals(acc.gram_kind, side_a, side_b, b_is_a, weights, acc.totals.scales, acc.xy.dtype, modes, keys)
     return plus(acc, totals, 1)
 
 
@@ -80,8 +84,8 @@ def update_grams(acc: MinibatchCKA, grams_a: jax.Array, grams_b: jax.Array | Non
     scales = acc.totals.scales
     ga, scale_a = fitted(grams_a, scales.a)
     gb, scale_b = (None, scale_a) if grams_b is None else fitted(grams_b, scales.b)
-    weights = bootstrap_weights(acc, 1)[0]
-    return plus(acc, weighted(batch_hsic(ga, gb), weights, Scales(scale_a, scale_b), acc.xy.dtype), 1)
+    weights, null = bootstrap_weights(acc, 1)[0], null_sums(ga, gb, null_keys(acc))
+    return plus(acc, weighted(batch_hsic(ga, gb), weights, Scales(scale_a, scale_b), acc.xy.dtype, null), 1)
 
 
 @partial(jax.jit, static_argnames=("b_is_a", "mesh", "axis_name"))
@@ -94,8 +98,8 @@ def update_sharded(
     axis_name: str,
 ) -> MinibatchCKA:
     k = arrays_a[0].shape[0]
-    weights = bootstrap_weights(acc, k)
-    totals = sharded_totals(acc.gram_kind, acc.totals, weights, arrays_a, arrays_b, b_is_a, mesh, axis_name)
+    weights, keys = bootstrap_weights(acc, k), null_keys(acc, k)
+    totals = sharded_totals(acc.gram_kind, acc.totals, weights, keys, arrays_a, arrays_b, b_is_a, mesh, axis_name)
     return plus(acc, totals, k)
 
 

@@ -33,6 +33,7 @@ def compare(
     threshold: float = 1.0,
     debiased: bool = True,
     num_bootstrap: int = 0,
+    num_permutations: int = 0,
     level: float = 0.95,
     seed: int = 0,
     population: bool = False,
@@ -71,7 +72,10 @@ def compare(
         debiased: minibatch CKA (True) or whole-set CKA (False).
         num_bootstrap: > 0 adds a percentile bootstrap interval over minibatches (`interval`).
         level: the interval's confidence level.
-        seed: seed of the bootstrap weights.
+        seed: seed of the bootstrap weights and permutations.
+        num_permutations: > 0 adds permutation p-values (`p_values`, like heatmap) from that many
+            replicates with model b's examples permuted within each minibatch (see
+            `MinibatchCKA.p_values`); minibatch CKA only.
         population: model_a/model_b carry a leading model axis (stacked variables or NNX state;
             activations (models, batch, ...) for callables and streams); the heatmap is one per
             model (model i of a vs model i of b, or vs itself).
@@ -108,7 +112,9 @@ def compare(
         >>> result.layers_a, np.round(result.heatmap, 3).tolist()
         (('pixels', 'doubled'), [[1.0, 1.0], [1.0, 1.0]])
     """
-    options = Options(kernel, threshold, debiased, num_bootstrap, level, seed, population, all_pairs, names)
+    options = Options(
+        kernel, threshold, debiased, num_bootstrap, level, seed, population, all_pairs, names, num_permutations
+    )
     options.check(drop_remainder, max_batches, progress)
     if batches is None:
         raise ValueError("batches is required: compare(model_a, model_b, batches, ...)")
@@ -149,11 +155,17 @@ class Options:
     population: bool
     all_pairs: bool
     names: tuple[str, str] | None
+    num_permutations: int = 0
 
     def check(self, drop_remainder, max_batches, progress) -> None:
         """ValueError (one line) for any option out of range; MinibatchCKA checks its own."""
         MinibatchCKA.create(
-            1, kernel=self.kernel, threshold=self.threshold, num_bootstrap=self.num_bootstrap, seed=self.seed
+            1,
+            kernel=self.kernel,
+            threshold=self.threshold,
+            num_bootstrap=self.num_bootstrap,
+            num_permutations=self.num_permutations,
+            seed=self.seed,
         )
         flags = dict(debiased=self.debiased, population=self.population, all_pairs=self.all_pairs)
         for flag, value in {**flags, "drop_remainder": drop_remainder, "progress": progress}.items():
@@ -164,10 +176,10 @@ class Options:
             raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
         if self.all_pairs and not self.population:
             raise ValueError("all_pairs=True compares every model pair of two populations: it needs population=True")
-        if not self.debiased and (self.num_bootstrap or self.population):
+        if not self.debiased and (self.num_bootstrap or self.population or self.num_permutations):
             raise ValueError(
-                "debiased=False (whole-set CKA) gives one heatmap of two single models; bootstrap intervals and "
-                "populations need the minibatch estimator (debiased=True)"
+                "debiased=False (whole-set CKA) gives one heatmap of two single models; bootstrap intervals, "
+                "permutation p-values and populations need the minibatch estimator (debiased=True)"
             )
         names = self.names
         if names is not None and (
@@ -190,6 +202,7 @@ class Options:
             kernel=self.kernel,
             threshold=self.threshold,
             num_bootstrap=self.num_bootstrap,
+            num_permutations=self.num_permutations,
             seed=self.seed,
         )
 
@@ -258,6 +271,8 @@ def _result(engine: Engine, options: Options, examples: int, used: int) -> CKACo
         debiased=options.debiased,
         level=options.level if options.num_bootstrap else None,
         num_bootstrap=options.num_bootstrap,
+        p_values=options.per_model(acc.p_values()) if options.num_permutations else None,
+        num_permutations=options.num_permutations,
         population=options.population,
         all_pairs=options.all_pairs,
     )

@@ -7,6 +7,8 @@ here only.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 ANNOTATE_UP_TO = 12  # layers per side up to which cell values are written by default
@@ -78,14 +80,21 @@ def _draw(ax, matrix, result, title: str, cmap, annotate: bool, max_labels: int)
     return image
 
 
-def plot_comparison(result, index=None, ax=None, title=None, cmap="magma", max_labels=40, annotate=None):
-    """Draws `result` (a CKAComparison); returns the matplotlib Figure."""
+def plot_comparison(result, index=None, ax=None, title=None, cmap="magma", max_labels=40, annotate=None, alpha=None):
+    """Draws `result` (a CKAComparison); returns the matplotlib Figure. alpha: marks with an open
+    circle the entries whose permutation p-value exceeds it (not significant; needs p_values)."""
     import matplotlib
     import matplotlib.pyplot as plt
 
     if not isinstance(max_labels, int) or max_labels < 1:
         raise ValueError(f"max_labels must be a positive integer, got {max_labels!r}")
     panels = _panels(result, index)
+    if alpha is not None:
+        if result.p_values is None:
+            raise ValueError("alpha marks entries by their p-values: compare with num_permutations > 0")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+            raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+        p_panels = _panels(dataclasses.replace(result, heatmap=result.p_values), index)
     colormap = matplotlib.colormaps[cmap].with_extremes(bad=(0, 0, 0, 0))  # NaN: show the hatching below
     if annotate is None:
         annotate = max(len(result.layers_a), len(result.layers_b)) <= ANNOTATE_UP_TO
@@ -110,6 +119,9 @@ def plot_comparison(result, index=None, ax=None, title=None, cmap="magma", max_l
     for axis, (matrix, label) in zip(axes, panels, strict=False):
         panel_title = heading if len(panels) == 1 else label
         image = _draw(axis, matrix, result, panel_title, colormap, annotate, max_labels)
+        if alpha is not None:
+            rows, cols = np.nonzero(p_panels[axes.index(axis)][0] > alpha)
+            axis.scatter(cols, rows, s=30, facecolors="none", edgecolors="0.6", linewidths=1.0, zorder=3)
     if len(panels) > 1:
         fig.suptitle(heading)
     fig.colorbar(image, ax=axes[: len(panels)], shrink=0.8, label="CKA")

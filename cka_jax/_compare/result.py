@@ -19,7 +19,19 @@ import numpy as np
 from cka_jax import _atomic_file as atomic_file
 
 FORMAT = "cka_jax.compare/1"
-_META = ("name_a", "name_b", "kernel", "threshold", "debiased", "level", "num_bootstrap", "population", "all_pairs")
+_META = (
+    "name_a",
+    "name_b",
+    "kernel",
+    "threshold",
+    "debiased",
+    "level",
+    "num_bootstrap",
+    "population",
+    "all_pairs",
+    "num_permutations",
+)
+_OPTIONAL_META = {"num_permutations": 0}  # fields files written before them lack
 
 
 @dataclasses.dataclass(frozen=True, repr=False, eq=False)
@@ -35,6 +47,8 @@ class CKAComparison:
         num_examples: the examples fed to each model.
         num_minibatches: the minibatches they came in.
         interval: bootstrap (low, high), each like heatmap, when num_bootstrap > 0; else None.
+        p_values: permutation p-values like heatmap (NaN where undefined), when
+            num_permutations > 0; else None.
         name_a: label of model a.
         name_b: label of model b.
         kernel: "linear" or "rbf".
@@ -42,6 +56,7 @@ class CKAComparison:
         debiased: minibatch CKA (True) or whole-set CKA (False).
         level: the interval's confidence level, or None.
         num_bootstrap: the bootstrap replicates behind the interval.
+        num_permutations: the permutation replicates behind p_values.
         population: one heatmap per model.
         all_pairs: every model pair.
 
@@ -65,6 +80,8 @@ class CKAComparison:
     num_bootstrap: int = 0
     population: bool = False
     all_pairs: bool = False
+    p_values: np.ndarray | None = None
+    num_permutations: int = 0
 
     def __post_init__(self):
         """ValueError (one line, naming the argument) for contents no comparison can have: they
@@ -79,6 +96,14 @@ class CKAComparison:
             )
         if self.interval is not None and any(np.shape(b) != shape for b in self.interval):
             raise ValueError(f"interval bounds must have the heatmap's shape {shape}")
+        if not (_is_integer(self.num_permutations) and self.num_permutations >= 0):
+            raise ValueError(f"num_permutations must be an integer >= 0, got {self.num_permutations!r}")
+        if (self.p_values is None) != (self.num_permutations == 0):
+            raise ValueError(f"p_values need num_permutations >= 1 and back, got {self.num_permutations!r}")
+        if self.p_values is not None:
+            p = np.asarray(self.p_values, np.float64)
+            if p.shape != shape or ((p <= 0) | (p > 1)).any():
+                raise ValueError(f"p_values must have the heatmap's shape {shape} and lie in (0, 1] (NaN: undefined)")
 
     @property
     def estimator(self) -> str:
@@ -113,6 +138,7 @@ class CKAComparison:
         cmap: str = "magma",
         max_labels: int = 40,
         annotate: bool | None = None,
+        alpha: float | None = None,
     ):
         """The heatmap in the paper's style (first layer bottom left).
 
@@ -124,6 +150,8 @@ class CKAComparison:
             cmap: a matplotlib colormap name.
             max_labels: at most this many tick labels per axis.
             annotate: write the values in the cells (default: when both sides have at most 12 layers).
+            alpha: mark entries whose permutation p-value exceeds it (not significant at that
+                level; needs num_permutations > 0).
 
         Returns:
             The matplotlib Figure.
@@ -134,7 +162,7 @@ class CKAComparison:
         from cka_jax._compare.plot import plot_comparison
 
         return plot_comparison(
-            self, index=index, ax=ax, title=title, cmap=cmap, max_labels=max_labels, annotate=annotate
+            self, index=index, ax=ax, title=title, cmap=cmap, max_labels=max_labels, annotate=annotate, alpha=alpha
         )
 
     def __repr__(self) -> str:
@@ -149,6 +177,8 @@ class CKAComparison:
         ]
         if self.interval is not None:
             parts.append(f"{self.level:.0%} bootstrap interval ({self.num_bootstrap} replicates)")
+        if self.p_values is not None:
+            parts.append(f"permutation p-values ({self.num_permutations} replicates)")
         if undefined:
             parts.append(f"{undefined} undefined (NaN) entries")
         return (
@@ -263,6 +293,8 @@ def _arrays(result: CKAComparison) -> dict[str, np.ndarray]:
     if result.interval is not None:
         arrays["interval_low"] = np.asarray(result.interval[0], np.float64)
         arrays["interval_high"] = np.asarray(result.interval[1], np.float64)
+    if result.p_values is not None:
+        arrays["p_values"] = np.asarray(result.p_values, np.float64)
     return arrays
 
 
@@ -332,7 +364,7 @@ def _from_arrays(arrays: dict[str, np.ndarray]) -> CKAComparison:
     """The comparison that `_arrays` wrote as `arrays`; ValueError naming the first array or field
     that `save` cannot have written (a wrong dtype or shape, a field of the wrong type)."""
     missing = [key for key in _REQUIRED if key not in arrays]
-    unknown = sorted(set(arrays) - {*_REQUIRED, *_INTERVAL})
+    unknown = sorted(set(arrays) - {*_REQUIRED, *_INTERVAL, "p_values"})
     if missing or unknown:
         raise ValueError(f"missing arrays {missing}" if missing else f"unexpected arrays {unknown}")
     if ("interval_low" in arrays) != ("interval_high" in arrays):
@@ -340,7 +372,7 @@ def _from_arrays(arrays: dict[str, np.ndarray]) -> CKAComparison:
     for key in ("format", "digest", "meta"):
         if arrays[key].dtype.kind != "U" or arrays[key].ndim != 0:
             raise ValueError(f"{key} must be one string, got {arrays[key].dtype} of shape {arrays[key].shape}")
-    for key in ("heatmap", *_INTERVAL):
+    for key in ("heatmap", *_INTERVAL, "p_values"):
         if key in arrays and arrays[key].dtype.kind != "f":
             raise ValueError(f"{key} must hold real floats (CKA values), got dtype {arrays[key].dtype}")
     for key in ("layers_a", "layers_b"):
@@ -354,10 +386,12 @@ def _from_arrays(arrays: dict[str, np.ndarray]) -> CKAComparison:
             f"counts must be 2 integers (num_examples, num_minibatches), got {counts.dtype} of shape {counts.shape}"
         )
     meta = json.loads(str(arrays["meta"]))
+    if isinstance(meta, dict):
+        meta = {**_OPTIONAL_META, **meta}
     if not isinstance(meta, dict) or set(meta) != set(_META):
         fields = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"meta must hold the fields {sorted(_META)}, got {fields}")
-    for key in ("threshold", "level", "num_bootstrap"):  # JSON true/false would pass as 1/0
+    for key in ("threshold", "level", "num_bootstrap", "num_permutations"):  # JSON true/false would pass as 1/0
         if isinstance(meta[key], bool):
             raise ValueError(f"meta field {key} must be a number, got {meta[key]!r}")
     interval = (arrays["interval_low"], arrays["interval_high"]) if "interval_low" in arrays else None
@@ -368,6 +402,7 @@ def _from_arrays(arrays: dict[str, np.ndarray]) -> CKAComparison:
         num_examples=int(counts[0]),
         num_minibatches=int(counts[1]),
         interval=interval,
+        p_values=arrays.get("p_values"),
         **{key: meta[key] for key in _META},
     )
     if interval is not None and (interval[0] > interval[1]).any():  # NaN compares False

@@ -10,6 +10,7 @@ from cka_jax.analysis import (
     deletion,
     disagreement,
     dynamics,
+    layer_identification,
     pcs,
     probes,
     training_curves,
@@ -33,6 +34,7 @@ REPORT_ORDER: tuple[Analysis, ...] = (
     across.ARCHITECTURES,
     disagreement.ANALYSIS,
     cca_measures.CONVERGENCE,
+    layer_identification.ANALYSIS,
 )
 
 ANALYSES: dict[str, Analysis] = {a.name: a for a in REPORT_ORDER}

@@ -1,4 +1,5 @@
-"""Flax (linen) ResNets of the study with every layer's representation exposed and removable blocks.
+"""Flax (linen) ResNets of the study with every layer's representation exposed and removable blocks,
+and Tiny-10 (Kornblith et al. 2019; `Tiny10`, layers conv1..conv8, pool, logits).
 
     model = CifarResNet(depth=14, width=1.0, residual=True, num_classes=10)
     variables = model.init(key, x)                     # {'params', 'batch_stats'}; x (B, H, W, C)
@@ -40,6 +41,7 @@ from cka_jax.models.capture import CAPTURE_PRESETS, CaptureSpec, check_capture, 
 from cka_jax.models.cifar_resnet import CifarResNet
 from cka_jax.models.imagenet_resnet import ImageNetResNet
 from cka_jax.models.resnet import ResNetTrunk
+from cka_jax.models.tiny10 import Tiny10
 
 __all__ = [
     "CAPTURE_PRESETS",
@@ -48,14 +50,19 @@ __all__ = [
     "CifarResNet",
     "ImageNetResNet",
     "ResNetTrunk",
+    "Tiny10",
     "create_model",
     "from_config",
     "representation_names",
     "representation_shapes",
 ]
 
-#: The architectures a run config may name (its `model.name`): name -> class.
-MODELS: dict[str, type[ResNetTrunk]] = {"cifar_resnet": CifarResNet, "imagenet_resnet": ImageNetResNet}
+#: The architectures a run config may name (its `model.name`).
+MODELS: dict[str, type[ResNetTrunk]] = {
+    "cifar_resnet": CifarResNet,
+    "imagenet_resnet": ImageNetResNet,
+    "tiny10": Tiny10,
+}
 #: Fields of a run config's `model` section that every architecture takes.
 SHARED_CONFIG_FIELDS = ("residual", "zero_init_last_bn")
 

@@ -56,10 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_workers = 8  # host threads decoding streamed data
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "cifar_resnet"  # cifar_resnet | imagenet_resnet
+    c.model.name = "cifar_resnet"  # cifar_resnet | imagenet_resnet | tiny10
     c.model.depth = 14  # cifar_resnet: 6n+2
-    c.model.width = 1.0  # cifar_resnet: width multiplier
-    c.model.residual = True
+    c.model.width = 1.0  # cifar_resnet, tiny10: width multiplier
+    c.model.residual = True  # tiny10: must be False
     c.model.stage_sizes = (3, 4, 6, 3)  # imagenet_resnet
     c.model.stage_widths = (1.0, 1.0, 1.0, 1.0)  # imagenet_resnet
     c.model.zero_init_last_bn = False
