@@ -241,8 +241,10 @@ ROWS = [
         2,
     ),
 ]
-RESULT_TYPES = {"CCAResult", "UnitMatching", "CKAComparison"}  # what cca, match_units and compare return
+# what cca, match_units, compare and layer_identification return
+RESULT_TYPES = {"CCAResult", "UnitMatching", "CKAComparison", "LayerIdentification"}
 READERS = {"load_comparison"}  # reads a saved CKAComparison back: no measure to scale
+SCORERS = {"layer_identification"}  # scores given similarity matrices (an argmax per row): no representation
 
 
 def _cases():
@@ -286,7 +288,7 @@ def test_measure_is_scale_invariant_or_equivariant(row, sx, sy):
 
 
 def test_every_public_name_is_covered():
-    covered = {row[1] for row in ROWS} | RESULT_TYPES | READERS
+    covered = {row[1] for row in ROWS} | RESULT_TYPES | READERS | SCORERS
     assert set(ck.__all__) == covered, set(ck.__all__) ^ covered
 
 
