@@ -213,6 +213,7 @@ def test_short_real_training_run_learns_and_analyses(tmp_path):
 
     workdir = str(tmp_path / "run")
     args = [f"--config={CONFIG}:depth=8,size=2,epochs=2,fraction=0.05", "--workdir", workdir]
+    args += ["--config.train.eval_every_epochs=2"]  # one pass over the 10,000 test images, at the end
     code, err = run_train(*args, timeout=300)
     assert code == 0, err
     predictions = np.load(os.path.join(workdir, "predictions", "test.npz"))
