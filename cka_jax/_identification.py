@@ -13,12 +13,14 @@ UNDEFINED = ("nan", "wrong")
 class LayerIdentification(NamedTuple):
     """The outcome of `layer_identification` over M models with L layers each.
 
-    accuracy: float in [0, 1], the fraction of trials identified correctly (NaN with
-        undefined="nan" when any trial is undefined).
-    correct: (M, M, L) float: 1.0 where layer i of model a finds layer i of model b as its unique
-        most similar layer, 0.0 where not, NaN where the trial is undefined and on the diagonal a == b.
-    num_trials: M·(M - 1)·L, the ordered model pairs times the layers.
-    num_undefined: trials whose row of similarities holds a NaN or inf.
+    Attributes:
+        accuracy: float in [0, 1], the fraction of trials identified correctly (NaN with
+            undefined="nan" when any trial is undefined).
+        correct: (M, M, L) float: 1.0 where layer i of model a finds layer i of model b as its
+            unique most similar layer, 0.0 where not, NaN where the trial is undefined and on the
+            diagonal a == b.
+        num_trials: M·(M - 1)·L, the ordered model pairs times the layers.
+        num_undefined: trials whose row of similarities holds a NaN or inf.
     """
 
     accuracy: float

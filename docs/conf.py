@@ -77,7 +77,6 @@ os.environ.setdefault("CKA_JAX_NOTEBOOK_WORKDIR", os.path.join(_workdir, "quicks
 
 html_theme = "sphinx_book_theme"
 html_title = f"cka_jax {release}"
-html_static_path = ["_static"]
 html_theme_options = {
     "show_toc_level": 2,
     "home_page_in_toc": True,

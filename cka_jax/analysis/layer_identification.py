@@ -29,8 +29,10 @@ import numpy as np
 from cka_jax import MinibatchCKA, layer_identification
 from cka_jax.analysis.entry import Analysis, check_models, main_population
 from cka_jax.analysis.identification_measures import basis, similarity_matrices
+from cka_jax.analysis.notes import status_why
 from cka_jax.analysis.outputs import Section, Table, write_json
 from cka_jax.analysis.representations import jitted_apply_fn
+from cka_jax.analysis.undefined import left_out, number
 from cka_jax.models import representation_names
 
 if TYPE_CHECKING:
@@ -119,28 +121,44 @@ def collect(ctx: AnalysisContext, population: TrainedPopulation, layers: tuple[s
 
 
 def identification(collected: dict, layers: tuple[str, ...]) -> dict:
-    """Accuracy and undefined trials of every measure, and the similarity matrices."""
+    """Accuracy and undefined trials of every measure over the models whose layers are all defined
+    (`defined`: a model with a constant or non-finite layer is left out, not scored), and the
+    similarity matrices. Fewer than 2 defined models: every accuracy is None (undefined)."""
     accs, features = collected["accs"], collected["features"]
     sims = {"linear_hsic": _linear_hsic(accs["linear"]), "cka_linear": np.asarray(accs["linear"].result())}
     for t in RBF_THRESHOLDS:
         sims[f"cka_rbf_{t}"] = np.asarray(accs[f"rbf_{t}"].result())
     num_models = next(iter(features.values())).shape[0]
     bases = [[basis(features[name][m]) for name in layers] for m in range(num_models)]
-    sims.update(similarity_matrices(bases))
-    scored = {name: layer_identification(sims[name], undefined="wrong") for name in PAPER}
+    # CKA of a model's layers with themselves is defined unless a layer is constant or non-finite.
+    defined = np.array([all(np.isfinite(np.diagonal(s[m, m])).all() for s in sims.values()) for m in range(num_models)])
+    sims.update(similarity_matrices(bases))  # (these leave the pairs a == b NaN)
+    kept = np.flatnonzero(defined)
+    if len(kept) < 2:
+        return {"measures": dict.fromkeys(PAPER), "undefined": dict.fromkeys(PAPER, 0), "num_trials": 0,
+                "similarities": sims, "defined": defined}  # fmt: skip
+    scored = {name: layer_identification(sims[name][np.ix_(kept, kept)], undefined="wrong") for name in PAPER}
     return {
         "measures": {name: r.accuracy for name, r in scored.items()},
         "undefined": {name: r.num_undefined for name, r in scored.items()},
         "num_trials": next(iter(scored.values())).num_trials,
         "similarities": sims,
+        "defined": defined,
     }
+
+
+def _percent(accuracy: float | None) -> str:
+    return number(None if accuracy is None else 100 * accuracy, 1)
 
 
 def _table(measures: dict[str, float], name: str, num_models: int) -> Table:
     header = ["", *(LABELS[k] for k in PAPER)]
     rows = [
         ["paper: CIFAR-10, Tiny-10, 10 models", *(f"{100 * PAPER[k]:.1f}" for k in PAPER)],
-        [f"here: {name}, {num_models} models", *(f"{100 * measures[k]:.1f}" for k in PAPER)],
+        [
+            f"here: {name}, {num_models} models",
+            *(number(None if measures[k] is None else 100 * measures[k], 1) for k in PAPER),
+        ],
     ]
     return Table(header, rows, "Layer identification accuracy (%): Kornblith et al. 2019, Table 2, and this population")
 
@@ -159,12 +177,15 @@ def section(ctx: AnalysisContext) -> Section:
         "layers": list(layers),
         "undefined": result["undefined"],
         "num_trials": result["num_trials"],
+        "models_scored": np.flatnonzero(result["defined"]).tolist(),
         "cca_features": features,
         "paper": PAPER,
         "examples": "training set",
     }
     write_json(ctx.path("layer_identification.json"), out)
     undefined = {k: v for k, v in result["undefined"].items() if v}
+    kept = int(result["defined"].sum())
+    models_note = left_out(result["defined"], status_why(ctx.status(population), "a constant or non-finite layer"))
     text = (
         f"For each of the {population.size} models, each of its {len(layers)} layers ({', '.join(layers)}) and each "
         "other model: is the other model's most similar layer the same layer (unique maximum; ties count as wrong)? "
@@ -174,10 +195,11 @@ def section(ctx: AnalysisContext) -> Section:
         "random subset of each layer's flattened features, the same in every model, because CCA needs many more "
         f"examples than features: {', '.join(f'{k} {v}' for k, v in features.items())} features. "
         "PWCCA and regression are asymmetric and use S + Sᵀ. "
+        + (f"Accuracies: {models_note}. " if models_note else "")
         + (f"Undefined trials (counted as wrong): {undefined}. " if undefined else "")
         + "layer_identification.json holds the accuracies (in [0, 1])."
     )
-    table = _table(result["measures"], population.name, population.size)
+    table = _table(result["measures"], population.name, kept)
     return Section(
         "layer_identification",
         "Layer identification (Kornblith et al. 2019, Table 2)",
