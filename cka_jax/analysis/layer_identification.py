@@ -185,7 +185,11 @@ def section(ctx: AnalysisContext) -> Section:
     write_json(ctx.path("layer_identification.json"), out)
     undefined = {k: v for k, v in result["undefined"].items() if v}
     kept = int(result["defined"].sum())
-    models_note = left_out(result["defined"], status_why(ctx.status(population), "a constant or non-finite layer"))
+    models_note = (
+        ""  # every model scored: the layers' status (a within-CKA pass) is not needed
+        if result["defined"].all()
+        else left_out(result["defined"], status_why(ctx.status(population), "a constant or non-finite layer"))
+    )
     text = (
         f"For each of the {population.size} models, each of its {len(layers)} layers ({', '.join(layers)}) and each "
         "other model: is the other model's most similar layer the same layer (unique maximum; ties count as wrong)? "

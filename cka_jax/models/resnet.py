@@ -35,6 +35,12 @@ def check_width(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+def check_images(x: jax.Array) -> None:
+    """ValueError unless `x` is a batch of images, (batch, height, width, channels)."""
+    if x.ndim != 4:
+        raise ValueError(f"input must be (batch, height, width, channels), got shape {x.shape}")
+
+
 def scaled_channels(base: int, multiplier: float, what: str) -> int:
     """round(base · multiplier), ValueError when that leaves no channel."""
     channels = round(base * multiplier)
@@ -99,8 +105,7 @@ class ResNetTrunk(nn.Module):
         capture: capture_lib.CaptureSpec | None = None,
         skip_blocks: str | Iterable[str] = (),
     ) -> jax.Array | tuple[jax.Array, Taps]:
-        if x.ndim != 4:
-            raise ValueError(f"input must be (batch, height, width, channels), got shape {x.shape}")
+        check_images(x)
         skip = capture_lib.check_skip_blocks(skip_blocks, self.block_names(), self.residual)
         if capture is not None:
             capture_lib.check_capture(capture, self.layer_names())

@@ -17,7 +17,7 @@ from flax import linen as nn
 
 from cka_jax.models import capture as capture_lib
 from cka_jax.models.layers import BasicBlock, Taps, classifier_head, conv_factory, norm_factory
-from cka_jax.models.resnet import ResNetTrunk, check_positive_int, check_width, scaled_channels
+from cka_jax.models.resnet import ResNetTrunk, check_images, check_positive_int, check_width, scaled_channels
 
 # (base channels, kernel, stride, padding) of the eight convolutions, in network order.
 CONVS: tuple[tuple[int, int, int, str], ...] = (
@@ -80,8 +80,7 @@ class Tiny10(ResNetTrunk):
         capture: capture_lib.CaptureSpec | None = None,
         skip_blocks: str | Iterable[str] = (),
     ) -> jax.Array | tuple[jax.Array, Taps]:
-        if x.ndim != 4:
-            raise ValueError(f"input must be (batch, height, width, channels), got shape {x.shape}")
+        check_images(x)
         capture_lib.check_skip_blocks(skip_blocks, (), False)
         if capture is not None:
             capture_lib.check_capture(capture, LAYERS)
