@@ -393,6 +393,11 @@ CLI_MISTAKES = [
         lambda t: ["--config", _write(f"{t}/empty.py", "x = 1\n")],
         ["config file defines no get_config"],
     ),
+    (  # the config file's own AttributeError is not taken for an unknown field
+        "config_raises_attribute_error",
+        lambda t: ["--config", _write(f"{t}/raises.py", "def get_config():\n    return None.x\n")],
+        ["AttributeError: 'NoneType' object has no attribute 'x'"],
+    ),
     ("bad_config_argument", lambda t: ["--config", DIGITS + ":depth=abc"], ["depth", "'abc'"]),
     ("unknown_config_argument", lambda t: ["--config", DIGITS + ":dpth=8"], ["dpth=8"]),
     ("warmup_inf", lambda t: TINY + ["--config.train.warmup_epochs=inf"], ["warmup_epochs", "inf"]),

@@ -114,15 +114,18 @@ def config_flag_error(error: Exception) -> str:
     if "has no attribute 'get_config'" in text:
         return "the config file defines no get_config() function"
     if isinstance(error, (KeyError, AttributeError)):
-        name = re.search(r"""Key "([\w.]+)"|'([\w.]+)'""", text)
-        suggestion = re.search(r'Did you mean "([^"]*)"', text)
-        if name:
-            field = name.group(1) or name.group(2)
+        # ml_collections names an unknown field alone on the first line ('depht'), or as a locked
+        # ConfigDict's Key "depht" does not exist; any other message is the config file's own error.
+        locked = re.search(r'Key "([\w.]+)" does not exist', text)
+        first = text.splitlines()[0].strip("'\" ") if text else ""
+        field = locked.group(1) if locked else first if re.fullmatch(r"[\w.]+", first) else None
+        if field:
+            suggestion = re.search(r'Did you mean "([^"]*)"', text)
             hint = f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""
             return f"unknown config field {field!r}{hint}"
     if "Traceback" in text:  # an error raised by the config file's get_config, e.g. for a bad :arg
         return "config file: " + [line for line in text.splitlines() if line.strip()][-1]
-    if isinstance(error, flags.Error) or not isinstance(error, Exception):
+    if isinstance(error, flags.Error):
         return text
     return f"config file: {type(error).__name__}: {text}"
 
