@@ -146,12 +146,15 @@ def check_flag(value: Any, name: str) -> None:
 
 
 def check_count(value: Any, name: str, minimum: int | None) -> None:
-    """ValueError unless value is an integer (not a bool) >= minimum (any integer for None)."""
+    """ValueError unless value is an integer (not a bool) >= minimum (any integer for None). A count
+    (minimum given) sizes an array axis, so it must also be at most 2**31 - 1, not wrap on the way in."""
     if not is_int(value) or (minimum is not None and value < minimum):
         kind = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(
             minimum, f"an integer >= {minimum}"
         )
         raise ValueError(f"{name} must be {kind}, got {value!r}")
+    if minimum is not None and value > 2**31 - 1:
+        raise ValueError(f"{name}={value} is too large: it sizes an array axis, at most 2**31 - 1")
 
 
 def check_threshold(threshold: Any) -> None:

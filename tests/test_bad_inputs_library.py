@@ -165,6 +165,11 @@ MISUSE = {
     ),
     "sparse_prediction_loss-seed-text": (lambda: ck.sparse_prediction_loss(_x(), _y(), [0.1], seed="a"), "seed"),
     "MinibatchCKA.create-bool-layers": (lambda: MinibatchCKA.create(True), "num_layers_a must be a positive integer"),
+    "MinibatchCKA.create-huge-permutations": (
+        lambda: MinibatchCKA.create(1, num_permutations=2**70),
+        "num_permutations=1180591620717411303424 is too large",
+    ),
+    "MinibatchCKA.create-huge-layers": (lambda: MinibatchCKA.create(2**31), "num_layers_a=2147483648 is too large"),
     "MinibatchCKA.create-bool-layers_b": (lambda: MinibatchCKA.create(2, True), "num_layers_b"),
     "MinibatchCKA.create-bool-models": (lambda: MinibatchCKA.create(2, num_models_a=True), "num_models_a"),
     "MinibatchCKA.create-float-layers": (lambda: MinibatchCKA.create(2.0), "num_layers_a"),
