@@ -44,6 +44,7 @@ SHARED_FIXTURES = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Puts each test that uses a fixture of SHARED_FIXTURES in the xdist group of its module."""
     for item in items:

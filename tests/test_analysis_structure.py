@@ -3,11 +3,10 @@ that need no matplotlib backend, and the public names of `cka_jax.analysis`."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from fresh_interpreter import run_fresh
 from matplotlib.figure import Figure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,9 +23,7 @@ def imported_after(statement: str) -> dict:
         "'pyplot': 'matplotlib.pyplot' in sys.modules, 'backend': matplotlib.rcParams['backend']}))"
     )
     env = {**os.environ, "MPLBACKEND": "svg", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+    result = run_fresh(code, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tiny
+from fresh_interpreter import run_fresh
 
 from cka_jax.analysis import inputs as analysis_workdir
 from cka_jax.train import checkpoints, loop
@@ -363,8 +363,9 @@ def test_reading_a_population_loads_no_training_module(trained):
         f"inputs.load_population({trained[0]!r})\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'optax' or m.startswith('cka_jax.train')))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "[]"
+    result = run_fresh(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.slow
@@ -373,7 +374,7 @@ def test_reading_beside_a_running_training(tmp_path):
     checkpoint (or say that training is still writing), never crash (2 in 3 did)."""
     workdir = str(tmp_path / "run")
     flags = _tiny_flags(workdir) + [
-        "--config.train.epochs=12",
+        "--config.train.epochs=6",
         "--config.checkpoint.every_steps=1",
         "--config.checkpoint.max_to_keep=1",
     ]

@@ -323,7 +323,8 @@ def test_sigterm_while_starting_exits_143_at_once(tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_stop_signal_during_setup_stops_before_training_and_resumes(tmp_path, signum):
     workdir = str(tmp_path / "run")
-    args = [*TINY, "--config.train.epochs=2", "--workdir", workdir]
+    # setup includes timing the chunk sizes (population.strategy=auto, the default)
+    args = [*TINY, "--config.train.epochs=2", "--config.population.strategy=auto", "--workdir", workdir]
     proc = start_train(*args)
     deadline = time.time() + 120
     while not os.path.exists(os.path.join(workdir, "config.json")):  # setup has begun

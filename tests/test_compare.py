@@ -3,8 +3,6 @@ linen, NNX, callable and activation-stream models; populations, sharding, bad in
 and the plot."""
 
 import os
-import subprocess
-import sys
 import warnings
 
 import jax
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import nnx
+from fresh_interpreter import run_fresh
 
 import cka_jax
 import cka_jax.models
@@ -450,5 +449,5 @@ def test_import_stays_light():
         "print(sorted(m.split('.')[0] for m in set(sys.modules) - before if not m.startswith('cka_jax')))"
     )
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(cka_jax.__file__))}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    assert out.stdout.strip() == "[]"
+    out = run_fresh(code, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]

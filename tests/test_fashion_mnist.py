@@ -206,18 +206,18 @@ def test_damaged_file_stops_train_py_with_one_line(tmp_path):
 @pytest.mark.slow
 @needs_files
 def test_short_real_training_run_learns_and_analyses(tmp_path):
-    """2 ResNet-8 on 1/20 of the real training set for 2 epochs (46 steps; 0.66 to 0.68 test
-    accuracy measured): they learn (chance: 0.1), the predictions cover the real test set, and
+    """A ResNet-8 (0.5x) on 1/20 of the real training set for 2 epochs (46 steps; 0.60 test
+    accuracy measured): it learns (chance: 0.1), the predictions cover the real test set, and
     analyze.py reads it back."""
     import subprocess
 
     workdir = str(tmp_path / "run")
-    args = [f"--config={CONFIG}:depth=8,size=2,epochs=2,fraction=0.05", "--workdir", workdir]
+    args = [f"--config={CONFIG}:depth=8,width=0.5,size=1,epochs=2,fraction=0.05", "--workdir", workdir]
     args += ["--config.train.eval_every_epochs=2"]  # one pass over the 10,000 test images, at the end
     code, err = run_train(*args, timeout=300)
     assert code == 0, err
     predictions = np.load(os.path.join(workdir, "predictions", "test.npz"))
-    assert predictions["logits"].shape == (2, 10000, 10)
+    assert predictions["logits"].shape == (1, 10000, 10)
     assert np.mean(predictions["logits"].argmax(-1) == predictions["labels"]) > 0.4
     analyze = [sys.executable, os.path.join(ROOT, "analyze.py"), "--workdir", workdir, "--analyses=within,blocks"]
     result = subprocess.run(analyze, capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import ast
 import pathlib
-import subprocess
-import sys
 
 import pytest
+from fresh_interpreter import run_fresh
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "cka_jax"
 
@@ -122,8 +121,9 @@ def test_importing_a_layer_loads_no_heavy_dependency(package):
         f"importlib.import_module({package!r})\n"
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({NOT_LOADED[package]!r})))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]", f"import {package} loads {out.strip()}"
+    result = run_fresh(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", f"import {package} loads {result.stdout.strip()}"
 
 
 MODULE_NAMES = {module_name(p) for p in MODULES}

@@ -14,13 +14,16 @@ DIGITS = os.path.join(ROOT, "configs", "digits.py")
 # The tests compile the same small programs again and again: keep them across tests and runs, in
 # the cache conftest.py chose (one per xdist worker).
 CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "cka_jax_test_xla")
-# train.py's flags for 2 models of ResNet-8 (1/4 width) on 144 digits: 4 steps per epoch.
+# train.py's flags for 2 models of ResNet-8 (1/4 width) on 144 digits: 4 steps per epoch, one
+# model per call (population.strategy=auto would time both chunk sizes first: test_strategy_tuning
+# tests it; the setup-signal tests ask for it).
 TINY_FLAGS = [
     "--config",
     DIGITS + ":depth=8,width=0.25,size=2",
     "--config.data.fraction=0.1",
     "--config.train.batch_size=32",
     "--config.train.eval_batch_size=360",
+    "--config.population.strategy=loop",
 ]
 
 
