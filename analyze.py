@@ -22,56 +22,40 @@ written before it are kept, the file being written is not left half-written, no 
 is left; rerunning the same command runs every analysis again.
 """
 
+import contextlib
+import logging
+import os
 import signal
 import sys
+from typing import TYPE_CHECKING, NoReturn
+
+from absl import app, flags
+
+if TYPE_CHECKING:
+    from cka_jax.analysis.context import AnalysisOptions
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _EARLY_SIGNALS: list[int] = []  # stop signals received before main took over their handling
-if __name__ == "__main__":  # the imports below take seconds: honour a signal sent meanwhile
-    for _signal in STOP_SIGNALS:
-        signal.signal(_signal, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
-import contextlib  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-from typing import NoReturn  # noqa: E402
-
-import matplotlib  # noqa: E402
-from absl import app, flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
-
-from cka_jax.analysis import runner  # noqa: E402
-from cka_jax.analysis.context import AnalysisOptions  # noqa: E402
-from cka_jax.analysis.inputs import AnalysisInputError, check_workdir, has_test_images  # noqa: E402
-from cka_jax.workdir import Workdir  # noqa: E402
-
-DEFAULTS = AnalysisOptions()
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "Trained workdir to analyse (train.py output).")
 _COMPARE = flags.DEFINE_multi_string("compare", [], "Further workdirs to compare with (repeatable).")
 _OUTDIR = flags.DEFINE_string(
     "outdir", None, "Output directory (default: <workdir>/analysis, or analysis/ when --workdir is not given)."
 )
-_ANALYSES = flags.DEFINE_list(
-    "analyses", [], f"Analyses to run (default: all that apply): {', '.join(runner.ANALYSES)}."
-)
-_BATCH = flags.DEFINE_integer("batch_size", DEFAULTS.batch_size, "CKA minibatch size (at most).")
-_PASSES = flags.DEFINE_integer("passes", DEFAULTS.passes, "Passes over the test set for CKA (paper: 10).")
-_MAX_EXAMPLES = flags.DEFINE_integer(
-    "max_examples", DEFAULTS.max_examples, "Test examples for PCs, CCA, unit matching and sparse prediction."
-)
-_MAX_MODELS = flags.DEFINE_integer(
-    "max_models", DEFAULTS.max_models, "Models per population for pairwise cross-seed analyses."
-)
-_THRESHOLD = flags.DEFINE_float(
-    "block_threshold", DEFAULTS.block_threshold, "Pairwise CKA every pair of layers in a block structure reaches."
-)
-_PROBE_STEPS = flags.DEFINE_integer("probe_steps", DEFAULTS.probe_steps, "Optimizer steps per linear probe.")
-_ALPHA = flags.DEFINE_float("alpha", DEFAULTS.alpha, "Significance level of the per-class tests.")
-_FDR = flags.DEFINE_bool("fdr", DEFAULTS.fdr, "Benjamini-Hochberg correct the per-class tests.")
-_BOOTSTRAP = flags.DEFINE_integer("num_bootstrap", DEFAULTS.num_bootstrap, "Bootstrap resamples.")
-_SEED = flags.DEFINE_integer("seed", DEFAULTS.seed, "Seed of shuffles and bootstrap resamples.")
+# The flags of AnalysisOptions' fields, which share their names, types and defaults: defined by
+# parse_flags (see define_analysis_flags).
+OPTION_FLAGS = {
+    "batch_size": "CKA minibatch size (at most).",
+    "passes": "Passes over the test set for CKA (paper: 10).",
+    "max_examples": "Test examples for PCs, CCA, unit matching and sparse prediction.",
+    "max_models": "Models per population for pairwise cross-seed analyses.",
+    "block_threshold": "Pairwise CKA every pair of layers in a block structure reaches.",
+    "probe_steps": "Optimizer steps per linear probe.",
+    "alpha": "Significance level of the per-class tests.",
+    "fdr": "Benjamini-Hochberg correct the per-class tests.",
+    "num_bootstrap": "Bootstrap resamples.",
+    "seed": "Seed of shuffles and bootstrap resamples.",
+}
 
 
 def fail(message: str) -> NoReturn:
@@ -108,33 +92,47 @@ def stopped(signum: int, what: str) -> NoReturn:
     sys.exit(128 + signum)
 
 
+def define_analysis_flags() -> None:
+    """--analyses and OPTION_FLAGS, whose help needs the analysis package (its registry names the
+    analyses; AnalysisOptions holds the defaults --help shows): defined when the flags are
+    parsed, so that importing the package's jax and friends waits until the stop signals are held."""
+    from cka_jax.analysis import runner
+    from cka_jax.analysis.context import AnalysisOptions
+
+    flags.DEFINE_list("analyses", [], f"Analyses to run (default: all that apply): {', '.join(runner.ANALYSES)}.")
+    defaults = AnalysisOptions()
+    for name, help_text in OPTION_FLAGS.items():
+        default = getattr(defaults, name)
+        if isinstance(default, bool):
+            flags.DEFINE_bool(name, default, help_text)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(name, default, help_text)
+        else:
+            flags.DEFINE_float(name, default, help_text)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flags, this module's and define_analysis_flags'; a mistake: one line, exit 2."""
+    define_analysis_flags()
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
         fail(f"{error}; pass --help for usage")
 
 
-def analysis_options() -> AnalysisOptions:
+def analysis_options() -> "AnalysisOptions":
     """The options from the flags (which share their names); exit 2 naming the first bad one."""
+    from cka_jax.analysis.context import AnalysisOptions
+
     try:
-        return AnalysisOptions(
-            batch_size=_BATCH.value,
-            passes=_PASSES.value,
-            max_examples=_MAX_EXAMPLES.value,
-            max_models=_MAX_MODELS.value,
-            block_threshold=_THRESHOLD.value,
-            probe_steps=_PROBE_STEPS.value,
-            alpha=_ALPHA.value,
-            fdr=_FDR.value,
-            num_bootstrap=_BOOTSTRAP.value,
-            seed=_SEED.value,
-        )
+        return AnalysisOptions(**{name: getattr(flags.FLAGS, name) for name in OPTION_FLAGS})
     except ValueError as error:
         fail(f"--{error}")
 
 
 def main(argv: list[str]) -> None:
+    from cka_jax.workdir import Workdir
+
     outdir = _OUTDIR.value or (Workdir(_WORKDIR.value).analysis if flags.FLAGS["workdir"].present else "analysis")
     created = not os.path.lexists(outdir)
     for signum in STOP_SIGNALS:  # from here on a stop signal raises Stopped
@@ -159,6 +157,14 @@ def main(argv: list[str]) -> None:
 
 
 def analyze(argv: list[str]) -> None:
+    import matplotlib
+    from absl import logging as absl_logging
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from cka_jax.analysis import runner
+    from cka_jax.analysis.inputs import AnalysisInputError, check_workdir, has_test_images
+
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-restore INFO lines
@@ -173,13 +179,13 @@ def analyze(argv: list[str]) -> None:
     matplotlib.use("Agg")
     try:
         has_images = has_test_images(check_workdir(_WORKDIR.value))
-        names = runner.choose_analyses(_ANALYSES.value, bool(_COMPARE.value), has_images)
+        names = runner.choose_analyses(flags.FLAGS.analyses, bool(_COMPARE.value), has_images)
         with logging_redirect_tqdm([logger]):
             outdir = _OUTDIR.value or (None if flags.FLAGS["workdir"].present else "analysis")
             ctx = runner.load_context(
                 _WORKDIR.value, _COMPARE.value, outdir, options, tqdm, images=runner.needs_images(names)
             )
-            runner.run_analyses(ctx, names, tqdm, skip_inapplicable=not _ANALYSES.value)
+            runner.run_analyses(ctx, names, tqdm, skip_inapplicable=not flags.FLAGS.analyses)
     except AnalysisInputError as error:
         fail(str(error))
     except runner.AnalysesFailed as error:
@@ -189,4 +195,6 @@ def analyze(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    for _signal in STOP_SIGNALS:  # until main handles them: the analysis package takes seconds to import
+        signal.signal(_signal, lambda signum, frame: _EARLY_SIGNALS.append(signum))
     app.run(main, flags_parser=parse_flags)

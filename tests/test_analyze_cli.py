@@ -1,4 +1,5 @@
-"""analyze.py end to end on tiny trained workdirs, and its errors on bad input."""
+"""analyze.py end to end on tiny trained workdirs, and its errors on bad input: run in this process
+(`run_analyze_here`) but for the stop signals, which are sent to a separate analyze.py process."""
 
 import glob
 import json
@@ -11,7 +12,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-from tiny import ROOT, analyze
+from in_process import run_analyze_here
+from tiny import ROOT
 
 from cka_jax.analysis import runner
 from cka_jax.analysis.deletion import deletion_accuracy
@@ -19,14 +21,19 @@ from cka_jax.analysis.inputs import AnalysisInputError, load_correct
 from cka_jax.analysis.outputs import Section, write_npz
 from cka_jax.workdir import Workdir
 
-FAST = ["--max_examples=200", "--probe_steps=50", "--num_bootstrap=100"]
+# Small options for the runs over every analysis (no test reads the numbers they change), the same
+# in `analysed` and the undefined-models test so that the programs one compiles serve the other.
+FAST_OPTIONS = {"max_examples": 100, "probe_steps": 5, "num_bootstrap": 50}
+FAST = [f"--{name}={value}" for name, value in FAST_OPTIONS.items()]
 BLOCK_OUTPUTS = ["stem", "stage1/block1/post_residual", "stage2/block1/post_residual", "stage3/block1/post_residual"]
 
 
 @pytest.fixture(scope="session")
 def analysed(workdirs, tmp_path_factory):
+    """The output directory of analyze.py over both `workdirs` (narrow, compared with wide), every
+    analysis, with FAST options."""
     out = str(tmp_path_factory.mktemp("analysis"))
-    result = analyze(f"--workdir={workdirs[0]}", f"--compare={workdirs[1]}", f"--outdir={out}", *FAST)
+    result = run_analyze_here(f"--workdir={workdirs[0]}", f"--compare={workdirs[1]}", f"--outdir={out}", *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -118,7 +125,7 @@ class BrokenArray:
 @pytest.mark.slow
 def test_unknown_analysis_is_an_error_and_writes_nothing(workdirs, tmp_path):
     out = str(tmp_path / "out")
-    result = analyze(f"--workdir={workdirs[0]}", f"--outdir={out}", "--analyses=within,heatmapz")
+    result = run_analyze_here(f"--workdir={workdirs[0]}", f"--outdir={out}", "--analyses=within,heatmapz")
     assert result.returncode == 2
     assert "unknown analysis name(s) ['heatmapz']" in result.stderr
     assert not os.path.exists(out)
@@ -126,7 +133,7 @@ def test_unknown_analysis_is_an_error_and_writes_nothing(workdirs, tmp_path):
 
 @pytest.mark.slow
 def test_missing_default_workdir_says_how_to_train_it(tmp_path):
-    result = analyze(cwd=str(tmp_path))
+    result = run_analyze_here(cwd=str(tmp_path))
     assert result.returncode == 2 and "workdir/default" in result.stderr and "train.py" in result.stderr
 
 
@@ -229,7 +236,7 @@ def test_undefined_models_are_reported_as_undefined_by_every_analysis(workdirs, 
     from cka_jax.analysis.context import AnalysisOptions
 
     out = str(tmp_path / "out")
-    options = AnalysisOptions(max_examples=100, probe_steps=5, num_bootstrap=50)
+    options = AnalysisOptions(**FAST_OPTIONS)
     ctx = runner.load_context(workdirs[0], [workdirs[1]], outdir=out, options=options)
     ctx.populations[0] = with_models(ctx.populations[0], nan_model(1))
     ctx.populations[1] = with_models(ctx.populations[1], lambda a: a.at[1].set(0) if a.ndim > 1 else a)

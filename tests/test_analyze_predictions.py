@@ -1,4 +1,5 @@
-"""Analyses from predictions alone: streamed (ImageNet) workdirs, read without their models."""
+"""Analyses from predictions alone: streamed (ImageNet) workdirs, read without their models
+(analyze.py run in this process: `run_analyze_here`)."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from tiny import analyze
+from in_process import run_analyze_here
 
 from cka_jax.analysis import runner
 from cka_jax.analysis.inputs import AnalysisInputError, load_correct, load_labels
@@ -141,7 +142,7 @@ def imagenet_runs(tmp_path_factory):
 def test_streamed_populations_are_compared_from_predictions(imagenet_runs, tmp_path):
     deeper, wider, planted = imagenet_runs
     out = str(tmp_path / "analysis")
-    result = analyze(f"--workdir={deeper}", f"--compare={wider}", f"--outdir={out}")
+    result = run_analyze_here(f"--workdir={deeper}", f"--compare={wider}", f"--outdir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.load(open(os.path.join(out, "disagreement.json")))[0]
     assert record["classes_differing"] == planted.tolist()
@@ -167,7 +168,9 @@ def test_streamed_populations_are_not_restored(imagenet_runs):
 def test_image_analyses_of_streamed_populations_are_refused(imagenet_runs, tmp_path):
     deeper, wider, _ = imagenet_runs
     out = str(tmp_path / "out")
-    result = analyze(f"--workdir={deeper}", f"--compare={wider}", f"--outdir={out}", "--analyses=within,disagreement")
+    result = run_analyze_here(
+        f"--workdir={deeper}", f"--compare={wider}", f"--outdir={out}", "--analyses=within,disagreement"
+    )
     assert result.returncode == 2 and "['within'] need the test images in memory" in result.stderr
     assert not os.path.exists(out)
     with pytest.raises(AnalysisInputError, match="'imagenet2012' is streamed"):
@@ -177,7 +180,7 @@ def test_image_analyses_of_streamed_populations_are_refused(imagenet_runs, tmp_p
 @pytest.mark.slow
 def test_streamed_population_alone_gets_its_training_curves(imagenet_runs, tmp_path):
     out = str(tmp_path / "out")
-    result = analyze(f"--workdir={imagenet_runs[0]}", f"--outdir={out}")
+    result = run_analyze_here(f"--workdir={imagenet_runs[0]}", f"--outdir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(os.path.join(out, "sections"))) == ["training.json"]
     assert os.path.exists(os.path.join(out, "training_curves.png"))

@@ -1,11 +1,13 @@
 """analyze.py refuses bad input with one line naming it, exit status 2, no traceback, and nothing
-written: flags, workdirs, configs, predictions and output directories, one row each."""
+written: flags, workdirs, configs, predictions and output directories, one row each, run in this
+process (`run_analyze_here`); one row again as a separate process, the real command line end to end."""
 
 import os
 import shutil
 
 import numpy as np
 import pytest
+from in_process import run_analyze_here
 from tiny import analyze
 
 from cka_jax.workdir import Workdir
@@ -100,9 +102,15 @@ ROWS = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("row", list(ROWS))
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(row, workdirs, tmp_path):
+# The row also run as a separate process: it restores the checkpoints and loads the test set
+# before refusing, so the most of a real run's start (imports, orbax, data loading) must print
+# nothing beside the one line, including what libraries write to file descriptor 2 themselves.
+SEPARATE_PROCESS_ROW = "max_examples=10-cca"
+
+
+def check_bad_input(row, workdirs, tmp_path, run):
+    """Runs analyze.py with `run` (in this process or another) on copies of `workdirs` damaged as
+    ROWS[row] says, and checks the one line, the exit status 2 and that nothing was written."""
     flags, damage, expected = ROWS[row]
     main, compare = str(tmp_path / "narrow"), str(tmp_path / "wide")
     shutil.copytree(workdirs[0], main)
@@ -120,10 +128,22 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(row, workdirs, tmp_path
         args.append(f"--compare={compare}")
     args += [f.format(**names) for f in flags]
     before = {p: sorted(os.listdir(p)) for p in (main, compare)}
-    result = analyze(*args)
+    result = run(*args)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("analyze.py: error: "), result.stderr[-2000:]
     assert expected in lines[0] and "Traceback" not in result.stderr
+    assert result.stdout == ""
     assert not out.exists() and regular_file.read_text() == "not a directory"
     assert {p: sorted(os.listdir(p)) for p in (main, compare)} == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", list(ROWS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(row, workdirs, tmp_path):
+    check_bad_input(row, workdirs, tmp_path, run_analyze_here)
+
+
+@pytest.mark.slow
+def test_bad_input_in_a_separate_process_is_one_line_exit_2_and_writes_nothing(workdirs, tmp_path):
+    check_bad_input(SEPARATE_PROCESS_ROW, workdirs, tmp_path, analyze)
