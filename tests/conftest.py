@@ -13,19 +13,20 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Every program goes into XLA's persistent compilation cache (see pytest_configure), however quick
 # to compile: the tests build the same small programs again and again.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# A size limit turns on the cache's file lock around each read and write (jax's LRUCache), which
+# lets every xdist worker and every train.py or analyze.py they start share one cache: without it
+# an entry is written in place, and a process reading it meanwhile warns on stderr, which the
+# tests of one-line errors would see.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
 
 def pytest_configure(config):
-    """XLA's persistent compilation cache, used by every test and the train.py runs they start:
-    most of the fast loop's time is compiling each test's shapes, which a second run reads back.
-    One cache per xdist worker (gw0, gw1, ...; set before the test modules import jax): JAX writes
-    an entry in place, so a worker reading it while another writes it would warn on stderr, which
-    the tests of one-line errors would see."""
-    if "CKA_JAX_TEST_XLA_CACHE" not in os.environ:  # the first pytest process: xdist's workers inherit it
-        default = os.path.join(tempfile.gettempdir(), "cka_jax_test_xla")
-        os.environ["CKA_JAX_TEST_XLA_CACHE"] = os.environ.get("JAX_COMPILATION_CACHE_DIR", default)
-    worker = getattr(config, "workerinput", {}).get("workerid")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["CKA_JAX_TEST_XLA_CACHE"] + (f"_{worker}" if worker else "")
+    """XLA's persistent compilation cache, used by every test and the train.py runs they start
+    (set before the test modules import jax): most of the fast loop's time is compiling each
+    test's shapes, which a second run reads back, and a program one worker compiled is read
+    back by the others."""
+    default = os.path.join(tempfile.gettempdir(), "cka_jax_tests_xla")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ.get("CKA_JAX_TEST_XLA_CACHE", default))
 
 
 # Module-scoped fixtures that train populations (or run analyze.py) for several tests: under

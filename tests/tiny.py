@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.py")
 # The tests compile the same small programs again and again: keep them across tests and runs, in
 # the cache conftest.py chose (one per xdist worker).
-CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "cka_jax_test_xla")
+CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "cka_jax_tests_xla")
 # train.py's flags for 2 models of ResNet-8 (1/4 width) on 144 digits: 4 steps per epoch, one
 # model per call (population.strategy=auto would time both chunk sizes first: test_strategy_tuning
 # tests it; the setup-signal tests ask for it).
