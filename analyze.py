@@ -32,6 +32,7 @@ if __name__ == "__main__":  # the imports below take seconds: honour a signal se
         signal.signal(_signal, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
 import contextlib  # noqa: E402
+import gc  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 from typing import NoReturn  # noqa: E402
@@ -189,4 +190,10 @@ def analyze(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    try:
+        app.run(main, flags_parser=parse_flags)  # always ends with SystemExit
+    finally:
+        # The process ends now, its files written and closed: the exit handlers still run, but the
+        # interpreter's last garbage collections skip the objects that jax, flax, matplotlib and
+        # scipy left (about 1 s of CPU otherwise).
+        gc.freeze()
