@@ -23,6 +23,7 @@ is left; rerunning the same command runs every analysis again.
 """
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -197,4 +198,10 @@ def analyze(argv: list[str]) -> None:
 if __name__ == "__main__":
     for _signal in STOP_SIGNALS:  # until main handles them: the analysis package takes seconds to import
         signal.signal(_signal, lambda signum, frame: _EARLY_SIGNALS.append(signum))
-    app.run(main, flags_parser=parse_flags)
+    try:
+        app.run(main, flags_parser=parse_flags)  # always ends with SystemExit
+    finally:
+        # The process ends now, its files written and closed: the exit handlers still run, but the
+        # interpreter's last garbage collections skip the objects that jax, flax, matplotlib and
+        # scipy left (about 1 s of CPU otherwise).
+        gc.freeze()

@@ -24,6 +24,7 @@ Exit status: 0 done, 1 disk full, 2 a mistake in the command (one line; nothing 
 table says more.
 """
 
+import gc
 import os
 import signal
 
@@ -102,4 +103,10 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     for _signal in STOP_SIGNALS:  # until the run handles them: jax takes seconds to import
         signal.signal(_signal, lambda signum, frame: _stop_signals.append(signum))
-    app.run(main, flags_parser=parse_flags)
+    try:
+        app.run(main, flags_parser=parse_flags)  # always ends with SystemExit
+    finally:
+        # The process ends now, its files written and closed: JAX's exit handlers still run (with
+        # several processes, the shutdown barrier), but the interpreter's last garbage collections
+        # skip the objects that jax, flax, orbax and scipy left: 1-2 s of CPU per process otherwise.
+        gc.freeze()

@@ -38,15 +38,17 @@ def _script(name: str):
     return module
 
 
-def run_train_here(*args: str) -> tuple[int, str]:
+def run_train_here(*args: str, one_device: bool = True) -> tuple[int, str]:
     """(exit status, stderr) of `train.py *args` run in this process on one CPU device, as
-    `tiny.run_train` runs it in another; the flags it defined are removed afterwards."""
+    `tiny.run_train` runs it in another (``one_device=False``: on all 8 of the tests' devices, as
+    a separate process given 8 CPU devices runs it); the flags it defined are removed afterwards."""
     before = set(flags.FLAGS)
     logger = logging.getLogger("cka_jax")  # train.py's main sets it up for the command line
     logger_state = (logger.handlers[:], logger.propagate, logger.level)
     err, code = io.StringIO(), 0
     try:
-        with contextlib.redirect_stderr(err), mock.patch.object(jax, "devices", _one_device):
+        devices = mock.patch.object(jax, "devices", _one_device) if one_device else contextlib.nullcontext()
+        with contextlib.redirect_stderr(err), devices:
             module = _script("train.py")
             module.main(module.parse_flags(["train.py", "--compilation_cache=" + CACHE_DIR, *args]))
     except SystemExit as exited:

@@ -1,6 +1,8 @@
 """Training with several processes: train.py run as 2 processes x 4 CPU devices on 127.0.0.1 (the
-way hosts of a pod or cluster run it), against one process with 8 devices; stop signals, a killed
-process, MinibatchCKA over both processes, and analyze.py on the workdir they wrote."""
+way hosts of a pod or cluster run it), against one process with 8 devices (train.py run in this
+process, which has the tests' 8 CPU devices: it trains to the same bits as a separate process, and
+costs no interpreter start); stop signals, a killed process, MinibatchCKA over both processes, and
+analyze.py on the workdir they wrote."""
 
 import json
 import os
@@ -13,6 +15,8 @@ import time
 import jax
 import numpy as np
 import pytest
+from in_process import run_train_here
+from process_cache import PROLOGUE
 from tiny import CACHE_DIR, DIGITS, ROOT
 
 from cka_jax.workdir.trained import load_trained_population
@@ -43,18 +47,27 @@ def _env(devices):
     )
 
 
+# train.py as its command line runs it, with the arguments after `python -c TRAIN`.
+TRAIN = """
+import runpy, sys
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
 def launch(log_prefix, *args, processes=2, script=None):
     """``processes`` train.py processes (or Python ``script`` with argv port, process id) of one run,
-    4 CPU devices each, output to ``<log_prefix>.<i>.log``; returns their Popen objects."""
+    4 CPU devices each, output to ``<log_prefix>.<i>.log``; returns their Popen objects. Each runs
+    process_cache.PROLOGUE first: every process reads and writes the compilation cache."""
     port = free_port()
     procs = []
     for i in range(processes):
         if script is None:
             flags = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}"]
             timeouts = ["--initialization_timeout=120", f"--heartbeat_timeout_seconds={HEARTBEAT_S}"]
-            command = [os.path.join(ROOT, "train.py"), "--compilation_cache=" + CACHE_DIR, *flags, *timeouts, *args]
+            command = ["-c", PROLOGUE + TRAIN, "--compilation_cache=" + CACHE_DIR, *flags, *timeouts, *args]
         else:
-            command = ["-c", script, str(port), str(i)]
+            command = ["-c", PROLOGUE + script, str(port), str(i)]
         log = open(f"{log_prefix}.{i}.log", "w")
         procs.append(
             subprocess.Popen([sys.executable, *command], cwd=ROOT, env=_env(4), stdout=log, stderr=subprocess.STDOUT)
@@ -82,12 +95,14 @@ def train_two(workdir, *args, timeout=300):
     return finish(launch(log, *RUN, "--workdir", workdir, *args), log, timeout)
 
 
-def wait_for_first_epoch(workdir, procs, timeout=180):
-    metrics = os.path.join(workdir, "metrics.jsonl")
+def wait_for_file(workdir, name, procs, timeout=180):
+    """Until ``<workdir>/<name>`` holds something, while every one of ``procs`` runs: metrics.jsonl
+    once the first epoch is done, config.json once process 0 holds the workdir's lock."""
+    path = os.path.join(workdir, name)
     deadline = time.time() + timeout
-    while not (os.path.exists(metrics) and os.path.getsize(metrics)):
-        assert all(p.poll() is None for p in procs), "a process ended before the first epoch"
-        assert time.time() < deadline, "no epoch finished in time"
+    while not (os.path.exists(path) and os.path.getsize(path)):
+        assert all(p.poll() is None for p in procs), f"a process ended before {name} was written"
+        assert time.time() < deadline, f"{name} was not written in time"
         time.sleep(0.1)
 
 
@@ -109,21 +124,14 @@ def two_process_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("multihost") / "one")
-    _one_process("--compilation_cache=" + CACHE_DIR, *RUN, "--workdir", workdir)
+    train_here(*RUN, "--workdir", workdir)
     return workdir
 
 
-def _one_process(*args, script="train.py", devices=8):
-    """``script`` with ``args`` in one process of ``devices`` CPU devices, which must succeed."""
-    done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), *args],
-        cwd=ROOT,
-        env=_env(devices),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
+def train_here(*args):
+    """train.py with ``args`` in this process, on all 8 of its CPU devices; it must succeed."""
+    code, err = run_train_here(*args, one_device=False)
+    assert code == 0, err
 
 
 @pytest.mark.slow
@@ -161,7 +169,7 @@ def test_two_processes_train_as_one_process_with_all_8_devices(two_process_run, 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_rerun_resumes(two_process_run, tmp_path):
     workdir, log = str(tmp_path / "run"), str(tmp_path / "stopped")
     procs = launch(log, *RUN, "--workdir", workdir)
-    wait_for_first_epoch(workdir, procs)
+    wait_for_file(workdir, "metrics.jsonl", procs)  # the first epoch is done
     procs[1].send_signal(signal.SIGTERM)
     results = finish(procs, log, timeout=120)
     assert [code for code, _ in results] == [128 + signal.SIGTERM] * 2, results
@@ -181,11 +189,12 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_rerun_resumes(two_pro
 def test_a_busy_workdir_refuses_both_and_a_killed_process_is_reported_by_the_other(tmp_path):
     workdir, log = str(tmp_path / "run"), str(tmp_path / "long")
     procs = launch(log, *RUN, "--config.train.epochs=500", "--workdir", workdir)
-    wait_for_first_epoch(workdir, procs)
+    wait_for_file(workdir, "config.json", procs)  # written under the lock, which the run holds to its end
     second = finish(launch(str(tmp_path / "second"), *RUN, "--workdir", workdir), str(tmp_path / "second"), 180)
     assert [code for code, _ in second] == [2, 2], second
     assert all("train.py: error: workdir" in out and "is in use by" in out for _, out in second), second
 
+    wait_for_file(workdir, "metrics.jsonl", procs)  # as a rule, done by now: it is killed while training
     procs[1].kill()
     start = time.time()
     ((code, out),) = finish(procs[:1], log, timeout=HEARTBEAT_S + 60)
@@ -322,7 +331,7 @@ def test_processes_that_never_connect_fail_with_one_line_in_time(tmp_path):
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "train.py"), *RUN, "--workdir", str(tmp_path / "run")]
         + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1"]
-        + ["--initialization_timeout=3"],
+        + ["--initialization_timeout=1"],
         cwd=ROOT,
         env=_env(4),
         capture_output=True,
@@ -388,9 +397,7 @@ def test_auto_on_two_processes_chooses_one_chunk_size_and_trains_as_one_process(
     assert [n for n in os.listdir(workdir) if "population_strategy" in n] == ["population_strategy.json"]
 
     one = str(tmp_path / "one")
-    _one_process(
-        "--compilation_cache=" + CACHE_DIR, *AUTO_RUN, f"--config.population.strategy={chosen}", "--workdir", one
-    )
+    train_here(*AUTO_RUN, f"--config.population.strategy={chosen}", "--workdir", one)
     two_logits, one_logits = (np.load(os.path.join(w, "predictions", "test.npz"))["logits"] for w in (workdir, one))
     assert two_logits.shape == (16, 360, 10)
     np.testing.assert_allclose(two_logits, one_logits, rtol=0, atol=0 if chosen == 1 else 2e-5)
@@ -448,7 +455,15 @@ def test_minibatch_cka_over_two_processes_equals_one_process(tmp_path):
 @pytest.mark.slow
 def test_analyze_reads_a_two_process_workdir_in_one_process(two_process_run, tmp_path):
     args = ["--workdir", two_process_run, "--outdir", str(tmp_path), "--analyses=within", "--passes=1"]
-    _one_process(*args, script="analyze.py", devices=1)
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "analyze.py"), *args],
+        cwd=ROOT,
+        env=_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
     within = np.load(tmp_path / "cka_within.npz")
     assert within["cka"].shape[0] == SIZE and np.isfinite(within["cka"]).all()
     assert (tmp_path / "report.html").exists()
