@@ -38,26 +38,37 @@ def _script(name: str):
     return module
 
 
+@contextlib.contextmanager
+def _command_line_state(*logger_names: str):
+    """Puts back, on the way out, what a script's command line sets up in this process: the flags
+    it defines and the handlers, propagation and level of loggers `logger_names`."""
+    before = set(flags.FLAGS)
+    loggers = [logging.getLogger(name) for name in logger_names]
+    states = [(logger.handlers[:], logger.propagate, logger.level) for logger in loggers]
+    try:
+        yield
+    finally:
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+        for logger, (handlers, propagate, level) in zip(loggers, states, strict=True):
+            logger.handlers, logger.propagate, logger.level = handlers, propagate, level
+
+
 def run_train_here(*args: str, one_device: bool = True) -> tuple[int, str]:
     """(exit status, stderr) of `train.py *args` run in this process on one CPU device, as
     `tiny.run_train` runs it in another (``one_device=False``: on all 8 of the tests' devices, as
     a separate process given 8 CPU devices runs it); the flags it defined are removed afterwards."""
-    before = set(flags.FLAGS)
-    logger = logging.getLogger("cka_jax")  # train.py's main sets it up for the command line
-    logger_state = (logger.handlers[:], logger.propagate, logger.level)
     err, code = io.StringIO(), 0
     try:
         devices = mock.patch.object(jax, "devices", _one_device) if one_device else contextlib.nullcontext()
-        with contextlib.redirect_stderr(err), devices:
+        # train.py's main sets up the "cka_jax" logger for the command line
+        with _command_line_state("cka_jax"), contextlib.redirect_stderr(err), devices:
             module = _script("train.py")
             module.main(module.parse_flags(["train.py", "--compilation_cache=" + CACHE_DIR, *args]))
     except SystemExit as exited:
         code = exited.code
     finally:
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
         sys.modules.pop("config_config", None)  # ml_collections loads every config file under this name
-        logger.handlers, logger.propagate, logger.level = logger_state
     return code, err.getvalue()
 
 
@@ -109,24 +120,18 @@ def run_analyze_here(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess
     propagation, absl's verbosity, matplotlib's backend and the stop signals' handlers. Its stderr
     holds what the process would print there through Python (see `_stderr_of_a_process`), not what
     libraries write to file descriptor 2 themselves: the separate-process tests see that."""
-    before = set(flags.FLAGS)
-    loggers = [logging.getLogger(name) for name in ANALYZE_LOGGERS]
-    logger_states = [(logger.handlers[:], logger.propagate, logger.level) for logger in loggers]
     verbosity = absl_logging.get_verbosity()
     backend = matplotlib.rcParams._get("backend")  # unresolved as it is: reading it would pick one
     handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     out, err, code = io.StringIO(), io.StringIO(), 0
     try:
-        with contextlib.chdir(cwd), contextlib.redirect_stdout(out), _stderr_of_a_process(err):
-            module = _script("analyze.py")
-            module.main(module.parse_flags(["analyze.py", *args]))
+        with _command_line_state(*ANALYZE_LOGGERS), contextlib.chdir(cwd), contextlib.redirect_stdout(out):
+            with _stderr_of_a_process(err):
+                module = _script("analyze.py")
+                module.main(module.parse_flags(["analyze.py", *args]))
     except SystemExit as exited:
         code = exited.code
     finally:
-        for name in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, name)
-        for logger, (handlers_, propagate, level) in zip(loggers, logger_states, strict=True):
-            logger.handlers, logger.propagate, logger.level = handlers_, propagate, level
         absl_logging.set_verbosity(verbosity)
         matplotlib.rcParams._set("backend", backend)
         for signum, handler in handlers.items():
