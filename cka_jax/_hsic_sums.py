@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from cka_jax._scaling import HIGHEST, times_pow2
+from cka_jax._scaling import HIGHEST, pow2_factors, times_factors
 
 NO_SCALE = -(2**20)  # log2 scale of a layer not yet seen varying: below every real exponent
 MAX_SHIFT = 400  # cap on a log2-scale increase: above any real one (exponents span < 300), and 4x it fits int32
@@ -87,30 +87,39 @@ def weighted(batch: HsicSums, weights: jax.Array, scales: Scales, dtype: jnp.dty
     return Totals(sums, boot, scales, None if null is None else null.astype(dtype))
 
 
-def _xy_shift(shift: Scales) -> jax.Array:
-    """log2 factor (Ma, Mb, La, Lb) of the xy sums when the scales grow by `shift` (see `rescale`)."""
-    shift_a, shift_b = jnp.minimum(shift.a, MAX_SHIFT), jnp.minimum(shift.b, MAX_SHIFT)
-    return -2 * (shift_a[:, None, :, None] + shift_b[None, :, None, :])
+class Factors(NamedTuple):
+    """The powers of two (`pow2_factors`, three per entry) that each field of `HsicSums` is
+    multiplied by when the log2 scales grow: xy (Ma, Mb, La, Lb), xx (Ma, La), yy (Mb, Lb)."""
+
+    xy: tuple[jax.Array, ...]
+    xx: tuple[jax.Array, ...]
+    yy: tuple[jax.Array, ...]
 
 
-def rescale(sums: HsicSums, shift: Scales) -> HsicSums:
-    """Sums after the log2 scales of model a's layers grow by shift.a (Ma, La) and model b's by
-    shift.b (Mb, Lb), both >= 0; works on bootstrap copies too (shifts broadcast from the right).
+def _factors(shift: Scales, dtype: jnp.dtype) -> Factors:
+    """The `Factors` of a growth of the log2 scales of model a's layers by shift.a (Ma, La) and of
+    model b's by shift.b (Mb, Lb), both >= 0.
 
-    HSIC₁(K, L) is quadratic in each side's activations, so xy gains 2^-2(shift_a + shift_b) and
-    xx 2^-4·shift_a: exact powers of two. A sum kept under NO_SCALE is zero (or NaN) and stays so.
+    HSIC₁(K, L) is quadratic in each side's activations, so xy gains 2^-2(shift_a + shift_b)
+    and xx 2^-4·shift_a: exact powers of two.
     """
     shift_a, shift_b = jnp.minimum(shift.a, MAX_SHIFT), jnp.minimum(shift.b, MAX_SHIFT)
-    return HsicSums(
-        times_pow2(sums.xy, _xy_shift(shift)), times_pow2(sums.xx, -4 * shift_a), times_pow2(sums.yy, -4 * shift_b)
-    )
+    xy = -2 * (shift_a[:, None, :, None] + shift_b[None, :, None, :])
+    return Factors(*(pow2_factors(k, dtype) for k in (xy, -4 * shift_a, -4 * shift_b)))
+
+
+def rescale(sums: HsicSums, factors: Factors) -> HsicSums:
+    """Sums times the `Factors` of a growth of their scales; works on bootstrap copies too
+    (factors broadcast from the right). A sum kept under NO_SCALE is zero (or NaN) and stays so."""
+    return HsicSums(*(times_factors(s, f) for s, f in zip(sums, factors, strict=True)))
 
 
 def _in_units(totals: Totals, scales: Scales) -> Totals:
-    """totals re-expressed in larger (or equal) log2 scales."""
-    shift = Scales(scales.a - totals.scales.a, scales.b - totals.scales.b)
-    null = None if totals.null is None else times_pow2(totals.null, _xy_shift(shift))
-    return Totals(rescale(totals.sums, shift), rescale(totals.boot, shift), scales, null)
+    """totals re-expressed in larger (or equal) log2 scales; the factors are computed once for the
+    sums, their bootstrap copies and the null replicates."""
+    factors = _factors(Scales(scales.a - totals.scales.a, scales.b - totals.scales.b), totals.sums.xy.dtype)
+    null = None if totals.null is None else times_factors(totals.null, factors.xy)
+    return Totals(rescale(totals.sums, factors), rescale(totals.boot, factors), scales, null)
 
 
 def combine(one: Totals, two: Totals) -> Totals:

@@ -46,7 +46,9 @@ def plus(acc: MinibatchCKA, totals: Totals, batches: jax.Array | int) -> Minibat
 
 def bootstrap_weights(acc: MinibatchCKA, k: int) -> jax.Array:
     """(k, B) Exponential(1) weights of `acc`'s next k minibatches, fixed by its seed and the
-    minibatch index (so merged and sharded runs draw the same ones)."""
+    minibatch index (so merged and sharded runs draw the same ones); none drawn for B = 0."""
+    if not acc.num_bootstrap:
+        return jnp.zeros((k, 0), acc.xy.dtype)
     key = jax.random.wrap_key_data(acc.key)
 
     def draw(i: jax.Array) -> jax.Array:

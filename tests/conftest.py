@@ -1,8 +1,12 @@
 """Test setup: 8 fake CPU devices (before jax is imported) for the sharded code paths; the
-trained tiny workdirs several test files read (each trained once per session, per xdist worker);
-the xdist groups that keep the tests of one expensive module fixture on one worker."""
+trained tiny workdirs several test files read (each trained once per session, per xdist worker).
+
+pytest-xdist hands out whole files (`--dist loadfile` in setup.cfg): a module's expensive
+fixtures are built once, and the programs its tests share are traced and lowered by one worker.
+"""
 
 import contextlib
+import gc
 import os
 import tempfile
 
@@ -29,28 +33,34 @@ def pytest_configure(config):
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ.get("CKA_JAX_TEST_XLA_CACHE", default))
 
 
-# Module-scoped fixtures that train populations (or run analyze.py) for several tests: under
-# pytest-xdist (`-n auto --dist loadgroup` in setup.cfg) every test that uses one goes to the same
-# worker, so each is built once, not once per worker. (The session's `workdirs` are left out: the
-# ~60 tests on them balance better over the workers than the one training they share.)
-SHARED_FIXTURES = {
-    "analysed",  # test_analyze_cli: analyze.py over both `workdirs`
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """The session is over: the interpreter's last garbage collections skip the objects that jax,
+    flax and the tests left (as train.py does at its end), about 2 s of each worker's exit."""
+    gc.freeze()
+
+
+# Fixtures that train a population (or run analyze.py over trained ones): every test that uses one
+# is slow, as the marker in setup.cfg says, without a mark of its own to forget.
+TRAINING_FIXTURES = {
+    "analysed",  # test_analyze_cli: analyze.py over `workdirs`
     "imagenet_runs",  # test_analyze_predictions
+    "one_process_run",  # test_multihost
+    "params_by_chunk_size",  # test_strategy_tuning
+    "runs",  # test_population
     "trained",  # test_bad_inputs_checkpoints, test_bad_inputs_train
     "two_process_run",  # test_multihost
-    "one_process_run",  # test_multihost
-    "runs",  # test_population
-    "params_by_chunk_size",  # test_strategy_tuning
     "uninterrupted",  # test_training
+    "workdirs",  # this file
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
 def pytest_collection_modifyitems(config, items):
-    """Puts each test that uses a fixture of SHARED_FIXTURES in the xdist group of its module."""
+    """Marks slow each test that uses a fixture of TRAINING_FIXTURES."""
     for item in items:
-        if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_xdist_auto_num_workers(config):

@@ -28,6 +28,7 @@ def imported_after(statement: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # fresh interpreters
 @pytest.mark.parametrize(
     "statement",
     [
@@ -42,6 +43,7 @@ def test_importing_analyses_loads_neither_the_training_stack_nor_seaborn_nor_a_b
     assert found == {"loaded": [], "pyplot": False, "backend": "svg"}
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_the_runner_leaves_the_backend_alone():
     found = imported_after("from cka_jax.analysis import runner")
     assert found["backend"] == "svg" and not found["pyplot"]

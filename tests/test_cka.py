@@ -153,6 +153,7 @@ def test_jit_agrees_with_eager():
     np.testing.assert_allclose(jax.jit(ck.rbf_cka)(x, y), ck.rbf_cka(x, y), rtol=1e-6)
 
 
+@pytest.mark.slow  # 10,000 examples, and float64 references of 1,500 x 1,500 grams
 def test_float32_accuracy_at_scale():
     """n = 10,000 examples of scale 1e3 with large means: float32 within 1e-4 of float64."""
     rng = np.random.default_rng(4)

@@ -247,6 +247,7 @@ def test_nnx_population_equals_each_model():
     np.testing.assert_allclose(result.heatmap[1], compare(second, batches=data, progress=False).heatmap, rtol=1e-5)
 
 
+@pytest.mark.slow  # imports torch
 def test_torch_loader_and_forward_hook_activations():
     torch = pytest.importorskip("torch")
     from torch.utils.data import DataLoader, TensorDataset
@@ -442,6 +443,7 @@ def test_plot_orientation_labels_and_population_panels():
     matplotlib.pyplot.close("all")
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_import_stays_light():
     """cka_jax.compare loads nothing beyond what `import cka_jax` loads (flax, matplotlib, tqdm on use)."""
     code = (

@@ -133,7 +133,10 @@ def _loaded(name):
     return arrays.num_classes, arrays.image_shape, arrays.train_labels, arrays.test_labels
 
 
-@pytest.mark.parametrize("name", list(data.DATASETS))
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n == "fashion_mnist" else n for n in data.DATASETS],  # reads its files
+)
 def test_dataset_info_matches_what_its_loader_gives(name):
     """Classes, image shape, kind and splits (the loaders read info.splits) of every data set."""
     info = data.dataset(name)

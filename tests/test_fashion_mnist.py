@@ -186,6 +186,7 @@ def test_splits_that_are_not_fashion_mnists_are_refused(tmp_path, write, expecte
     assert str(tmp_path / "idx") in message and "\n" not in message
 
 
+@pytest.mark.slow  # writes and reads 70,000 images
 def test_full_size_distinct_splits_are_read(tmp_path):
     write_full_size(str(tmp_path / "idx"))
     d = data.load_in_memory("fashion_mnist", fraction=0.5, data_dir=str(tmp_path / "idx"))

@@ -37,12 +37,12 @@ def _busy(a: jax.Array) -> jax.Array:
     return a
 
 
-BUSY = jnp.asarray(np.random.default_rng(0).normal(size=(1200, 1200)).astype(np.float32) / 40)
+BUSY = jnp.asarray(np.random.default_rng(0).normal(size=(600, 600)).astype(np.float32) / 40)
 _busy(BUSY).block_until_ready()
 
 
 def keep_device_busy() -> None:
-    """Queues about a tenth of a second of work on the device, without waiting for it."""
+    """Queues about 20 ms of work on the device (far longer than a refill), without waiting for it."""
     _busy(BUSY)
 
 

@@ -114,6 +114,7 @@ def test_the_library_does_not_import_its_package_init_layers():
     assert {layer_of(m) for m in imported} <= {"library"}, imported
 
 
+@pytest.mark.slow  # fresh interpreters
 @pytest.mark.parametrize("package", sorted(NOT_LOADED))
 def test_importing_a_layer_loads_no_heavy_dependency(package):
     code = (

@@ -126,6 +126,7 @@ def test_population_grams_in_chunks_equal_update():
     )
 
 
+@pytest.mark.slow  # compiles two programs of 100 x 20 layers
 def test_population_of_100_models_20_layers_fits_one_accelerator():
     """Compiled memory of one update (batch 256) from chunk-built grams, and from activations."""
     acc = MinibatchCKA.create(20, num_models_a=100)
@@ -310,6 +311,7 @@ def small_feature_chunks(monkeypatch):
     jax.clear_caches()
 
 
+@pytest.mark.slow  # drops every compiled program, which the tests after it compile again
 def test_feature_chunked_grams_match_reference(small_feature_chunks):
     """Wide layers are reduced over bounded feature chunks (with a remainder chunk): same result."""
     batches = [

@@ -68,6 +68,7 @@ def test_null_replicates_match_reference():
     np.testing.assert_allclose(acc.row_max_p_values(), p_row, rtol=1e-6)
 
 
+@pytest.mark.slow  # 300 accumulators
 def test_independent_representations_give_uniform_p_values():
     """Kolmogorov-Smirnov against uniform over 300 seeds; the fraction below 0.05 near 5%."""
     p_values = []

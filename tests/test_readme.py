@@ -4,6 +4,7 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -14,6 +15,7 @@ def test_readme_starts_with_the_two_commands():
     assert first_block == ['pip install -e ".[test]" && python train.py && python analyze.py', "pytest"]
 
 
+@pytest.mark.slow  # a ResNet-20 over 512 images: a few seconds
 def test_heatmap_example_runs():
     section = README.read_text().split("## A CKA heatmap, start to finish", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)

@@ -68,9 +68,10 @@ def test_sigterm_checkpoints_and_rerun_resumes_to_the_outputs(tmp_path):
         ("cifar100.py", "depth=26,width=2"),
         ("paper_pairs.py", "deep"),
         ("paper_pairs.py", "wide,size=4"),
-        ("imagenet_resnet50.py", "base"),
-        ("imagenet_resnet50.py", "deeper"),
-        ("imagenet_resnet50.py", "wider,size=2"),
+        # ResNet-50 and its variants are traced (not run): about a second each
+        pytest.param("imagenet_resnet50.py", "base", marks=pytest.mark.slow),
+        pytest.param("imagenet_resnet50.py", "deeper", marks=pytest.mark.slow),
+        pytest.param("imagenet_resnet50.py", "wider,size=2", marks=pytest.mark.slow),
     ],
 )
 def test_shipped_configs_are_valid(config_file, arg, monkeypatch):
