@@ -12,7 +12,7 @@ from cka_jax.workdir.config import base_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.py")
 # The tests compile the same small programs again and again: keep them across tests and runs, in
-# the cache conftest.py chose (one per xdist worker).
+# the cache conftest.py chose (one for every xdist worker and the processes they start).
 CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "cka_jax_tests_xla")
 # train.py's flags for 2 models of ResNet-8 (1/4 width) on 144 digits: 4 steps per epoch, one
 # model per call (population.strategy=auto would time both chunk sizes first: test_strategy_tuning
